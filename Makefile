@@ -1,0 +1,62 @@
+# The two commands a person needs are `make demo` and `make test`; each sets up whatever is
+# missing first (virtualenv, Python packages, the pinned Go-built binaries), cached so that
+# a second run starts at once.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+KEEP   ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup tools lint typecheck layering crds check-crds unit e2e bench clean
+
+demo: setup
+	$(BIN)/citynerve demo $(if $(KEEP),--keep,)
+
+test: setup lint check-crds
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+setup: $(STAMP) tools
+
+$(STAMP): pyproject.toml setup.py
+	@echo "==> Python environment ($(VENV))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	@mkdir -p .typecheck/citynerve
+	@for d in operators workloads models observability; do ln -sfn ../../$$d .typecheck/citynerve/$$d; done
+	@touch $(STAMP)
+
+tools: $(STAMP)
+	@echo "==> Pinned binaries (etcd, Kubernetes, kwok, helm, KubeRay; built once into ~/.cache/citynerve)"
+	$(BIN)/citynerve tools etcd kubernetes kwok helm kuberay
+
+lint: $(STAMP) typecheck layering
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+layering: $(STAMP)
+	$(BIN)/lint-imports
+
+crds: $(STAMP)
+	$(BIN)/python -m citynerve.operators.api.crdgen
+	$(BIN)/python -m citynerve.operators.api.catalogue
+
+check-crds: $(STAMP)
+	@if [ -f operators/api/crdgen.py ]; then $(BIN)/python -m citynerve.operators.api.crdgen --check; fi
+
+unit: setup
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+e2e: setup
+	$(BIN)/pytest e2e $(PYTEST_ARGS)
+
+bench: setup
+	@for f in bench/*.py; do echo "==> $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	-$(BIN)/citynerve dev down
+	rm -rf .citynerve demo-output .typecheck .mypy_cache .ruff_cache .pytest_cache

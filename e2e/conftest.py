@@ -1,0 +1,163 @@
+"""Fixtures for the end-to-end tier: a real local federation, shared by the whole session.
+
+- ``federation``: hub + shanghai + chengdu control planes, started once per session in a
+  temporary folder and stopped at the end; the session fails if any process survives.
+- ``namespace``: a fresh namespace in every cluster for one test, deleted afterwards.
+- ``wait_for``: poll a predicate until it holds, failing with what was awaited.
+- A failing e2e test gets the log lines each component wrote during that test attached.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from citynerve.operators.localfed import toolchain
+from citynerve.operators.localfed.cluster import COMPONENTS, LocalCluster
+from citynerve.operators.localfed.federation import LocalFederation
+from kubernetes import client, config
+
+
+class Federation:
+    """What a test sees of the local federation."""
+
+    def __init__(self, local: LocalFederation) -> None:
+        self.local = local
+        self._clients: dict[str, client.ApiClient] = {}
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.local.kubeconfig
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.local.names
+
+    @property
+    def cities(self) -> tuple[str, ...]:
+        return self.local.cities
+
+    def cluster(self, name: str) -> LocalCluster:
+        return self.local.cluster(name)
+
+    def kubectl(self, cluster: str, *args: str, input: str | None = None,
+                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the pinned kubectl against one cluster; raise with its stderr if ``check``."""
+        cmd = [str(toolchain.binary("kubectl")), "--kubeconfig", str(self.kubeconfig),
+               "--context", self.cluster(cluster).name, *args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            msg = f"kubectl {' '.join(args)} on {cluster} failed: {proc.stderr.strip()}"
+            raise AssertionError(msg)
+        return proc
+
+    def api_client(self, cluster: str) -> client.ApiClient:
+        if cluster not in self._clients:
+            self._clients[cluster] = config.new_client_from_config(
+                str(self.kubeconfig), context=self.cluster(cluster).name)
+        return self._clients[cluster]
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    local = LocalFederation(tmp_path_factory.mktemp("federation"))
+    try:
+        local.up()
+        yield Federation(local)
+    finally:
+        local.down()
+        survivors = [pid for pid in local.pids() if Path(f"/proc/{pid}").exists()]
+        assert not survivors, f"control-plane processes survived the session: {survivors}"
+
+
+@pytest.fixture
+def namespace(federation: Federation) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    for cluster in federation.names:
+        client.CoreV1Api(federation.api_client(cluster)).create_namespace(
+            {"metadata": {"name": name, "labels": {"citynerve.io/test": "true"}}})
+    # Pods are refused until the controller-manager has made the namespace's default
+    # ServiceAccount, and the ReplicaSet controller then backs off for a long time.
+    for cluster in federation.names:
+        core = client.CoreV1Api(federation.api_client(cluster))
+        _wait_for(lambda c=core: _has_default_service_account(c, name), 30,
+                  what=f"ServiceAccount default in {name} on {cluster}")
+    yield name
+    for cluster in federation.names:
+        api = client.CoreV1Api(federation.api_client(cluster))
+        try:
+            api.delete_namespace(name)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def _has_default_service_account(core: client.CoreV1Api, namespace: str) -> bool:
+    try:
+        core.read_namespaced_service_account("default", namespace)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+# -- component logs for failing tests -----------------------------------------------------
+_LOG_OFFSETS = pytest.StashKey[dict[Path, int]]()
+
+
+def _component_logs(item: pytest.Item) -> list[Path]:
+    local: LocalFederation | None = getattr(item.session, "_citynerve_federation", None)
+    if local is None:
+        return []
+    return [c.log_file(comp) for c in local.clusters.values() for comp in COMPONENTS]
+
+
+@pytest.fixture(autouse=True)
+def _remember_federation(request: pytest.FixtureRequest) -> None:
+    if "federation" in request.fixturenames:
+        fed: Federation = request.getfixturevalue("federation")
+        request.session._citynerve_federation = fed.local  # type: ignore[attr-defined]
+        request.node.stash[_LOG_OFFSETS] = {
+            p: p.stat().st_size for p in _component_logs(request.node) if p.exists()}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and _LOG_OFFSETS in item.stash:
+        offsets = item.stash[_LOG_OFFSETS]
+        for path in _component_logs(item):
+            if not path.exists():
+                continue
+            with path.open("rb") as fh:
+                fh.seek(offsets.get(path, 0))
+                text = fh.read()[-6000:].decode(errors="replace")
+            if text.strip():
+                report.sections.append((f"log {path.parent.parent.name}/{path.stem}", text))
+    return report
+
+
+def _wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    msg = f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})"
+    raise AssertionError(msg)
+
+
+@pytest.fixture
+def wait_for() -> Any:
+    """``wait_for(predicate, timeout, what=...)``: poll until truthy, else fail naming ``what``."""
+    return _wait_for

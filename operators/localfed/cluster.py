@@ -1,0 +1,407 @@
+"""One real Kubernetes control plane on this machine: etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and kwok, each a process of its own.
+
+The cluster's whole state (ports, certificates, etcd data, logs, the processes' ids) lives
+in one folder, so another process (`citynerve dev status|down`) can find and stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from citynerve.operators.localfed import toolchain
+from citynerve.operators.localfed.pki import CLIENTS, ClusterPki, create_cluster_pki
+
+# Start order; a component only starts once the ones before it answer.
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+
+_AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  # Writes are what reconcile budgets are measured in; reads would drown them.
+  - level: Metadata
+    verbs: ["create", "update", "patch", "delete", "deletecollection"]
+  - level: None
+"""
+
+
+class ClusterError(RuntimeError):
+    """A control-plane component did not start or answer; the message names which and why."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Ports:
+    """The loopback ports of one cluster's components."""
+
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+    controller_manager: int
+    scheduler: int
+    kwok: int
+
+    @classmethod
+    def allocate(cls) -> Ports:
+        ports: list[int] = []
+        while len(ports) < 6:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        return cls(*ports)
+
+
+def _proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+class LocalCluster:
+    """A control plane whose state lives in ``root``; cheap to construct, ``start`` runs it."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        self.pki = ClusterPki(root / "pki")
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        state = self._read_state()
+        self.ports = Ports(**state["ports"]) if state else Ports.allocate()
+        self.pids: dict[str, int] = dict(state.get("pids", {})) if state else {}
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.root / "cluster.json"
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
+
+    def _write_state(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        payload = {"name": self.name, "ports": asdict(self.ports), "pids": self.pids}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(self.state_file)
+
+    # -- addresses and credentials ------------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        """The admin kubeconfig; its only context is named after the cluster."""
+        return self.root / "admin.kubeconfig"
+
+    def log_file(self, component: str) -> Path:
+        return self.root / "logs" / f"{component}.log"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "logs" / "audit.log"
+
+    def kubeconfig_entry(self, user: str = "admin") -> dict[str, Any]:
+        """The cluster, user and context stanzas of a kubeconfig for ``user``."""
+        return {
+            "cluster": {"name": self.name, "cluster": {
+                "server": self.api_url, "certificate-authority": str(self.pki.ca_cert)}},
+            "user": {"name": f"{self.name}-{user}", "user": {
+                "client-certificate": str(self.pki.client_cert(user)),
+                "client-key": str(self.pki.client_key(user))}},
+            "context": {"name": self.name, "context": {
+                "cluster": self.name, "user": f"{self.name}-{user}"}},
+        }
+
+    def _write_kubeconfig(self, path: Path, user: str) -> None:
+        entry = self.kubeconfig_entry(user)
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": self.name,
+            "clusters": [entry["cluster"]], "users": [entry["user"]], "contexts": [entry["context"]],
+        }
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
+
+    def _component_kubeconfig(self, user: str) -> Path:
+        return self.root / f"{user}.kubeconfig"
+
+    # -- processes ----------------------------------------------------------------------
+    def _args(self, component: str) -> list[str]:
+        p, pki, root = self.ports, self.pki, self.root
+        if component == "etcd":
+            peer = f"http://127.0.0.1:{p.etcd_peer}"
+            client = f"http://127.0.0.1:{p.etcd_client}"
+            return [
+                str(toolchain.binary("etcd")), "--name", self.name, "--data-dir", str(root / "etcd"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"{self.name}={peer}",
+                # A test cluster trades crash durability for speed; clean stops lose nothing.
+                "--unsafe-no-fsync", "--log-level", "warn",
+            ]
+        if component == "kube-apiserver":
+            return [
+                str(toolchain.binary("kube-apiserver")),
+                "--etcd-servers", f"http://127.0.0.1:{p.etcd_client}",
+                "--secure-port", str(p.apiserver), "--bind-address", "127.0.0.1",
+                "--advertise-address", "127.0.0.1",
+                "--tls-cert-file", str(pki.serving_cert), "--tls-private-key-file", str(pki.serving_key),
+                "--client-ca-file", str(pki.ca_cert),
+                "--service-account-key-file", str(pki.sa_pub),
+                "--service-account-signing-key-file", str(pki.sa_key),
+                "--service-account-issuer", "https://kubernetes.default.svc",
+                "--authorization-mode", "Node,RBAC",
+                "--enable-bootstrap-token-auth",
+                "--service-cluster-ip-range", SERVICE_CLUSTER_IP_RANGE,
+                "--audit-policy-file", str(root / "audit-policy.yaml"),
+                "--audit-log-path", str(self.audit_log), "--audit-log-maxsize", "200",
+                "--cert-dir", str(root / "apiserver-certs"),
+                "--profiling=false", "--v", "1",
+            ]
+        if component == "kube-controller-manager":
+            kubeconfig = str(self._component_kubeconfig("controller-manager"))
+            return [
+                str(toolchain.binary("kube-controller-manager")),
+                "--kubeconfig", kubeconfig, "--authentication-kubeconfig", kubeconfig,
+                "--authorization-kubeconfig", kubeconfig,
+                "--service-account-private-key-file", str(pki.sa_key),
+                "--root-ca-file", str(pki.ca_cert),
+                "--cluster-signing-cert-file", str(pki.ca_cert),
+                "--cluster-signing-key-file", str(pki.ca_key),
+                "--use-service-account-credentials", "--leader-elect=false",
+                "--controllers", "*,bootstrapsigner,tokencleaner",
+                "--secure-port", str(p.controller_manager), "--bind-address", "127.0.0.1",
+                "--cert-dir", str(root / "kcm-certs"), "--v", "1",
+            ]
+        if component == "kube-scheduler":
+            kubeconfig = str(self._component_kubeconfig("scheduler"))
+            return [
+                str(toolchain.binary("kube-scheduler")),
+                "--kubeconfig", kubeconfig, "--authentication-kubeconfig", kubeconfig,
+                "--authorization-kubeconfig", kubeconfig, "--leader-elect=false",
+                "--secure-port", str(p.scheduler), "--bind-address", "127.0.0.1",
+                "--cert-dir", str(root / "scheduler-certs"), "--v", "1",
+            ]
+        if component == "kwok":
+            return [
+                str(toolchain.binary("kwok")), "--kubeconfig", str(self.kubeconfig),
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                "--server-address", f"127.0.0.1:{p.kwok}",
+            ]
+        msg = f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}"
+        raise ValueError(msg)
+
+    def is_running(self, component: str) -> bool:
+        pid = self.pids.get(component)
+        if not pid:
+            return False
+        child = self._children.get(component)
+        if child is not None:
+            return child.poll() is None
+        binary = self._args(component)[0]
+        return binary in _proc_cmdline(pid) and not _is_zombie(pid)
+
+    def start_component(self, component: str) -> None:
+        """Start one component (if it is not running) and wait until it answers."""
+        if not self.is_running(component):
+            log = self.log_file(component)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("ab") as out:
+                out.write(f"--- start {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+                out.flush()
+                child = subprocess.Popen(
+                    self._args(component), stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
+                )
+            self._children[component] = child
+            self.pids[component] = child.pid
+            self._write_state()
+        self._wait_healthy(component)
+
+    def stop_component(self, component: str, timeout: float = 15.0) -> None:
+        """Stop one component: SIGTERM, then SIGKILL if it has not gone after ``timeout``."""
+        pid = self.pids.pop(component, None)
+        child = self._children.pop(component, None)
+        self._write_state()
+        if pid is None:
+            return
+        if child is None and self._args(component)[0] not in _proc_cmdline(pid):
+            return  # the id now belongs to some other process, or none
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            if _wait_gone(pid, child, wait):
+                break
+        if child is not None:
+            child.wait(timeout=5)
+
+    # -- health -------------------------------------------------------------------------
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        ctx.load_cert_chain(str(self.pki.client_cert("admin")), str(self.pki.client_key("admin")))
+        return ctx
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                timeout: float = 5.0) -> Any:
+        """One admin request to the API server; returns the decoded JSON body."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(  # noqa: S310 - the URL is our own loopback API server
+            self.api_url + path, data=data, method=method,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl_context()) as resp:  # noqa: S310
+            raw = resp.read()
+        return json.loads(raw) if raw and raw[:1] in b"{[" else raw.decode()
+
+    def _probe(self, component: str) -> bool:
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE  # the components' own self-signed serving certs
+        urls = {
+            "etcd": (f"http://127.0.0.1:{self.ports.etcd_client}/health", None),
+            "kube-controller-manager": (f"https://127.0.0.1:{self.ports.controller_manager}/healthz",
+                                        insecure),
+            "kube-scheduler": (f"https://127.0.0.1:{self.ports.scheduler}/healthz", insecure),
+            "kwok": (f"http://127.0.0.1:{self.ports.kwok}/healthz", None),
+        }
+        try:
+            if component == "kube-apiserver":
+                return bool(self.request("GET", "/readyz", timeout=2) == "ok")
+            url, ctx = urls[component]
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:  # noqa: S310
+                return bool(resp.status == 200)
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def _wait_healthy(self, component: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._probe(component):
+                return
+            if not self.is_running(component):
+                tail = _tail(self.log_file(component))
+                msg = f"{self.name}: {component} exited during start-up; last log lines:\n{tail}"
+                raise ClusterError(msg)
+            time.sleep(0.1)
+        msg = (f"{self.name}: {component} did not become healthy within {timeout:.0f} s; "
+               f"see {self.log_file(component)}")
+        raise ClusterError(msg)
+
+    # -- whole cluster ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Write certificates, kubeconfigs and the audit policy (idempotent)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        create_cluster_pki(self.pki.root, self.name)
+        (self.root / "audit-policy.yaml").write_text(_AUDIT_POLICY)
+        self._write_kubeconfig(self.kubeconfig, "admin")
+        for user in CLIENTS:
+            if user != "admin":
+                self._write_kubeconfig(self._component_kubeconfig(user), user)
+        self._write_state()
+
+    def start(self, components: Iterable[str] = COMPONENTS) -> None:
+        components = tuple(components)
+        self.prepare()
+        for component in components:
+            self.start_component(component)
+        if "kwok" in components:
+            self.ensure_node()
+
+    def stop(self) -> None:
+        for component in reversed(COMPONENTS):
+            self.stop_component(component)
+
+    def ensure_node(self, name: str = "kwok-node-0") -> None:
+        """Register a kwok-managed Node (kwok then keeps it and its Pods Ready)."""
+        node = {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                         "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                                    "kubernetes.io/os": "linux"}},
+            "status": {"allocatable": {"cpu": "32", "memory": "256Gi", "pods": "250"},
+                       "capacity": {"cpu": "32", "memory": "256Gi", "pods": "250"}},
+        }
+        try:
+            self.request("POST", "/api/v1/nodes", node)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:  # already registered on an earlier start
+                raise
+
+    def status(self) -> dict[str, Any]:
+        """Name, API URL, server version and Ready nodes, as ``citynerve dev status`` shows them."""
+        running = {c: self.is_running(c) for c in COMPONENTS}
+        row: dict[str, Any] = {"name": self.name, "api": self.api_url, "version": "-",
+                               "nodes_ready": "-", "components": running}
+        if not running["kube-apiserver"]:
+            return row
+        try:
+            row["version"] = self.request("GET", "/version")["gitVersion"]
+            nodes = self.request("GET", "/api/v1/nodes")["items"]
+        except (OSError, urllib.error.URLError, ValueError, KeyError):
+            return row
+        ready = sum(
+            1 for n in nodes
+            for c in n.get("status", {}).get("conditions", [])
+            if c["type"] == "Ready" and c["status"] == "True"
+        )
+        row["nodes_ready"] = f"{ready}/{len(nodes)}"
+        return row
+
+
+def _wait_gone(pid: int, child: subprocess.Popen[bytes] | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None:
+            if child.poll() is not None:
+                return True
+        elif _is_zombie(pid) or not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
