@@ -46,7 +46,8 @@ crds: $(STAMP)
 	$(BIN)/python -m citynerve.operators.api.catalogue
 
 check-crds: $(STAMP)
-	@if [ -f operators/api/crdgen.py ]; then $(BIN)/python -m citynerve.operators.api.crdgen --check; fi
+	$(BIN)/python -m citynerve.operators.api.crdgen --check
+	$(BIN)/python -m citynerve.operators.api.catalogue --check
 
 unit: setup
 	$(BIN)/pytest tests $(PYTEST_ARGS)

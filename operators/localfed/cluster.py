@@ -8,11 +8,8 @@ in one folder, so another process (`citynerve dev status|down`) can find and sto
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from citynerve.operators.localfed import toolchain
+from citynerve.operators.localfed import process, toolchain
 from citynerve.operators.localfed.pki import CLIENTS, ClusterPki, create_cluster_pki
+from citynerve.operators.localfed.process import ProcessTable
 
 # Start order; a component only starts once the ones before it answer.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -75,21 +73,6 @@ class Ports:
         return cls(*ports)
 
 
-def _proc_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 class LocalCluster:
     """A control plane whose state lives in ``root``; cheap to construct, ``start`` runs it."""
 
@@ -97,10 +80,13 @@ class LocalCluster:
         self.name = name
         self.root = root
         self.pki = ClusterPki(root / "pki")
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
         state = self._read_state()
         self.ports = Ports(**state["ports"]) if state else Ports.allocate()
-        self.pids: dict[str, int] = dict(state.get("pids", {})) if state else {}
+        self.processes = ProcessTable(state.get("pids", {}) if state else {})
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return self.processes.pids
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -230,50 +216,19 @@ class LocalCluster:
         raise ValueError(msg)
 
     def is_running(self, component: str) -> bool:
-        pid = self.pids.get(component)
-        if not pid:
-            return False
-        child = self._children.get(component)
-        if child is not None:
-            return child.poll() is None
-        binary = self._args(component)[0]
-        return binary in _proc_cmdline(pid) and not _is_zombie(pid)
+        return self.processes.is_running(component, self._args(component)[0])
 
     def start_component(self, component: str) -> None:
         """Start one component (if it is not running) and wait until it answers."""
         if not self.is_running(component):
-            log = self.log_file(component)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("ab") as out:
-                out.write(f"--- start {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
-                out.flush()
-                child = subprocess.Popen(
-                    self._args(component), stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
-                )
-            self._children[component] = child
-            self.pids[component] = child.pid
+            self.processes.start(component, self._args(component), self.log_file(component), self.root)
             self._write_state()
         self._wait_healthy(component)
 
     def stop_component(self, component: str, timeout: float = 15.0) -> None:
         """Stop one component: SIGTERM, then SIGKILL if it has not gone after ``timeout``."""
-        pid = self.pids.pop(component, None)
-        child = self._children.pop(component, None)
+        self.processes.stop(component, self._args(component)[0], timeout)
         self._write_state()
-        if pid is None:
-            return
-        if child is None and self._args(component)[0] not in _proc_cmdline(pid):
-            return  # the id now belongs to some other process, or none
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            if _wait_gone(pid, child, wait):
-                break
-        if child is not None:
-            child.wait(timeout=5)
 
     # -- health -------------------------------------------------------------------------
     def _ssl_context(self) -> ssl.SSLContext:
@@ -319,7 +274,7 @@ class LocalCluster:
             if self._probe(component):
                 return
             if not self.is_running(component):
-                tail = _tail(self.log_file(component))
+                tail = process.tail(self.log_file(component))
                 msg = f"{self.name}: {component} exited during start-up; last log lines:\n{tail}"
                 raise ClusterError(msg)
             time.sleep(0.1)
@@ -386,22 +341,3 @@ class LocalCluster:
         )
         row["nodes_ready"] = f"{ready}/{len(nodes)}"
         return row
-
-
-def _wait_gone(pid: int, child: subprocess.Popen[bytes] | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child is not None:
-            if child.poll() is not None:
-                return True
-        elif _is_zombie(pid) or not Path(f"/proc/{pid}").exists():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
