@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,12 @@ def _tools(args: argparse.Namespace) -> int:
     return toolchain.main(args.components)
 
 
+def _operator(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"citynerve.operators.{args.which}.main")
+    code: int = module.main(args.operator_args)
+    return code
+
+
 def _demo(args: argparse.Namespace) -> int:
     from citynerve.operators import demo  # noqa: PLC0415 - the demo pulls in the client libraries
 
@@ -70,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     tools = sub.add_parser("tools", help="build the pinned Kubernetes, etcd, kwok and helm binaries")
     tools.add_argument("components", nargs="*", default=list(toolchain.DEFAULT_COMPONENTS))
     tools.set_defaults(func=_tools)
+
+    operator = sub.add_parser("operator", help="run an operator in the foreground (hub or city)")
+    operator.add_argument("which", choices=("hub", "city"))
+    operator.add_argument("operator_args", nargs=argparse.REMAINDER,
+                          help="the operator's own options; see `citynerve operator city --help`")
+    operator.set_defaults(func=_operator)
 
     demo = sub.add_parser("demo", help="run the federation story on the local federation")
     demo.add_argument("--state-dir", type=Path, default=None)

@@ -1,0 +1,199 @@
+"""How every CityNerve operator runs: its own Kopf registry, login and settings.
+
+The hub operator and each city's operator are built the same way, so several can run in
+one process (the embedded default runs the hub and two cities side by side) or one per
+process (``citynerve operator hub|city``). Each gets:
+
+- a fresh ``kopf.OperatorRegistry`` its handlers are registered into (no module-level
+  handlers, so two cities in one process never share one);
+- a login from an explicit kubeconfig file and context (or the in-cluster account);
+- every Kopf setting in one startup handler (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import tempfile
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import config as kube_config
+from kubernetes.client import Configuration
+
+ANNOTATION_PREFIX = "citynerve.io"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KubeTarget:
+    """Which API server an operator talks to: a kubeconfig file and context, or in-cluster."""
+
+    kubeconfig: Path | None = None
+    context: str | None = None
+
+    def client_configuration(self) -> Configuration:
+        """A Kubernetes client configuration for this target (also used by non-Kopf code)."""
+        configuration = Configuration()
+        if self.kubeconfig is None:
+            kube_config.load_incluster_config(client_configuration=configuration)
+        else:
+            kube_config.load_kube_config(config_file=str(self.kubeconfig), context=self.context,
+                                         client_configuration=configuration)
+        return configuration
+
+    def connection_info(self) -> kopf.ConnectionInfo:
+        cfg = self.client_configuration()
+        token = None
+        auth = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
+        if auth:
+            token = auth.removeprefix("Bearer ").strip()
+        return kopf.ConnectionInfo(
+            server=cfg.host,
+            ca_path=cfg.ssl_ca_cert,
+            insecure=not cfg.verify_ssl,
+            certificate_path=cfg.cert_file,
+            private_key_path=cfg.key_file,
+            token=token,
+            default_namespace=None,
+        )
+
+
+def token_kubeconfig(server: str, ca_pem: bytes, token: str, user: str, folder: Path) -> Path:
+    """Write a kubeconfig that authenticates with a bearer token (a city's hub credential)."""
+    ca_b64 = base64.b64encode(ca_pem).decode()
+    text = (
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters:\n- name: hub\n  cluster:\n    server: {server}\n"
+        f"    certificate-authority-data: {ca_b64}\n"
+        f"users:\n- name: {user}\n  user:\n    token: {token}\n"
+        f"contexts:\n- name: hub\n  context:\n    cluster: hub\n    user: {user}\n"
+        "current-context: hub\n"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{user}.kubeconfig"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class OperatorOptions:
+    """The settings an operator is started with; one startup handler applies them."""
+
+    name: str
+    target: KubeTarget = field(default_factory=KubeTarget)
+    namespaces: Collection[str] = ()  # empty: cluster-wide
+    peering: str | None = None  # None: standalone (no peering objects needed)
+    request_timeout: float = 30.0
+    watch_server_timeout: int = 300
+    max_workers: int = 20
+    posting_level: int = logging.WARNING
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+
+def new_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
+    """A registry with the login and the one settings handler; callers add their handlers."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return options.target.connection_info()
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Progress and the last-handled spec live in annotations: the CRDs' structural
+        # schemas would prune anything Kopf wrote into status.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+        settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+        settings.posting.level = options.posting_level
+        settings.watching.server_timeout = options.watch_server_timeout
+        settings.watching.client_timeout = options.watch_server_timeout + 30
+        settings.watching.connect_timeout = 10
+        settings.networking.request_timeout = options.request_timeout
+        settings.networking.connect_timeout = 10
+        settings.execution.max_workers = options.max_workers
+        settings.batching.error_delays = [1, 2, 5, 10, 30]
+        if options.peering:
+            settings.peering.name = options.peering
+            settings.peering.mandatory = True
+            settings.peering.clusterwide = options.clusterwide
+        else:
+            settings.peering.standalone = True
+
+    return registry
+
+
+class InProcessOperator:
+    """Runs one operator on its own thread and event loop; ``stop`` ends it cleanly."""
+
+    def __init__(self, options: OperatorOptions, registry: kopf.OperatorRegistry,
+                 memo: object | None = None) -> None:
+        self.options = options
+        self.registry = registry
+        self.memo = memo
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"operator-{options.name}", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(kopf.operator(
+                registry=self.registry,
+                clusterwide=self.options.clusterwide,
+                namespaces=list(self.options.namespaces),
+                standalone=self.options.peering is None,
+                peering_name=self.options.peering,
+                stop_flag=self._stop,
+                ready_flag=self._ready,
+                memo=self.memo,
+            ))
+        except BaseException as exc:
+            self._error = exc
+            log.exception("operator %s stopped with an error", self.options.name)
+
+    def start(self, timeout: float = 30.0) -> InProcessOperator:
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._error is not None:
+            self.stop()
+            msg = f"operator {self.options.name} did not become ready within {timeout:.0f} s"
+            raise RuntimeError(msg) from self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            msg = f"operator {self.options.name} did not stop within {timeout:.0f} s"
+            raise RuntimeError(msg)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def run_until_signal(options: OperatorOptions, build: Callable[[OperatorOptions], kopf.OperatorRegistry],
+                     memo: object | None = None) -> int:
+    """The body of ``citynerve operator …``: run in the foreground until SIGINT/SIGTERM."""
+    registry = build(options)
+    asyncio.run(kopf.operator(
+        registry=registry, clusterwide=options.clusterwide, namespaces=list(options.namespaces),
+        standalone=options.peering is None, peering_name=options.peering, memo=memo,
+    ))
+    return 0
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A private temporary folder for credentials an operator writes for itself."""
+    return Path(tempfile.mkdtemp(prefix=f"citynerve-{prefix}-"))
