@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from citynerve.operators.localfed import process
 from citynerve.operators.localfed.cluster import ClusterError, free_port
@@ -24,7 +25,7 @@ class LocalMlflow:
     def __init__(self, root: Path) -> None:
         self.root = root
         state = self._read_state()
-        self.port: int = state.get("port") or free_port()
+        self.port: int = int(state.get("port") or free_port())
         self.processes = ProcessTable(state.get("pids", {}))
 
     @property
@@ -39,9 +40,9 @@ class LocalMlflow:
     def pids(self) -> dict[str, int]:
         return self.processes.pids
 
-    def _read_state(self) -> dict[str, object]:
+    def _read_state(self) -> dict[str, Any]:
         try:
-            data: dict[str, object] = json.loads((self.root / "mlflow.json").read_text())
+            data: dict[str, Any] = json.loads((self.root / "mlflow.json").read_text())
         except (OSError, ValueError):
             return {}
         return data
