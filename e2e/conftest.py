@@ -83,10 +83,12 @@ def namespace(federation: Federation) -> Iterator[str]:
         client.CoreV1Api(federation.api_client(cluster)).create_namespace(
             {"metadata": {"name": name, "labels": {"citynerve.io/test": "true"}}})
     # Pods are refused until the controller-manager has made the namespace's default
-    # ServiceAccount, and the ReplicaSet controller then backs off for a long time.
+    # ServiceAccount, and the ReplicaSet controller then backs off for a long time. After a
+    # test stopped an API server, the controller-manager's watches come back only after
+    # client-go's relist backoff (up to 30 s), hence the generous wait.
     for cluster in federation.names:
         core = client.CoreV1Api(federation.api_client(cluster))
-        _wait_for(lambda c=core: _has_default_service_account(c, name), 30,
+        _wait_for(lambda c=core: _has_default_service_account(c, name), 90,
                   what=f"ServiceAccount default in {name} on {cluster}")
     yield name
     for cluster in federation.names:
@@ -161,3 +163,30 @@ def _wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str =
 def wait_for() -> Any:
     """``wait_for(predicate, timeout, what=...)``: poll until truthy, else fail naming ``what``."""
     return _wait_for
+
+
+# -- city operator: MLflow and Ray, once per session ----------------------------------------
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real ``mlflow server`` (SQLite store, served artifacts) for the session; ``.url``, ``.root``."""
+    from citynerve.operators.localfed.mlflow_server import LocalMlflow  # noqa: PLC0415
+
+    server = LocalMlflow(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """A local Ray cluster for the session (2 CPUs, no dashboard); operators in this process share it."""
+    import ray  # noqa: PLC0415
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, namespace="citynerve", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -123,7 +123,7 @@ def new_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
         settings.networking.request_timeout = options.request_timeout
         settings.networking.connect_timeout = 10
         settings.execution.max_workers = options.max_workers
-        settings.batching.error_delays = [1, 2, 5, 10, 30]
+        settings.queueing.error_delays = [1, 2, 5, 10, 30]
         if options.peering:
             settings.peering.name = options.peering
             settings.peering.mandatory = True

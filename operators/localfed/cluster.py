@@ -225,8 +225,14 @@ class LocalCluster:
             self._write_state()
         self._wait_healthy(component)
 
-    def stop_component(self, component: str, timeout: float = 15.0) -> None:
-        """Stop one component: SIGTERM, then SIGKILL if it has not gone after ``timeout``."""
+    def stop_component(self, component: str, timeout: float | None = None) -> None:
+        """Stop one component: SIGTERM, then SIGKILL if it has not gone after ``timeout``.
+
+        The API server holds its state in etcd only, so it gets little time to drain its
+        watches; etcd gets time to close its database cleanly.
+        """
+        if timeout is None:
+            timeout = 3.0 if component == "kube-apiserver" else 15.0
         self.processes.stop(component, self._args(component)[0], timeout)
         self._write_state()
 

@@ -1,0 +1,210 @@
+"""Hub and cities federated in pull mode, on separate real API servers."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from citynerve.operators.federation.agent import IDENTITY_SECRET
+from citynerve.operators.federation.embedded import EmbeddedFederation, city_condition
+from citynerve.operators.federation.onboarding import SYSTEM_NAMESPACE
+from kubernetes import client
+
+pytestmark = pytest.mark.e2e
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+HEARTBEAT, TIMEOUT = 2, 8  # seconds; short so that the disconnection tests stay quick
+
+
+@pytest.fixture(scope="module")
+def fed(federation: Any) -> Iterator[EmbeddedFederation]:
+    embedded = EmbeddedFederation(
+        kubeconfig=federation.kubeconfig, hub_context="hub",
+        city_contexts={"shanghai": "shanghai", "chengdu": "chengdu"},
+        heartbeat_seconds=HEARTBEAT, heartbeat_timeout_seconds=TIMEOUT, check_interval=1.0)
+    embedded.start()
+    try:
+        yield embedded
+    finally:
+        embedded.stop()
+
+
+def custom(federation: Any, cluster: str) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(federation.api_client(cluster))
+
+
+def ready(fed: EmbeddedFederation, city: str) -> bool:
+    return city_condition(fed.hub, city, "Ready") == "True"
+
+
+def scenario_in(federation: Any, cluster: str, name: str) -> dict[str, Any] | None:
+    try:
+        found: dict[str, Any] = custom(federation, cluster).get_namespaced_custom_object(
+            GROUP, VERSION, "citynerve", "scenarios", name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return found
+
+
+@pytest.mark.timeout(90)
+def test_cities_join_after_approval_and_become_ready(fed: EmbeddedFederation, wait_for: Any) -> None:
+    for city in ("shanghai", "chengdu"):
+        wait_for(lambda c=city: ready(fed, c), 60, what=f"City {city} Ready on the hub")
+        assert city_condition(fed.hub, city, "Joined") == "True"
+        assert city_condition(fed.hub, city, "Reachable") == "True"
+
+
+@pytest.mark.timeout(60)
+def test_a_city_credential_reaches_only_its_own_namespace(fed: EmbeddedFederation, federation: Any,
+                                                          wait_for: Any) -> None:
+    wait_for(lambda: ready(fed, "shanghai"), 45, what="Shanghai Ready")
+    secret = client.CoreV1Api(federation.api_client("shanghai")).read_namespaced_secret(
+        IDENTITY_SECRET, SYSTEM_NAMESPACE)
+    folder = fed.scratch / "as-shanghai"
+    folder.mkdir(exist_ok=True)
+    (folder / "tls.crt").write_bytes(base64.b64decode(secret.data["tls.crt"]))
+    (folder / "tls.key").write_bytes(base64.b64decode(secret.data["tls.key"]))
+    cfg = client.Configuration()
+    hub_cfg = fed.hub.client_configuration()
+    cfg.host, cfg.ssl_ca_cert = hub_cfg.host, hub_cfg.ssl_ca_cert
+    cfg.cert_file, cfg.key_file = str(folder / "tls.crt"), str(folder / "tls.key")
+    as_city = client.CoreV1Api(client.ApiClient(cfg))
+
+    assert as_city.list_namespaced_config_map("city-shanghai").items is not None  # its own work
+    for forbidden in (
+        lambda: as_city.list_namespaced_config_map("city-chengdu"),
+        lambda: as_city.list_namespaced_secret("city-shanghai"),
+        as_city.list_secret_for_all_namespaces,
+        lambda: as_city.read_namespaced_secret(IDENTITY_SECRET, "kube-system"),
+        lambda: client.CustomObjectsApi(client.ApiClient(cfg)).get_cluster_custom_object(
+            GROUP, VERSION, "cities", "chengdu"),
+    ):
+        with pytest.raises(client.ApiException) as refused:
+            forbidden()
+        assert refused.value.status == 403
+
+
+@pytest.mark.timeout(90)
+def test_a_sensor_type_reaches_every_joined_city(fed: EmbeddedFederation, federation: Any,
+                                                 wait_for: Any) -> None:
+    manifest = yaml.safe_load((SAMPLES / "sensortypes" / "air-quality-station.yaml").read_text())
+    custom(federation, "hub").create_cluster_custom_object(GROUP, VERSION, "sensortypes", manifest)
+    name = manifest["metadata"]["name"]
+
+    def present(cluster: str) -> bool:
+        try:
+            got = custom(federation, cluster).get_cluster_custom_object(GROUP, VERSION, "sensortypes", name)
+        except client.ApiException:
+            return False
+        return bool(got["spec"] == manifest["spec"])
+
+    for city in ("shanghai", "chengdu"):
+        wait_for(lambda c=city: present(c), 20, what=f"SensorType {name} in {city}")
+
+
+@pytest.mark.timeout(120)
+def test_placement_and_overrides_decide_where_a_scenario_runs(fed: EmbeddedFederation, federation: Any,
+                                                             wait_for: Any) -> None:
+    manifest = yaml.safe_load((SAMPLES / "hub" / "federatedscenario-urban-flood.yaml").read_text())
+    manifest = copy.deepcopy(manifest)
+    manifest["metadata"]["name"] = "flood-east"
+    manifest["spec"]["placement"] = {"citySelector": {"matchLabels": {"region": "east"}}}
+    manifest["spec"]["overrides"] = [{"city": "shanghai", "replicas": 3, "thresholds": [
+        {"metric": "waterLevelMm", "unitCode": "MMT", "warning": 120, "alarm": 240}]}]
+    hub = custom(federation, "hub")
+    hub.create_namespaced_custom_object(GROUP, VERSION, "default", "federatedscenarios", manifest)
+
+    got = wait_for(lambda: scenario_in(federation, "shanghai", "flood-east"), 20,
+                   what="the scenario in Shanghai")
+    assert got["spec"]["replicas"] == 3
+    assert got["spec"]["thresholds"] == [{"metric": "waterLevelMm", "unitCode": "MMT",
+                                          "warning": 120, "alarm": 240}]
+    time.sleep(2 * HEARTBEAT)
+    assert scenario_in(federation, "chengdu", "flood-east") is None
+
+    hub.patch_namespaced_custom_object(GROUP, VERSION, "default", "federatedscenarios", "flood-east",
+                                       {"spec": {"placement": {"citySelector": {
+                                           "matchLabels": {"region": "west"}}}}})
+    moved = wait_for(lambda: scenario_in(federation, "chengdu", "flood-east"), 20,
+                     what="the scenario moved to Chengdu")
+    assert moved["spec"]["replicas"] == 1  # Shanghai's override does not follow it
+    wait_for(lambda: scenario_in(federation, "shanghai", "flood-east") is None, 20,
+             what="the scenario removed from Shanghai")
+
+    def fs_status() -> dict[str, Any]:
+        body = hub.get_namespaced_custom_object(GROUP, VERSION, "default", "federatedscenarios",
+                                                "flood-east")
+        return dict(body.get("status") or {})
+
+    def placed() -> list[tuple[str, str]]:
+        return [(c["city"], c.get("propagated")) for c in fs_status().get("cities", [])]
+
+    wait_for(lambda: placed() == [("chengdu", "True")], 20,
+             what="FederatedScenario status reporting Chengdu only, propagated")
+    assert fs_status()["selectedCities"] == 1
+
+
+@pytest.mark.timeout(180)
+def test_a_stopped_city_is_marked_unreachable_and_converges(fed: EmbeddedFederation, federation: Any,
+                                                            wait_for: Any) -> None:
+    for city in ("shanghai", "chengdu"):
+        wait_for(lambda c=city: ready(fed, c), 30, what=f"{city} Ready before the cut")
+    before = {s["metadata"]["name"] for s in custom(federation, "chengdu").list_cluster_custom_object(
+        GROUP, VERSION, "sensortypes")["items"]}
+
+    chengdu = federation.cluster("chengdu")
+    stopped = time.monotonic()
+    chengdu.stop_component("kube-apiserver")
+    try:
+        wait_for(lambda: city_condition(fed.hub, "chengdu", "Reachable") == "False", 2 * TIMEOUT + 5,
+                 what="Chengdu marked unreachable within two lease periods")
+        marked_after = time.monotonic() - stopped
+        assert city_condition(fed.hub, "shanghai", "Ready") == "True"
+        time.sleep(max(0.0, 60 - (time.monotonic() - stopped)))
+    finally:
+        chengdu.start_component("kube-apiserver")
+    restarted = time.monotonic()
+    wait_for(lambda: ready(fed, "chengdu"), 15, what="Chengdu Ready within 15 s of its return")
+    converged_after = time.monotonic() - restarted
+    after = {s["metadata"]["name"] for s in custom(federation, "chengdu").list_cluster_custom_object(
+        GROUP, VERSION, "sensortypes")["items"]}
+    assert before <= after, f"deleted during the cut: {before - after}"
+    print(f"unreachable after {marked_after:.1f} s; converged {converged_after:.1f} s after return")
+
+
+@pytest.mark.timeout(240)
+def test_with_the_hub_down_cities_keep_working_and_catch_up(fed: EmbeddedFederation, federation: Any,
+                                                            namespace: str, wait_for: Any) -> None:
+    wait_for(lambda: ready(fed, "shanghai"), 30, what="Shanghai Ready")
+    hub = federation.cluster("hub")
+    incident = yaml.safe_load((SAMPLES / "city" / "incident-water-burst.yaml").read_text())
+    incident["metadata"]["name"] = "burst-while-hub-down"
+    incident["spec"]["state"] = "Detected"
+    incident["spec"]["transitions"] = incident["spec"]["transitions"][:1]
+    incident["spec"]["detectedAt"] = incident["spec"]["transitions"][0]["time"] = "2026-11-25T01:00:00Z"
+
+    hub.stop_component("kube-apiserver")
+    try:
+        custom(federation, "shanghai").create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "incidents", incident)
+        time.sleep(3 * HEARTBEAT)
+        assert scenario_in(federation, "shanghai", "does-not-matter") is None  # the city still answers
+    finally:
+        hub.start_component("kube-apiserver")
+
+    def rolled_up() -> bool:
+        city = custom(federation, "hub").get_cluster_custom_object(GROUP, VERSION, "cities", "shanghai")
+        last = (city.get("status") or {}).get("lastIncident") or {}
+        return bool(last.get("name") == "burst-while-hub-down")
+
+    wait_for(rolled_up, 30, what="the incident in Shanghai's roll-up on the hub")
+    wait_for(lambda: ready(fed, "shanghai"), 30, what="Shanghai Ready after the hub returns")
+

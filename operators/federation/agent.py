@@ -1,0 +1,387 @@
+"""The city's agent: joins the hub, pulls the city's work, applies it, reports back.
+
+Pull mode (DESIGN.md "Federation"): the agent calls the hub, never the reverse, and holds a
+credential for its own hub namespace only. Each cycle it
+
+1. reads its own city (the roll-up of fleets, scenarios and incidents) — if the city's API
+   server does not answer, the cycle stops here and no heartbeat is sent: the hub must see
+   the city as unreachable, not merely its agent as alive;
+2. lists its work on the hub and applies what changed (server-side apply), and deletes in the
+   city only what the hub's *complete* list no longer names — a failed or partial read
+   deletes nothing;
+3. renews its Lease, and writes its report and City status only when they changed;
+4. watches its work until the next heartbeat is due, applying changes as they arrive.
+
+Cut off from the hub, the city keeps everything it last applied and keeps detecting;
+on reconnection the next cycle brings both sides level.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from citynerve.operators.federation import onboarding
+from citynerve.operators.federation.placement import (
+    AGENT_LEASE,
+    PROPAGATED_LABEL,
+    REPORT_CONFIGMAP,
+    WORK_HASH_ANNOTATION,
+    WORK_LABEL,
+    city_namespace,
+    manifest_of,
+)
+from citynerve.operators.hub.status import REPORT_KEY, format_time
+from citynerve.operators.kube import Kube
+from citynerve.operators.runtime import KubeTarget, scratch_dir
+from kubernetes import client, watch
+
+log = logging.getLogger(__name__)
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+FIELD_MANAGER = "citynerve-agent"
+WORK_NAME_ANNOTATION = "citynerve.io/work-name"
+IDENTITY_SECRET = "citynerve-hub-identity"  # noqa: S105 - a Secret's name, not a secret
+AGENT_VERSION = "0.1.0"
+_TRANSIENT = (client.ApiException, urllib3.exceptions.HTTPError, OSError, TimeoutError)
+
+
+@dataclass
+class AgentConfig:
+    """What a city's agent needs to know; the city chart's values map onto it."""
+
+    city: str
+    city_target: KubeTarget
+    hub_server: str
+    hub_ca_pem: bytes
+    bootstrap: KubeTarget
+    join_request: dict[str, Any]  # the City manifest to create on the hub (approved: false)
+    work_namespace: str = "citynerve"
+    heartbeat_seconds: float = 10.0
+    scratch: Path = field(default_factory=lambda: scratch_dir("agent"))
+
+
+def rollup(fleets: Sequence[Mapping[str, Any]], scenarios: Sequence[Mapping[str, Any]],
+           incidents: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The City status fields the agent reports: a pure summary of the city's objects."""
+    by_type: dict[str, int] = {}
+    for fleet in fleets:
+        sensor_type = fleet.get("spec", {}).get("sensorType", "unknown")
+        online = int((fleet.get("status") or {}).get("terminalsOnline") or 0)
+        by_type[sensor_type] = by_type.get(sensor_type, 0) + online
+    active = sum(
+        1 for s in scenarios
+        if any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (s.get("status") or {}).get("conditions") or [])
+    )
+    open_incidents = [i for i in incidents if i.get("spec", {}).get("state") != "Resolved"]
+    status: dict[str, Any] = {
+        "sensorsOnline": [{"sensorType": t, "count": n} for t, n in sorted(by_type.items())],
+        "sensorsOnlineTotal": sum(by_type.values()),
+        "activeScenarios": active,
+        "openIncidents": len(open_incidents),
+        "agentVersion": AGENT_VERSION,
+    }
+    if incidents:
+        last = max(incidents, key=lambda i: str(i.get("spec", {}).get("detectedAt", "")))
+        spec = last.get("spec", {})
+        status["lastIncident"] = {
+            "name": last["metadata"]["name"], "namespace": last["metadata"].get("namespace", ""),
+            "kind": spec.get("kind"), "severity": spec.get("severity"), "detectedAt": spec.get("detectedAt"),
+        }
+    return status
+
+
+def object_readiness(obj: Mapping[str, Any] | None) -> tuple[str, str | None, str | None]:
+    """(Ready status, reason, message) of an applied object, from its conditions."""
+    if obj is None:
+        return "Unknown", None, None
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return str(cond.get("status", "Unknown")), cond.get("reason"), cond.get("message")
+    if obj.get("kind") == "SensorType":
+        return "True", None, None  # a catalogue entry has nothing to become ready
+    return "Unknown", None, None
+
+
+class CityAgent:
+    """One city's agent; ``start`` runs it on a thread, ``stop`` ends it."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.city_api = client.ApiClient(config.city_target.client_configuration())
+        self.city = Kube(self.city_api)
+        self.city_custom = client.CustomObjectsApi(self.city_api)
+        self.hub_api: client.ApiClient | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"agent-{config.city}", daemon=True)
+        self._applied: dict[str, str] = {}  # work name → hash applied in the city
+        self._results: dict[str, dict[str, Any]] = {}  # work name → applied/message
+        self._last_report: str | None = None
+        self._last_status: dict[str, Any] | None = None
+        self._last_lease = 0.0
+        self.cycles = 0
+        self.hub_reachable = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> CityAgent:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                if self.hub_api is None:
+                    self.hub_api = self._join()
+                    if self.hub_api is None:
+                        self._stop.wait(2.0)
+                        continue
+                self._cycle()
+                backoff = 1.0
+            except _TRANSIENT as exc:
+                self.hub_reachable = False
+                log.warning("agent %s: cycle failed, retrying in %.0f s: %s", self.config.city, backoff,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.heartbeat_seconds)
+            except Exception:
+                log.exception("agent %s: unexpected error; retrying", self.config.city)
+                self._stop.wait(self.config.heartbeat_seconds)
+
+    # -- joining -------------------------------------------------------------------------
+    def _identity(self) -> dict[str, str]:
+        """The agent's key (and certificate, once issued), kept in a Secret in its own city."""
+        core = client.CoreV1Api(self.city_api)
+        ns = onboarding.SYSTEM_NAMESPACE
+        try:
+            secret = core.read_namespaced_secret(IDENTITY_SECRET, ns)
+            return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+        self.city.ensure({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        key = onboarding.new_private_key_pem().decode()
+        core.create_namespaced_secret(ns, {"metadata": {"name": IDENTITY_SECRET},
+                                           "stringData": {"tls.key": key}})
+        return {"tls.key": key}
+
+    def _save_certificate(self, cert_pem: str) -> None:
+        client.CoreV1Api(self.city_api).patch_namespaced_secret(
+            IDENTITY_SECRET, onboarding.SYSTEM_NAMESPACE, {"stringData": {"tls.crt": cert_pem}})
+
+    def _join(self) -> client.ApiClient | None:
+        """Return a hub client with the city's own certificate, or None while waiting."""
+        identity = self._identity()
+        if "tls.crt" not in identity:
+            cert = self._request_certificate(identity["tls.key"].encode())
+            if cert is None:
+                return None
+            self._save_certificate(cert)
+            identity["tls.crt"] = cert
+        folder = self.config.scratch
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (("hub-ca.crt", self.config.hub_ca_pem.decode()),
+                           ("agent.crt", identity["tls.crt"]), ("agent.key", identity["tls.key"])):
+            (folder / name).write_text(text)
+            (folder / name).chmod(0o600)
+        cfg = client.Configuration()
+        cfg.host = self.config.hub_server
+        cfg.ssl_ca_cert = str(folder / "hub-ca.crt")
+        cfg.cert_file = str(folder / "agent.crt")
+        cfg.key_file = str(folder / "agent.key")
+        log.info("agent %s: joined the hub as %s", self.config.city, onboarding.city_user(self.config.city))
+        return client.ApiClient(cfg)
+
+    def _request_certificate(self, key_pem: bytes) -> str | None:
+        boot = client.ApiClient(self.config.bootstrap.client_configuration())
+        custom = client.CustomObjectsApi(boot)
+        try:
+            custom.create_cluster_custom_object(GROUP, VERSION, "cities", self.config.join_request)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        certs = client.CertificatesV1Api(boot)
+        manifest = onboarding.csr_manifest(self.config.city, key_pem)
+        try:
+            certs.create_certificate_signing_request(manifest)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        csr = certs.read_certificate_signing_request(manifest["metadata"]["name"])
+        if csr.status and csr.status.certificate:
+            return base64.b64decode(csr.status.certificate).decode()
+        return None  # the hub administrator has not approved the City yet
+
+    # -- one cycle -------------------------------------------------------------------------
+    def _cycle(self) -> None:
+        assert self.hub_api is not None
+        city_status = self._read_city()  # raises if the city's API server is down: no heartbeat
+        hub_core = client.CoreV1Api(self.hub_api)
+        ns = city_namespace(self.config.city)
+        work = hub_core.list_namespaced_config_map(ns, label_selector=f"{WORK_LABEL}=true")
+        self.hub_reachable = True
+        self._follow_city_spec()
+        items = [self.hub_api.sanitize_for_serialization(cm) for cm in work.items]
+        for cm in items:
+            self._apply_work(cm)
+        self._remove_unlisted({cm["metadata"]["name"] for cm in items})
+        self._heartbeat()
+        self._report()
+        self._write_city_status(city_status)
+        self.cycles += 1
+        self._watch_work(hub_core, ns, work.metadata.resource_version)
+
+    def _follow_city_spec(self) -> None:
+        """The hub decides the heartbeat interval (City spec.connection); follow it."""
+        assert self.hub_api is not None
+        city = client.CustomObjectsApi(self.hub_api).get_cluster_custom_object(
+            GROUP, VERSION, "cities", self.config.city)
+        interval = city.get("spec", {}).get("connection", {}).get("heartbeatIntervalSeconds")
+        if interval:
+            self.config.heartbeat_seconds = float(interval)
+
+    def _read_city(self) -> dict[str, Any]:
+        def items(plural: str) -> list[dict[str, Any]]:
+            listed = self.city_custom.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=10)
+            return list(listed.get("items", []))
+        return rollup(items("sensorfleets"), items("scenarios"), items("incidents"))
+
+    def _target(self, manifest: dict[str, Any], work_name: str, work_hash: str) -> dict[str, Any]:
+        target: dict[str, Any] = json.loads(json.dumps(manifest))
+        meta = target.setdefault("metadata", {})
+        if manifest["kind"] != "SensorType":
+            meta["namespace"] = self.config.work_namespace
+        meta.setdefault("labels", {})[PROPAGATED_LABEL] = "hub"
+        meta.setdefault("annotations", {}).update(
+            {WORK_NAME_ANNOTATION: work_name, WORK_HASH_ANNOTATION: work_hash})
+        return target
+
+    def _apply_work(self, cm: Mapping[str, Any]) -> None:
+        name = cm["metadata"]["name"]
+        work_hash = (cm["metadata"].get("annotations") or {}).get(WORK_HASH_ANNOTATION, "")
+        if self._applied.get(name) == work_hash:
+            return
+        try:
+            manifest = manifest_of(cm)
+            if manifest["kind"] != "SensorType":
+                self.city.ensure({"apiVersion": "v1", "kind": "Namespace",
+                                  "metadata": {"name": self.config.work_namespace}})
+            self.city.apply(self._target(manifest, name, work_hash), field_manager=FIELD_MANAGER)
+        except (ValueError, client.ApiException) as exc:
+            if isinstance(exc, client.ApiException) and exc.status not in (400, 403, 404, 409, 422):
+                raise  # a transient failure: the next cycle tries again
+            message = _api_message(exc)
+            log.warning("agent %s: could not apply %s: %s", self.config.city, name, message)
+            self._results[name] = {"hash": work_hash, "applied": False, "message": message}
+            self._applied[name] = work_hash  # do not retry the same bad manifest every cycle
+            return
+        self._applied[name] = work_hash
+        self._results[name] = {"hash": work_hash, "applied": True}
+
+    def _propagated(self) -> list[dict[str, Any]]:
+        selector = f"{PROPAGATED_LABEL}=hub"
+        found: list[dict[str, Any]] = []
+        for plural in ("sensortypes", "scenarios"):
+            listed = self.city_custom.list_cluster_custom_object(GROUP, VERSION, plural,
+                                                                 label_selector=selector)
+            found.extend(listed.get("items", []))
+        return found
+
+    def _remove_unlisted(self, listed: set[str]) -> None:
+        """Delete in the city what the hub's complete work list no longer names."""
+        for obj in self._propagated():
+            meta = obj["metadata"]
+            work_name = (meta.get("annotations") or {}).get(WORK_NAME_ANNOTATION)
+            if work_name and work_name not in listed:
+                log.info("agent %s: the hub removed %s; deleting %s %s", self.config.city, work_name,
+                         obj["kind"], meta["name"])
+                self.city.delete(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
+                self._applied.pop(work_name, None)
+                self._results.pop(work_name, None)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lease < self.config.heartbeat_seconds and self._last_lease:
+            return
+        assert self.hub_api is not None
+        moment = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        client.CoordinationV1Api(self.hub_api).patch_namespaced_lease(
+            AGENT_LEASE, city_namespace(self.config.city),
+            {"spec": {"renewTime": moment, "holderIdentity": onboarding.city_user(self.config.city),
+                      "leaseDurationSeconds": int(self.config.heartbeat_seconds * 4)}})
+        self._last_lease = now
+
+    def _report(self) -> None:
+        assert self.hub_api is not None
+        objects = {}
+        by_work = {(o["metadata"].get("annotations") or {}).get(WORK_NAME_ANNOTATION): o
+                   for o in self._propagated()}
+        for name, result in self._results.items():
+            ready, reason, message = object_readiness(by_work.get(name))
+            entry = {**result, "ready": ready if result.get("applied") else "False"}
+            if reason and result.get("applied"):
+                entry["reason"] = reason
+            if message and result.get("applied"):
+                entry["message"] = message
+            objects[name] = entry
+        text = json.dumps({"objects": objects}, sort_keys=True)
+        if text == self._last_report:
+            return
+        client.CoreV1Api(self.hub_api).patch_namespaced_config_map(
+            REPORT_CONFIGMAP, city_namespace(self.config.city), {"data": {REPORT_KEY: text}})
+        self._last_report = text
+
+    def _write_city_status(self, status: dict[str, Any]) -> None:
+        if status == self._last_status:
+            return
+        assert self.hub_api is not None
+        body = {"status": {**status, "lastHeartbeat": format_time(dt.datetime.now(dt.UTC))}}
+        client.CustomObjectsApi(self.hub_api).patch_cluster_custom_object_status(
+            GROUP, VERSION, "cities", self.config.city, body)
+        self._last_status = status
+
+    def _watch_work(self, hub_core: client.CoreV1Api, ns: str, resource_version: str) -> None:
+        """Apply work changes as they arrive, until the next heartbeat is due."""
+        deadline = time.monotonic() + self.config.heartbeat_seconds
+        stream = watch.Watch()
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for event in stream.stream(hub_core.list_namespaced_config_map, ns,
+                                       label_selector=f"{WORK_LABEL}=true",
+                                       resource_version=resource_version,
+                                       timeout_seconds=max(1, int(min(remaining, 5))),
+                                       _request_timeout=remaining + 5):
+                obj = self.hub_api.sanitize_for_serialization(event["object"]) if self.hub_api else {}
+                resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    self._apply_work(obj)
+                elif event["type"] == "DELETED":
+                    stream.stop()
+                    return  # deletions are decided on a complete list, in the next cycle
+                if self._stop.is_set():
+                    stream.stop()
+                    return
+
+
+def _api_message(exc: Exception) -> str:
+    if isinstance(exc, client.ApiException) and exc.body:
+        try:
+            return str(json.loads(exc.body).get("message", exc.body))
+        except ValueError:
+            return str(exc.body)
+    return str(exc)

@@ -1,0 +1,239 @@
+"""The hub operator: onboarding, propagation, reachability and roll-up.
+
+Handlers are thin: they gather what Kopf's indices already hold and hand it to the pure
+functions in ``federation.placement``, ``federation.onboarding`` and ``hub.status``; they
+write only the differences those functions name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kopf
+from citynerve.operators.federation import onboarding
+from citynerve.operators.federation.placement import (
+    AGENT_LEASE,
+    REPORT_CONFIGMAP,
+    WORK_HASH_ANNOTATION,
+    WORK_LABEL,
+    city_namespace,
+    desired_work,
+    is_joined,
+    work_changes,
+)
+from citynerve.operators.hub.status import (
+    city_conditions,
+    federated_scenario_status,
+    read_report,
+    status_changes,
+)
+from citynerve.operators.kube import Kube
+from citynerve.operators.runtime import OperatorOptions, new_registry
+from kubernetes import client
+
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+log = logging.getLogger(__name__)
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Kopf body as a plain dict (indices keep them past the handler's lifetime)."""
+    return {"metadata": dict(body.get("metadata", {})), "spec": dict(body.get("spec", {})),
+            "status": dict(body.get("status", {}) or {}),
+            "apiVersion": body.get("apiVersion"), "kind": body.get("kind")}
+
+
+class HubContext:
+    """What the handlers share: API clients and how often to check on cities."""
+
+    def __init__(self, options: OperatorOptions, check_interval: float = 2.0) -> None:
+        self.api_client = client.ApiClient(options.target.client_configuration())
+        self.kube = Kube(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.certificates = client.CertificatesV1Api(self.api_client)
+        self.check_interval = check_interval
+
+
+class Indices:
+    """The hub's in-memory picture, as Kopf hands its indices to a handler (by keyword)."""
+
+    def __init__(self, kwargs: Mapping[str, Any]) -> None:
+        self.city: kopf.Index[str, dict[str, Any]] = kwargs["city_index"]
+        self.sensortype: kopf.Index[str, dict[str, Any]] = kwargs["sensortype_index"]
+        self.federated_scenario: kopf.Index[str, dict[str, Any]] = kwargs["federated_index"]
+        self.work: kopf.Index[str, dict[str, Any]] = kwargs["work_index"]
+        self.report: kopf.Index[str, dict[str, Any]] = kwargs["report_index"]
+        self.lease: kopf.Index[str, dict[str, Any]] = kwargs["lease_index"]
+
+    @staticmethod
+    def _values(index: kopf.Index[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return [v for _, store in index.items() for v in store]
+
+    @staticmethod
+    def first(index: kopf.Index[str, dict[str, Any]], key: str) -> dict[str, Any] | None:
+        return next(iter(index.get(key, [])), None)
+
+    def cities(self) -> list[dict[str, Any]]:
+        return self._values(self.city)
+
+    def sensor_types(self) -> list[dict[str, Any]]:
+        return self._values(self.sensortype)
+
+    def federated(self) -> list[dict[str, Any]]:
+        return self._values(self.federated_scenario)
+
+
+def sync_city_work(ctx: HubContext, city: Mapping[str, Any], sensor_types: Iterable[Mapping[str, Any]],
+                   federated: Iterable[Mapping[str, Any]], cities: Iterable[Mapping[str, Any]],
+                   observed: Mapping[str, Mapping[str, Any]]) -> int:
+    """Write the differences between a city's desired and observed work; returns writes made."""
+    name = city["metadata"]["name"]
+    desired = desired_work(city, sensor_types, federated, cities)
+    if not is_joined(city):
+        return 0
+    create, update, delete = work_changes(desired, observed)
+    ns = city_namespace(name)
+    for cm in create:
+        try:
+            ctx.core.create_namespaced_config_map(ns, cm)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            ctx.core.replace_namespaced_config_map(cm["metadata"]["name"], ns, cm)
+    for cm in update:
+        ctx.core.replace_namespaced_config_map(cm["metadata"]["name"], ns, cm)
+    for cm_name in delete:
+        try:
+            ctx.core.delete_namespaced_config_map(cm_name, ns)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+    if create or update or delete:
+        log.info("city %s: work +%d ~%d -%d", name, len(create), len(update), len(delete))
+    return len(create) + len(update) + len(delete)
+
+
+def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kopf.OperatorRegistry:
+    """Every hub handler, registered into a registry of its own."""
+    registry = new_registry(options)
+    ctx = HubContext(options, check_interval)
+
+    # -- indices: the hub's in-memory picture, kept current by watches ---------------------
+    @kopf.index(GROUP, VERSION, "cities", id="city_index", registry=registry)
+    def city_index(*, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {name: _plain(body)}
+
+    @kopf.index(GROUP, VERSION, "sensortypes", id="sensortype_index", registry=registry)
+    def sensortype_index(*, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {name: _plain(body)}
+
+    @kopf.index(GROUP, VERSION, "federatedscenarios", id="federated_index", registry=registry)
+    def federated_index(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {f"{namespace}/{name}": _plain(body)}
+
+    @kopf.index("configmaps", labels={WORK_LABEL: "true"}, id="work_index", registry=registry)
+    def work_index(*, namespace: str | None, name: str, meta: kopf.Meta, **_: Any) -> dict[str, Any]:
+        return {namespace or "": {"metadata": {"name": name, "annotations": dict(meta.annotations)}}}
+
+    @kopf.index("configmaps", field="metadata.name", value=REPORT_CONFIGMAP, id="report_index",
+                registry=registry)
+    def report_index(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {namespace or "": {"data": dict(body.get("data") or {})}}
+
+    @kopf.index("coordination.k8s.io", "v1", "leases", field="metadata.name", value=AGENT_LEASE,
+                id="lease_index", registry=registry)
+    def lease_index(*, namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
+        return {namespace or "": {"spec": dict(spec)}}
+
+    def sync(city: Mapping[str, Any], idx: Indices) -> int:
+        ns = city_namespace(city["metadata"]["name"])
+        observed = {cm["metadata"]["name"]: cm for cm in idx.work.get(ns, [])}
+        return sync_city_work(ctx, city, idx.sensor_types(), idx.federated(), idx.cities(), observed)
+
+    # -- onboarding -------------------------------------------------------------------------
+    @kopf.on.resume(GROUP, VERSION, "cities", registry=registry)
+    @kopf.on.create(GROUP, VERSION, "cities", registry=registry)
+    @kopf.on.update(GROUP, VERSION, "cities", field="spec.approved", registry=registry)
+    def city_admit(*, name: str, spec: kopf.Spec, **_: Any) -> None:
+        if not spec.get("approved"):
+            return
+        for manifest in onboarding.city_access(name):
+            ctx.kube.ensure(manifest)
+        approve_pending_csrs(ctx, {name})
+
+    @kopf.on.event("certificates.k8s.io", "v1", "certificatesigningrequests",
+                   labels={onboarding.CSR_CITY_LABEL: kopf.PRESENT}, registry=registry)
+    def csr_review(*, body: kopf.Body, **kwargs: Any) -> None:
+        approved = {c["metadata"]["name"] for c in Indices(kwargs).cities() if is_joined(c)}
+        review_csr(ctx, body, approved)
+
+    # -- propagation ------------------------------------------------------------------------
+    @kopf.on.event(GROUP, VERSION, "sensortypes", registry=registry)
+    @kopf.on.event(GROUP, VERSION, "federatedscenarios", registry=registry)
+    def propagate_to_cities(**kwargs: Any) -> None:
+        idx = Indices(kwargs)
+        for city in idx.cities():
+            sync(city, idx)
+
+    @kopf.on.event(GROUP, VERSION, "cities", registry=registry)
+    def propagate_to_city(*, body: kopf.Body, type: str, **kwargs: Any) -> None:
+        if type == "DELETED":
+            return
+        # A City's labels decide its placements: its own work may change with them.
+        sync(_plain(body), Indices(kwargs))
+
+    # -- reachability, readiness and roll-up -------------------------------------------------
+    @kopf.timer(GROUP, VERSION, "cities", interval=check_interval, registry=registry)
+    def city_check(*, body: kopf.Body, name: str, patch: kopf.Patch, **kwargs: Any) -> None:
+        idx = Indices(kwargs)
+        ns = city_namespace(name)
+        # Periodic consistency: any work written or removed behind the hub's back is put right.
+        sync(_plain(body), idx)
+        desired = desired_work(_plain(body), idx.sensor_types(), idx.federated(), idx.cities())
+        hashes = {n: cm["metadata"]["annotations"][WORK_HASH_ANNOTATION] for n, cm in desired.items()}
+        lease = idx.first(idx.lease, ns)
+        report = read_report(idx.first(idx.report, ns))
+        now = dt.datetime.now(dt.UTC)
+        conditions = city_conditions(_plain(body), lease, report, hashes, now)
+        wanted = {"conditions": conditions, "observedGeneration": body["metadata"].get("generation")}
+        for key, value in status_changes(body.get("status"), wanted).items():
+            patch.status[key] = value
+
+    @kopf.timer(GROUP, VERSION, "federatedscenarios", interval=check_interval, registry=registry)
+    def federated_check(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        idx = Indices(kwargs)
+        cities = idx.cities()
+        reports = {c["metadata"]["name"]: read_report(idx.first(idx.report, city_namespace(
+            c["metadata"]["name"]))) for c in cities}
+        wanted = federated_scenario_status(_plain(body), cities, reports, dt.datetime.now(dt.UTC))
+        for key, value in status_changes(body.get("status"), wanted).items():
+            patch.status[key] = value
+
+    return registry
+
+
+def review_csr(ctx: HubContext, csr: Mapping[str, Any], approved_cities: set[str]) -> None:
+    """Approve a city's pending CSR when the pure decision says so; leave it pending otherwise."""
+    conditions = (csr.get("status") or {}).get("conditions") or []
+    if any(c.get("type") in ("Approved", "Denied") for c in conditions):
+        return
+    ok, why = onboarding.csr_decision(csr, approved_cities)
+    if not ok:
+        log.info("CSR %s stays pending: %s", csr["metadata"]["name"], why)
+        return
+    body = {"status": {"conditions": [{
+        "type": "Approved", "status": "True", "reason": "CityApproved", "message": why,
+        "lastUpdateTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}]}}
+    ctx.certificates.patch_certificate_signing_request_approval(csr["metadata"]["name"], body)
+
+
+def approve_pending_csrs(ctx: HubContext, cities: set[str]) -> None:
+    for city in cities:
+        pending = ctx.certificates.list_certificate_signing_request(
+            label_selector=f"{onboarding.CSR_CITY_LABEL}={city}")
+        for item in pending.items:
+            review_csr(ctx, ctx.api_client.sanitize_for_serialization(item), cities)
+

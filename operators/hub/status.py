@@ -1,0 +1,158 @@
+"""The hub's view of a city and of a FederatedScenario, computed purely from what it observes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from citynerve.operators.federation.placement import placed_cities, work_name
+
+REPORT_KEY = "report.json"
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value)
+
+
+def format_time(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_condition(
+    existing: Iterable[Mapping[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: dt.datetime,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """Conditions with one set; lastTransitionTime moves only when the status changes."""
+    conditions = [dict(c) for c in existing]
+    for cond in conditions:
+        if cond.get("type") == type_:
+            if cond.get("status") != status:
+                cond["lastTransitionTime"] = format_time(now)
+            cond.update(status=status, reason=reason, message=message)
+            if generation is not None:
+                cond["observedGeneration"] = generation
+            return conditions
+    new: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": message,
+           "lastTransitionTime": format_time(now)}
+    if generation is not None:
+        new["observedGeneration"] = generation
+    return [*conditions, new]
+
+
+def read_report(report_cm: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The agent's report (per work object: applied hash, readiness); empty if none yet."""
+    if not report_cm:
+        return {}
+    try:
+        report: dict[str, Any] = json.loads((report_cm.get("data") or {}).get(REPORT_KEY, "{}"))
+    except ValueError:
+        return {}
+    return report
+
+
+def city_conditions(
+    city: Mapping[str, Any],
+    lease: Mapping[str, Any] | None,
+    report: Mapping[str, Any],
+    work_hashes: Mapping[str, str],
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
+    """Joined, Reachable and Ready for one City, from its spec, Lease and agent report."""
+    spec = city.get("spec", {})
+    status = city.get("status") or {}
+    generation = city.get("metadata", {}).get("generation")
+    conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
+    name = city["metadata"]["name"]
+
+    if spec.get("approved"):
+        conditions = merge_condition(conditions, "Joined", "True", "Approved",
+                                     f"City {name} was approved and has its namespace city-{name}.",
+                                     now, generation)
+    else:
+        conditions = merge_condition(
+            conditions, "Joined", "False", "AwaitingApproval",
+            f"City {name} asked to join; a hub administrator must set spec.approved: true.",
+            now, generation)
+
+    timeout = int(spec.get("connection", {}).get("heartbeatTimeoutSeconds", 40))
+    renewed = parse_time((lease or {}).get("spec", {}).get("renewTime"))
+    if renewed is None:
+        reachable = ("Unknown", "NoHeartbeat", f"City {name}'s agent has not sent a heartbeat yet.")
+    elif (now - renewed).total_seconds() > timeout:
+        age = int((now - renewed).total_seconds())
+        reachable = ("False", "HeartbeatMissed",
+                     f"No heartbeat from {name} for {age} s (timeout {timeout} s); its last applied "
+                     "work keeps running there, and nothing is deleted.")
+    else:
+        reachable = ("True", "HeartbeatReceived", f"{name}'s agent checked in at {format_time(renewed)}.")
+    conditions = merge_condition(conditions, "Reachable", *reachable, now, generation)
+
+    applied = report.get("objects", {})
+    pending = sorted(n for n, h in work_hashes.items() if applied.get(n, {}).get("hash") != h)
+    failed = sorted(n for n, o in applied.items() if n in work_hashes and not o.get("applied", False))
+    joined = spec.get("approved")
+    if not joined:
+        ready = ("False", "NotJoined", f"City {name} is not approved yet.")
+    elif reachable[0] != "True":
+        ready = ("False", "Unreachable", f"City {name} is not reachable: {reachable[2]}")
+    elif failed:
+        ready = ("False", "ApplyFailed",
+                 f"{name} could not apply {', '.join(failed)}: {applied[failed[0]].get('message', '')}")
+    elif pending:
+        ready = ("False", "Propagating", f"{name} has not applied yet: {', '.join(pending[:5])}.")
+    else:
+        ready = ("True", "AllWorkApplied",
+                 f"{name} runs all {len(work_hashes)} objects the hub placed there.")
+    return merge_condition(conditions, "Ready", *ready, now, generation)
+
+
+def federated_scenario_status(
+    body: Mapping[str, Any],
+    cities: Iterable[Mapping[str, Any]],
+    reports: Mapping[str, Mapping[str, Any]],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """Per-city propagation and readiness of a FederatedScenario, from the agents' reports."""
+    name = body["metadata"]["name"]
+    generation = body["metadata"].get("generation")
+    selected = placed_cities(body["spec"], cities)
+    wname = work_name("Scenario", name)
+    per_city = []
+    for city in selected:
+        entry = reports.get(city, {}).get("objects", {}).get(wname, {})
+        propagated = "True" if entry.get("applied") else ("False" if entry else "Unknown")
+        ready = entry.get("ready", "Unknown")
+        item: dict[str, Any] = {"city": city, "propagated": propagated, "ready": ready}
+        if entry.get("reason"):
+            item["reason"] = entry["reason"]
+        if entry.get("message"):
+            item["message"] = entry["message"]
+        per_city.append(item)
+    ready_count = sum(1 for c in per_city if c["ready"] == "True")
+    conditions = list((body.get("status") or {}).get("conditions") or [])
+    if not selected:
+        cond = ("False", "NoCitySelected", "The placement selects no joined city.")
+    elif all(c["propagated"] == "True" for c in per_city):
+        cond = ("True", "Propagated", f"Applied in {len(per_city)} of {len(per_city)} selected cities.")
+    else:
+        waiting = [c["city"] for c in per_city if c["propagated"] != "True"]
+        cond = ("False", "Propagating", f"Not yet applied in {', '.join(waiting)}.")
+    conditions = merge_condition(conditions, "Propagated", *cond, now, generation)
+    return {"observedGeneration": generation, "selectedCities": len(selected),
+            "readyCities": ready_count, "cities": per_city, "conditions": conditions}
+
+
+def status_changes(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``desired`` that differs from ``current``, ignoring transition times of
+    conditions whose status did not change (merge_condition keeps those anyway)."""
+    current = current or {}
+    return {k: v for k, v in desired.items() if current.get(k) != v}
