@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -55,6 +56,11 @@ class HubContext:
         self.custom = client.CustomObjectsApi(self.api_client)
         self.certificates = client.CertificatesV1Api(self.api_client)
         self.check_interval = check_interval
+        # What this operator wrote, by (namespace, name) → work hash (None: deleted). The work
+        # index catches up with our own writes a moment later; until it does, this keeps a
+        # burst of changes from writing the same ConfigMap twice.
+        self.written: dict[tuple[str, str], str | None] = {}
+        self.lock = threading.Lock()
 
 
 class Indices:
@@ -94,8 +100,22 @@ def sync_city_work(ctx: HubContext, city: Mapping[str, Any], sensor_types: Itera
     desired = desired_work(city, sensor_types, federated, cities)
     if not is_joined(city):
         return 0
-    create, update, delete = work_changes(desired, observed)
     ns = city_namespace(name)
+    with ctx.lock:
+        return _write_work(ctx, ns, desired, observed)
+
+
+def _write_work(ctx: HubContext, ns: str, desired: Mapping[str, Mapping[str, Any]],
+                indexed: Mapping[str, Mapping[str, Any]]) -> int:
+    observed = dict(indexed)
+    for (written_ns, cm_name), work_hash in ctx.written.items():
+        if written_ns != ns:
+            continue
+        if work_hash is None:
+            observed.pop(cm_name, None)
+        else:
+            observed[cm_name] = {"metadata": {"annotations": {WORK_HASH_ANNOTATION: work_hash}}}
+    create, update, delete = work_changes(desired, observed)
     for cm in create:
         try:
             ctx.core.create_namespaced_config_map(ns, cm)
@@ -111,8 +131,20 @@ def sync_city_work(ctx: HubContext, city: Mapping[str, Any], sensor_types: Itera
         except client.ApiException as exc:
             if exc.status != 404:
                 raise
+    for cm in (*create, *update):
+        ctx.written[(ns, cm["metadata"]["name"])] = cm["metadata"]["annotations"][WORK_HASH_ANNOTATION]
+    for cm_name in delete:
+        ctx.written[(ns, cm_name)] = None
+    # Entries the index has caught up with are dropped, so the cache stays small.
+    for cm_name, seen in indexed.items():
+        mark = ctx.written.get((ns, cm_name))
+        if mark is not None and mark == (seen["metadata"].get("annotations") or {}).get(WORK_HASH_ANNOTATION):
+            del ctx.written[(ns, cm_name)]
+    for (written_ns, cm_name), mark in list(ctx.written.items()):
+        if written_ns == ns and mark is None and cm_name not in indexed:
+            del ctx.written[(written_ns, cm_name)]
     if create or update or delete:
-        log.info("city %s: work +%d ~%d -%d", name, len(create), len(update), len(delete))
+        log.info("%s: work +%d ~%d -%d", ns, len(create), len(update), len(delete))
     return len(create) + len(update) + len(delete)
 
 
