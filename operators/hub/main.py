@@ -1,0 +1,26 @@
+"""``citynerve operator hub``: the hub operator in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from citynerve.operators.hub.handlers import build_registry
+from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="citynerve operator hub", description=__doc__)
+    parser.add_argument("--kubeconfig", type=Path, default=None,
+                        help="kubeconfig of the hub cluster (default: the in-cluster account)")
+    parser.add_argument("--context", default=None, help="context in --kubeconfig")
+    parser.add_argument("--check-interval", type=float, default=5.0,
+                        help="seconds between checks of each city's heartbeat (default: %(default)s)")
+    parser.add_argument("--peering", default=None,
+                        help="Kopf peering name, so that two replicas never both act")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = OperatorOptions(name="hub", target=KubeTarget(args.kubeconfig, args.context),
+                              peering=args.peering)
+    return run_until_signal(options, lambda o: build_registry(o, args.check_interval))
