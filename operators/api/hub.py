@@ -38,7 +38,7 @@ class CityConnection(CrdModel):
         default=10, ge=1, le=3600, description="Seconds between two heartbeats the agent writes to the hub."
     )
     heartbeat_timeout_seconds: int = Field(
-        default=60,
+        default=40,
         ge=2,
         le=86_400,
         description="Seconds without a heartbeat after which the city is reported not Reachable. Must "
