@@ -1,0 +1,247 @@
+"""Run a Scenario: the entry point of a KubeRay RayJob and of local Ray alike.
+
+    python -m citynerve.workloads.runner --spec spec.json [--address auto] [--out incidents.jsonl]
+
+A spec is the Scenario resource's spec as a plain dict:
+
+    {"kind": "water-burst" | "urban-flood" | "mountain-flood" | "major-event",
+     "mode": "live" | "drill",
+     "fleets": [...], "models": [...],            # carried through to incidents' evidence
+     "thresholds": {...},                          # detector parameters, by name
+     "simulation": {...}}                          # what to simulate, per kind (below)
+
+In `drill` mode everything runs on simulated data (the only source in the embedded default);
+`live` mode is accepted so a Scenario can be rehearsed unchanged, and also reads simulated
+feeds until a city's gateways are wired in. Incidents go to the sink: a callback when called
+from Python, JSON lines on stdout (or `--out`) from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from citynerve.models.detectors.base import SensorWindow, Window
+from citynerve.models.detectors.crowd import CrowdCongestionDetector
+from citynerve.models.detectors.flood import UrbanFloodWarning
+from citynerve.models.detectors.mountain import Area, MountainFloodWarning
+from citynerve.models.incidents import IncidentEvent, IncidentSink
+from citynerve.workloads.sim.crowd import DEFAULT_SITES, SurgeSpec, replay
+from citynerve.workloads.sim.drainage import (
+    DrainageRun,
+    DrainageScenarioSpec,
+    StormSpec,
+    critical_levels,
+    simulate_drainage,
+)
+from citynerve.workloads.sim.water import (
+    LeakSpec,
+    WaterScenarioSpec,
+    choose_sensors,
+    model_baseline,
+    simulate_water,
+)
+from citynerve.workloads.water import build_detector, window_of
+
+KINDS = ("water-burst", "urban-flood", "mountain-flood", "major-event")
+
+
+class SpecError(ValueError):
+    """A scenario spec that cannot run; the message names the field."""
+
+
+def run_scenario(spec: Mapping[str, Any], sink: IncidentSink) -> dict[str, Any]:
+    """Run one scenario to the end of its simulated period; returns a summary."""
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise SpecError(f"spec.kind is {kind!r}; it must be one of {KINDS}")
+    mode = spec.get("mode", "drill")
+    if mode not in ("live", "drill"):
+        raise SpecError(f"spec.mode is {mode!r}; it must be 'live' or 'drill'")
+    sim = dict(spec.get("simulation", {}))
+    thresholds = dict(spec.get("thresholds", {}))
+    context = {"mode": mode, "fleets": spec.get("fleets", []), "models": spec.get("models", [])}
+    emitted: list[IncidentEvent] = []
+
+    def tagged(event: IncidentEvent) -> None:
+        event = replace(event, evidence={**event.evidence, "scenario": context})
+        emitted.append(event)
+        sink(event)
+
+    runners: dict[str, Callable[[dict[str, Any], dict[str, Any], IncidentSink], dict[str, Any]]] = {
+        "water-burst": _water,
+        "urban-flood": _urban_flood,
+        "mountain-flood": _mountain_flood,
+        "major-event": _major_event,
+    }
+    try:
+        summary = runners[kind](sim, thresholds, tagged)
+    except (TypeError, KeyError) as err:
+        raise SpecError(f"spec.simulation or spec.thresholds for {kind}: {err}") from err
+    return {"kind": kind, "mode": mode, "incidents": len(emitted), **summary}
+
+
+def _water(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) -> dict[str, Any]:
+    network = sim.get("network", "Net3")
+    leaks = tuple(LeakSpec(**leak) for leak in sim.get("leaks", []))
+    base = WaterScenarioSpec(
+        network=network,
+        duration_s=int(sim.get("durationSeconds", 24 * 3600)),
+        hydraulic_step_s=int(sim.get("hydraulicStepSeconds", 900)),
+        sensors=choose_sensors(network, int(sim.get("pressureSensors", 10))),
+        seed=int(sim.get("seed", 0)),
+    )
+    detector = build_detector(base, **thresholds)
+    run = simulate_water(replace(base, leaks=leaks))
+    events = detector.predict(window_of(run, model_baseline(base)), sink)
+    return {"network": network, "leaks": len(leaks), "detections": len(events)}
+
+
+def _drainage_window(run: DrainageRun) -> Window:
+    return {
+        "currentLevel": SensorWindow(run.times_s, run.nodes, run.level),
+        "precipitation": SensorWindow(run.times_s, run.gauges, run.rainfall),
+        "flow": SensorWindow(run.times_s, run.catchments, run.runoff),
+    }
+
+
+def _storm(sim: dict[str, Any], peak: float | None = None) -> StormSpec:
+    return StormSpec(
+        peak_intensity=float(peak if peak is not None else sim.get("peakIntensity", 2.0)),
+        start_s=int(sim.get("stormStartSeconds", 2 * 3600)),
+        duration_s=int(sim.get("stormDurationSeconds", 3 * 3600)),
+    )
+
+
+def _urban_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) -> dict[str, Any]:
+    model = sim.get("model", "model_lids")
+    watched = tuple(sim.get("watchedNodes", ()))
+    spec = DrainageScenarioSpec(
+        model=model, storm=_storm(sim), watched_nodes=watched, seed=int(sim.get("seed", 0))
+    )
+    dry = simulate_drainage(replace(spec, storm=_storm(sim, 0.0)))
+    run = simulate_drainage(spec)
+    detector = UrbanFloodWarning(critical_levels(model, run.nodes), step_s=spec.report_step_s, **thresholds)
+    events = detector.fit(_drainage_window(dry)).predict(_drainage_window(run), sink)
+    lead = {}
+    for event in events:
+        onset = run.flood_onset_s(event.location.asset_id)
+        if onset is not None:
+            lead[event.location.asset_id] = onset - event.detected_at_s
+    return {"model": model, "warnings": len(events), "lead_time_s": lead}
+
+
+def _mountain_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) -> dict[str, Any]:
+    model = sim.get("model", "model_lids")
+    calibration = simulate_drainage(
+        DrainageScenarioSpec(model=model, storm=_storm(sim, sim.get("calibrationPeak", 1.0)))
+    )
+    warn_factor = float(sim.get("warnFactor", 1.2))
+    evacuate_factor = float(sim.get("evacuateFactor", 1.8))
+    areas = [
+        Area(c, f"area-{c}", warn_factor * q, evacuate_factor * q)
+        for c, q in zip(calibration.catchments, calibration.runoff.max(axis=0), strict=True)
+    ]
+    detector = MountainFloodWarning(areas, step_s=300, **thresholds)
+    detector.fit(
+        _drainage_window(calibration),
+        dict(zip(calibration.catchments, calibration.catchment_area, strict=True)),
+    )
+    storm = simulate_drainage(
+        DrainageScenarioSpec(model=model, storm=_storm(sim), seed=int(sim.get("seed", 0)))
+    )
+    window = _drainage_window(storm)
+    events = detector.predict(window, sink)
+    drills = detector.rehearse({"scenario-storm": window})
+    return {
+        "model": model,
+        "prewarnings": len(events),
+        "rehearsal": [{"catchment": d.catchment, "lead_time_s": d.lead_time_s} for d in drills],
+        "evacuation_plan": detector.preplan(window),
+    }
+
+
+def _major_event(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) -> dict[str, Any]:
+    sites = tuple(sim.get("sites", DEFAULT_SITES))
+    history = replay(sim.get("historyStart", "2024-06-03"), int(sim.get("historyDays", 56)), sites)
+    start = sim.get("eventStart", "2024-08-05")
+    surge_cfg = sim.get("surge")
+    surge = (
+        SurgeSpec(
+            sites=tuple(surge_cfg.get("sites", sites[:4])),
+            start_h=int(surge_cfg.get("startHour", 5 * 24 + 15)),
+            peak_factor=float(surge_cfg.get("peakFactor", 3.0)),
+        )
+        if surge_cfg
+        else None
+    )
+    run = replay(start, int(sim.get("days", 14)), sites, surge=surge)
+    offset = float((np.datetime64(start, "s") - np.datetime64(history.start, "s")) / np.timedelta64(1, "s"))
+    detector = CrowdCongestionDetector(locations=history.locations, **thresholds)
+    detector.fit({"peopleCount": SensorWindow(history.times_s, history.sites, history.counts)})
+    window = {"peopleCount": SensorWindow(run.times_s + offset, run.sites, run.counts)}
+    events = detector.predict(window, sink)
+    return {"sites": len(sites), "alerts": len(events), "surge": surge is not None}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m citynerve.workloads.runner", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--spec", required=True, type=Path, help="scenario spec as JSON")
+    parser.add_argument(
+        "--address", default=None, help="Ray address (a RayJob sets RAY_ADDRESS; default: local)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write incidents as JSON lines here (default stdout)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        spec = orjson.loads(args.spec.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as err:
+        parser.error(f"--spec {args.spec}: {err}")
+    import ray  # noqa: PLC0415 - only the command line starts or joins Ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address, include_dashboard=False)
+    out = args.out.open("wb") if args.out else sys.stdout.buffer
+    try:
+
+        def sink(event: IncidentEvent) -> None:
+            out.write(
+                orjson.dumps(event.to_dict(), default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY)
+                + b"\n"
+            )
+            out.flush()
+
+        try:
+            summary = run_scenario(spec, sink)
+        except SpecError as err:
+            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the command line's own message
+            return 2
+        sys.stderr.write(orjson.dumps({"summary": summary}, default=_json_default).decode() + "\n")
+    finally:
+        if args.out:
+            out.close()
+        if started:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
