@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from citynerve.operators.federation import onboarding
-from citynerve.operators.federation.agent import object_readiness, rollup
+from citynerve.operators.federation.agent import incident_digest, object_readiness, rollup
 from citynerve.operators.federation.placement import (
     desired_work,
     manifest_of,
@@ -173,3 +173,18 @@ def test_rollup_summarises_fleets_scenarios_and_incidents() -> None:
     assert status["lastIncident"]["name"] == "b"
     assert object_readiness({"kind": "SensorType"}) == ("True", None, None)
     assert object_readiness(None) == ("Unknown", None, None)
+
+
+def test_incident_digest_is_newest_first_and_leaves_evidence_in_the_city() -> None:
+    incidents = [
+        {"metadata": {"name": f"i{n}", "namespace": "x"},
+         "spec": {"kind": "water-burst", "severity": "alarm", "state": "Detected",
+                  "detectedAt": f"2026-11-25T0{n}:00:00Z", "evidence": [{"value": "1"}],
+                  "location": {"latitude": "31.2", "longitude": "121.5"},
+                  "transitions": [{"state": "Detected", "time": f"2026-11-25T0{n}:00:00Z", "actor": "a"}]}}
+        for n in range(3)
+    ]
+    digest = incident_digest(incidents)
+    assert [d["name"] for d in digest] == ["i2", "i1", "i0"]
+    assert "evidence" not in digest[0]
+    assert digest[0]["transitions"] == [{"state": "Detected", "time": "2026-11-25T02:00:00Z", "actor": "a"}]

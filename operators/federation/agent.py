@@ -100,6 +100,33 @@ def rollup(fleets: Sequence[Mapping[str, Any]], scenarios: Sequence[Mapping[str,
     return status
 
 
+RECENT_INCIDENTS = 50
+
+
+def incident_digest(incidents: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The most recent incidents with their lifecycle, as the hub's situation picture shows them.
+
+    Sent only when the City's data-residency policy exports ``incidents``; evidence (raw
+    readings) stays in the city.
+    """
+    recent = sorted(incidents, key=lambda i: str(i.get("spec", {}).get("detectedAt", "")), reverse=True)
+    digest = []
+    for inc in recent[:RECENT_INCIDENTS]:
+        spec = inc.get("spec", {})
+        location = spec.get("location", {})
+        digest.append({
+            "name": inc["metadata"]["name"], "namespace": inc["metadata"].get("namespace", ""),
+            "kind": spec.get("kind"), "severity": spec.get("severity"), "state": spec.get("state"),
+            "drill": bool(spec.get("drill", False)), "detectedAt": spec.get("detectedAt"),
+            "location": {k: location.get(k) for k in ("latitude", "longitude", "assetId", "description")
+                         if location.get(k) is not None},
+            "transitions": [{k: t.get(k) for k in ("state", "time", "actor")}
+                            for t in spec.get("transitions", [])],
+            "responseSeconds": (inc.get("status") or {}).get("responseSeconds"),
+        })
+    return digest
+
+
 def object_readiness(obj: Mapping[str, Any] | None) -> tuple[str, str | None, str | None]:
     """(Ready status, reason, message) of an applied object, from its conditions."""
     if obj is None:
@@ -128,6 +155,8 @@ class CityAgent:
         self._last_report: str | None = None
         self._last_status: dict[str, Any] | None = None
         self._last_lease = 0.0
+        self._incidents: list[dict[str, Any]] = []
+        self._exports_incidents = True  # until the City's data-residency policy is read
         self.cycles = 0
         self.hub_reachable = False
 
@@ -250,6 +279,8 @@ class CityAgent:
         city = client.CustomObjectsApi(self.hub_api).get_cluster_custom_object(
             GROUP, VERSION, "cities", self.config.city)
         interval = city.get("spec", {}).get("connection", {}).get("heartbeatIntervalSeconds")
+        exports = city.get("spec", {}).get("dataResidency", {}).get("exports", ["incidents"])
+        self._exports_incidents = "incidents" in exports
         if interval:
             self.config.heartbeat_seconds = float(interval)
 
@@ -257,7 +288,9 @@ class CityAgent:
         def items(plural: str) -> list[dict[str, Any]]:
             listed = self.city_custom.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=10)
             return list(listed.get("items", []))
-        return rollup(items("sensorfleets"), items("scenarios"), items("incidents"))
+        incidents = items("incidents")
+        self._incidents = incident_digest(incidents) if self._exports_incidents else []
+        return rollup(items("sensorfleets"), items("scenarios"), incidents)
 
     def _target(self, manifest: dict[str, Any], work_name: str, work_hash: str) -> dict[str, Any]:
         target: dict[str, Any] = json.loads(json.dumps(manifest))
@@ -337,7 +370,7 @@ class CityAgent:
             if message and result.get("applied"):
                 entry["message"] = message
             objects[name] = entry
-        text = json.dumps({"objects": objects}, sort_keys=True)
+        text = json.dumps({"objects": objects, "incidents": self._incidents}, sort_keys=True)
         if text == self._last_report:
             return
         client.CoreV1Api(self.hub_api).patch_namespaced_config_map(
