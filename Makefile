@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 KEEP   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup tools lint typecheck layering crds check-crds unit e2e bench clean
+.PHONY: demo test setup system-packages tools lint typecheck layering crds check-crds unit e2e bench clean
 
 demo: setup
 	$(BIN)/citynerve demo $(if $(KEEP),--keep,)
@@ -17,7 +17,12 @@ demo: setup
 test: setup lint check-crds
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-setup: $(STAMP) tools
+setup: system-packages $(STAMP) tools
+
+# Headless Chromium and its WebDriver, for the situation map's browser test (Debian packages).
+system-packages:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 
 $(STAMP): pyproject.toml setup.py
 	@echo "==> Python environment ($(VENV))"
@@ -38,8 +43,10 @@ lint: $(STAMP) typecheck layering
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# mypy and import-linter see the citynerve.* packages through .typecheck/citynerve, a folder
+# of links to the source folders (the editable install's import hook is invisible to them).
 layering: $(STAMP)
-	$(BIN)/lint-imports
+	PYTHONPATH=.typecheck $(BIN)/lint-imports
 
 crds: $(STAMP)
 	$(BIN)/python -m citynerve.operators.api.crdgen

@@ -57,6 +57,99 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(state_dir=args.state_dir, keep=args.keep)
 
 
+def _chart_command(args: argparse.Namespace) -> int:
+    """``hub install|uninstall`` and ``city onboard|offboard``: the charts, through pyhelm3."""
+    from citynerve.operators import helm  # noqa: PLC0415 - pyhelm3 and the client load on use
+    from citynerve.operators.runtime import KubeTarget  # noqa: PLC0415
+
+    try:
+        values = helm.read_values_file(getattr(args, "values", None))
+        if args.command == "hub":
+            hub = KubeTarget(args.kubeconfig, args.context)
+            if args.hub_command == "install":
+                release = helm.install_hub(hub, values, namespace=args.namespace)
+                print(f"installed {release.name} revision {release.revision} ({release.status}) "
+                      f"into {release.namespace} of context {args.context or '(current)'}")
+                print(release.notes)
+            else:
+                helm.uninstall_hub(hub, namespace=args.namespace)
+                print(f"uninstalled {helm.HUB_RELEASE} from {args.namespace}; the CRDs stay")
+            return 0
+        city = KubeTarget(args.kubeconfig, args.city_context)
+        if args.city_command == "offboard":
+            helm.offboard_city(city, namespace=args.namespace)
+            print(f"uninstalled {helm.CITY_RELEASE} ({args.name}) from {args.namespace} of context "
+                  f"{args.city_context}; the CRDs stay, and City {args.name} stays on the hub until "
+                  f"`kubectl delete city {args.name}` there")
+            return 0
+        hub = KubeTarget(args.kubeconfig, args.hub_context)
+        release = helm.onboard_city(args.name, hub, city, values, namespace=args.namespace)
+        print(f"installed {release.name} revision {release.revision} ({release.status}) for city "
+              f"{args.name} into {release.namespace} of context {args.city_context}, joined to the hub "
+              f"of context {args.hub_context}")
+        print(release.notes)
+        if args.wait_ready:
+            print(f"waiting until City {args.name} is Ready on the hub …")
+            helm.wait_until_city_ready(hub, args.name, timeout=args.timeout)
+            print(f"City {args.name} is Ready")
+    except (OSError, TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    """``hub dashboard``: the situation map, read from the hub with the caller's kubeconfig."""
+    from citynerve.observability import configure_telemetry  # noqa: PLC0415
+    from citynerve.observability.situation.server import run  # noqa: PLC0415
+
+    configure_telemetry("citynerve-dashboard")
+    return run(str(args.kubeconfig) if args.kubeconfig else None, args.context, args.address, args.port)
+
+
+def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from citynerve.operators.federation.onboarding import SYSTEM_NAMESPACE  # noqa: PLC0415
+
+    hub = sub.add_parser("hub", help="install or uninstall the hub chart (citynerve-hub)")
+    hub_sub = hub.add_subparsers(dest="hub_command", required=True)
+    for name, text in (("install", "install or upgrade the hub chart into the hub cluster"),
+                       ("uninstall", "uninstall the hub chart (the CRDs stay)")):
+        cmd = hub_sub.add_parser(name, help=text)
+        cmd.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig of the hub cluster")
+        cmd.add_argument("--context", default=None, help="context in --kubeconfig (default: current)")
+        cmd.add_argument("--namespace", default=SYSTEM_NAMESPACE,
+                         help="release namespace (default: %(default)s)")
+        if name == "install":
+            cmd.add_argument("--values", type=Path, default=None, help="a values file for the chart")
+    hub.set_defaults(func=_chart_command)
+    dashboard = hub_sub.add_parser("dashboard", help="serve the situation map of the hub on a local port")
+    dashboard.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig of the hub cluster")
+    dashboard.add_argument("--context", default=None, help="context in --kubeconfig (default: current)")
+    dashboard.add_argument("--address", default="127.0.0.1", help="listen address (default: %(default)s)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    dashboard.set_defaults(func=_dashboard)
+
+    city = sub.add_parser("city", help="onboard a city cluster to the hub, or offboard it (citynerve-city)")
+    city_sub = city.add_subparsers(dest="city_command", required=True)
+    for name, text in (("onboard", "install or upgrade the city chart, joined to the hub"),
+                       ("offboard", "uninstall the city chart (the CRDs stay)")):
+        cmd = city_sub.add_parser(name, help=text)
+        cmd.add_argument("name", help="the city's name (its City on the hub)")
+        cmd.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig holding both contexts")
+        cmd.add_argument("--city-context", required=True, help="context of the city cluster")
+        cmd.add_argument("--namespace", default="citynerve", help="release namespace (default: %(default)s)")
+        if name == "onboard":
+            cmd.add_argument("--hub-context", required=True,
+                             help="context of the hub cluster (read for its URL, CA and bootstrap token)")
+            cmd.add_argument("--values", type=Path, default=None,
+                             help="a values file; wins over what is derived from the name and the hub")
+            cmd.add_argument("--wait-ready", action="store_true",
+                             help="wait until the City is Ready on the hub (approve it there meanwhile)")
+            cmd.add_argument("--timeout", type=float, default=600.0,
+                             help="seconds --wait-ready waits (default: %(default)s)")
+    city.set_defaults(func=_chart_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citynerve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--state-dir", type=Path, default=None)
     demo.add_argument("--keep", action="store_true", help="leave the federation running afterwards")
     demo.set_defaults(func=_demo)
+
+    _add_chart_commands(sub)
     return parser
 
 

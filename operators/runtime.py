@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client import Configuration
 
@@ -82,6 +83,20 @@ def token_kubeconfig(server: str, ca_pem: bytes, token: str, user: str, folder: 
     return path
 
 
+def service_account_target(admin: KubeTarget, namespace: str, name: str, folder: Path,
+                           expiration_seconds: int = 3600) -> KubeTarget:
+    """Act as ServiceAccount ``namespace/name``: a TokenRequest by ``admin``, then a token kubeconfig.
+
+    How tests run an operator with exactly the permissions its chart grants it.
+    """
+    cfg = admin.client_configuration()
+    token = client.CoreV1Api(client.ApiClient(cfg)).create_namespaced_service_account_token(
+        name, namespace, {"spec": {"expirationSeconds": expiration_seconds}}).status.token
+    ca_pem = Path(cfg.ssl_ca_cert).read_bytes() if cfg.ssl_ca_cert else b""
+    path = token_kubeconfig(cfg.host, ca_pem, token, f"{namespace}.{name}", folder)
+    return KubeTarget(path, "hub")
+
+
 @dataclass
 class OperatorOptions:
     """The settings an operator is started with; one startup handler applies them."""
@@ -124,6 +139,8 @@ def new_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
         settings.networking.connect_timeout = 10
         settings.execution.max_workers = options.max_workers
         settings.queueing.error_delays = [1, 2, 5, 10, 30]
+        # A namespaced operator may hold only a Role: it must not try to list CRDs or namespaces.
+        settings.scanning.disabled = not options.clusterwide
         if options.peering:
             settings.peering.name = options.peering
             settings.peering.mandatory = True

@@ -19,6 +19,9 @@ def cluster_rules() -> list[dict[str, Any]]:
         # administrator's, so the operator never writes City specs).
         {"apiGroups": [GROUP], "resources": ["cities", "sensortypes", "federatedscenarios",
                                              "modelpromotions"], "verbs": _READ},
+        # Kopf keeps its last-handled spec and progress in annotations on the objects it handles.
+        {"apiGroups": [GROUP], "resources": ["cities", "federatedscenarios", "modelpromotions"],
+         "verbs": ["patch"]},
         {"apiGroups": [GROUP], "resources": ["cities/status", "sensortypes/status",
                                              "federatedscenarios/status", "modelpromotions/status"],
          "verbs": ["get", "patch", "update"]},
@@ -26,7 +29,9 @@ def cluster_rules() -> list[dict[str, Any]]:
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": [*_READ, "create", "patch"]},
         {"apiGroups": [""], "resources": ["configmaps"],
          "verbs": [*_READ, "create", "update", "patch", "delete"]},
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": [*_READ, "create", "patch"]},
+        # update too: RBAC lets the hub grant a city `update` on its Lease only if it holds it.
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": [*_READ, "create", "update", "patch"]},
         # The city's narrow RBAC: the hub holds every permission it grants, so no escalate.
         {"apiGroups": ["rbac.authorization.k8s.io"],
          "resources": ["roles", "rolebindings", "clusterroles", "clusterrolebindings"],

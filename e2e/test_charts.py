@@ -1,0 +1,308 @@
+"""The Helm charts on the local federation: the hub chart in the hub, the city chart in both cities.
+
+Installed through the ``citynerve hub install`` / ``city onboard`` commands (pyhelm3 and the
+pinned helm). kwok runs no containers, so the operators themselves run in this process: the hub
+operator as the hub chart's ServiceAccount, each city's agent from the configuration its chart
+rendered — which shows the chart gives both what they need.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from citynerve.operators import cli, helm
+from citynerve.operators.city import rbac as city_rbac
+from citynerve.operators.federation import onboarding
+from citynerve.operators.federation.agent import IDENTITY_SECRET, CityAgent
+from citynerve.operators.federation.embedded import approve_city
+from citynerve.operators.hub import rbac as hub_rbac
+from citynerve.operators.hub.handlers import build_registry as build_hub_registry
+from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
+from kubernetes import client
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+INSTANCE = "app.kubernetes.io/instance"
+
+
+@dataclass(frozen=True)
+class CityRelease:
+    cluster: str
+    name: str  # the City on the hub
+    rbac_mode: str
+    workload_mode: str
+
+
+CITIES = (CityRelease("shanghai", "charts-shanghai", "namespaced", "local"),
+          CityRelease("chengdu", "charts-chengdu", "cluster", "kuberay"))
+
+
+@dataclass
+class Installed:
+    federation: Any
+    namespace: str  # the city chart's release namespace in both city clusters
+    scratch: Path
+
+    def target(self, cluster: str) -> KubeTarget:
+        return KubeTarget(self.federation.kubeconfig, self.federation.cluster(cluster).name)
+
+
+def _delete_quietly(call: Any, *args: Any) -> None:
+    try:
+        call(*args)
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def _forget_cities(federation: Any) -> None:
+    """Leave the shared federation as other tests expect it: no charts-* cities, no agent identity."""
+    hub = federation.api_client("hub")
+    custom, rbac = client.CustomObjectsApi(hub), client.RbacAuthorizationV1Api(hub)
+    certificates, core = client.CertificatesV1Api(hub), client.CoreV1Api(hub)
+    for city in CITIES:
+        _delete_quietly(custom.delete_cluster_custom_object, GROUP, VERSION, "cities", city.name)
+        _delete_quietly(core.delete_namespace, f"city-{city.name}")
+        _delete_quietly(rbac.delete_cluster_role, onboarding.city_user(city.name))
+        _delete_quietly(rbac.delete_cluster_role_binding, onboarding.city_user(city.name))
+        selector = f"{onboarding.CSR_CITY_LABEL}={city.name}"
+        for csr in certificates.list_certificate_signing_request(label_selector=selector).items:
+            _delete_quietly(certificates.delete_certificate_signing_request, csr.metadata.name)
+        _delete_quietly(client.CoreV1Api(federation.api_client(city.cluster)).delete_namespaced_secret,
+                        IDENTITY_SECRET, onboarding.SYSTEM_NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def installed(federation: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    scratch = tmp_path_factory.mktemp("charts")
+    result = Installed(federation, f"cn-{uuid.uuid4().hex[:6]}", scratch)
+    kubeconfig = str(federation.kubeconfig)
+    _forget_cities(federation)
+    try:
+        assert cli.main(["hub", "install", "--kubeconfig", kubeconfig, "--context", "hub"]) == 0
+        for city in CITIES:
+            values = scratch / f"{city.name}.yaml"
+            values.write_text(yaml.safe_dump({
+                "city": {"labels": {"tier": "pilot"}, "heartbeatSeconds": 2, "heartbeatTimeoutSeconds": 8},
+                "rbac": {"mode": city.rbac_mode}, "workload": {"mode": city.workload_mode},
+            }))
+            assert cli.main(["city", "onboard", city.name, "--kubeconfig", kubeconfig, "--hub-context", "hub",
+                             "--city-context", federation.cluster(city.cluster).name,
+                             "--namespace", result.namespace, "--values", str(values)]) == 0
+        yield result
+    finally:
+        for city in CITIES:
+            helm.offboard_city(result.target(city.cluster), namespace=result.namespace)
+            _delete_quietly(client.CoreV1Api(federation.api_client(city.cluster)).delete_namespace,
+                            result.namespace)
+        helm.uninstall_hub(result.target("hub"))
+        _forget_cities(federation)
+
+
+def _available(api: client.ApiClient, namespace: str, name: str) -> bool:
+    deployment = client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
+    return any(c.type == "Available" and c.status == "True" for c in deployment.status.conditions or [])
+
+
+@pytest.mark.timeout(150)
+def test_charts_install_and_their_deployments_become_available(installed: Installed, wait_for: Any) -> None:
+    fed = installed.federation
+    wait_for(lambda: _available(fed.api_client("hub"), helm.HUB_NAMESPACE, "citynerve-hub"), 60,
+             what="the hub operator Deployment Available")
+    for city in CITIES:
+        wait_for(lambda c=city: _available(fed.api_client(c.cluster), installed.namespace, "citynerve-city"),
+                 60, what=f"the city operator Deployment Available in {city.cluster}")
+    token = client.CoreV1Api(fed.api_client("hub")).read_namespaced_secret(
+        helm.BOOTSTRAP_TOKEN_SECRET, helm.HUB_NAMESPACE)
+    assert token.data["token"], "the token controller filled the bootstrap token"
+
+
+# -- RBAC as the charts' ServiceAccounts ---------------------------------------------------------
+def _allowed(api: client.ApiClient, verb: str, group: str, resource: str, namespace: str | None = None,
+             name: str | None = None) -> bool:
+    resource, _, subresource = resource.partition("/")
+    attributes = {"verb": verb, "group": group, "resource": resource, "subresource": subresource or None,
+                  "namespace": namespace, "name": name}
+    review = client.AuthorizationV1Api(api).create_self_subject_access_review(
+        {"spec": {"resourceAttributes": {k: v for k, v in attributes.items() if v is not None}}})
+    return bool(review.status.allowed)
+
+
+def _assert_granted(api: client.ApiClient, rules: list[dict[str, Any]], namespace: str | None,
+                    who: str) -> None:
+    missing = [
+        f"{verb} {group or 'core'}/{resource}{'/' + name if name else ''}"
+        for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]
+        for verb in rule["verbs"] for name in rule.get("resourceNames", [None])
+        if not _allowed(api, verb, group, resource, namespace, name)
+    ]
+    assert not missing, f"{who} lacks: {missing}"
+
+
+@pytest.mark.timeout(90)
+def test_chart_service_accounts_hold_exactly_the_operators_rules(installed: Installed) -> None:
+    fed = installed.federation
+    folder = installed.scratch / "accounts"
+
+    hub = client.ApiClient(service_account_target(
+        installed.target("hub"), helm.HUB_NAMESPACE, "citynerve-hub", folder).client_configuration())
+    _assert_granted(hub, hub_rbac.cluster_rules(), None, "the hub operator")
+    assert not _allowed(hub, "list", "", "secrets")
+    assert not _allowed(hub, "update", GROUP, "cities")  # approval is the administrator's
+    assert not _allowed(hub, "delete", "", "namespaces")
+    assert not _allowed(hub, "escalate", "rbac.authorization.k8s.io", "clusterroles")
+
+    bootstrap = client.ApiClient(service_account_target(
+        installed.target("hub"), onboarding.SYSTEM_NAMESPACE, onboarding.BOOTSTRAP_SERVICE_ACCOUNT,
+        folder).client_configuration())
+    bootstrap_role = next(m for m in onboarding.bootstrap_rbac() if m["kind"] == "ClusterRole")
+    _assert_granted(bootstrap, bootstrap_role["rules"], None, "the bootstrap identity")
+    assert not _allowed(bootstrap, "list", GROUP, "cities")
+    assert not _allowed(bootstrap, "update", GROUP, "cities/status")
+
+    for city in CITIES:
+        api = client.ApiClient(service_account_target(
+            installed.target(city.cluster), installed.namespace, "citynerve-city", folder / city.cluster,
+        ).client_configuration())
+        assert not _allowed(api, "list", "", "secrets", installed.namespace)
+        assert not _allowed(api, "create", GROUP, "scenarios", installed.namespace)
+        if city.rbac_mode == "cluster":
+            _assert_granted(api, city_rbac.cluster_rules(city.workload_mode), None, f"{city.name} (cluster)")
+        else:
+            _assert_granted(api, city_rbac.role_rules(city.workload_mode), installed.namespace, city.name)
+            assert not _allowed(api, "get", GROUP, "scenarios", "default"), "a Role reaches one namespace"
+            assert not _allowed(api, "list", "ray.io", "rayjobs", installed.namespace)
+    del fed
+
+
+# -- joining with what the charts configured ------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_cities_join_with_the_charts_configuration_and_become_ready(installed: Installed,
+                                                                     wait_for: Any) -> None:
+    hub_admin = installed.target("hub")
+    as_hub_sa = service_account_target(hub_admin, helm.HUB_NAMESPACE, "citynerve-hub",
+                                       installed.scratch / "hub-operator")
+    sa_api = client.ApiClient(as_hub_sa.client_configuration())
+    # Kopf's annotations on Cities, and RBAC's escalation check when granting a city its Lease.
+    assert _allowed(sa_api, "patch", GROUP, "cities")  # fail fast, not after a minute
+    assert _allowed(sa_api, "update", "coordination.k8s.io", "leases")
+    options = OperatorOptions(name="hub-chart", target=as_hub_sa)
+    operator = InProcessOperator(options, build_hub_registry(options, 1.0)).start()
+    agents: list[CityAgent] = []
+    custom = client.CustomObjectsApi(installed.federation.api_client("hub"))
+    try:
+        for city in CITIES:
+            config = helm.agent_config_from_release(installed.target(city.cluster), installed.namespace,
+                                                    installed.scratch / f"agent-{city.name}")
+            assert config.city == city.name
+            agents.append(CityAgent(config).start())
+        for city in CITIES:
+            got = wait_for(lambda c=city: _city(custom, c.name), 30, what=f"City {city.name} asks to join")
+            assert got["metadata"]["labels"] == {"region": "central", "tier": "pilot"}
+            assert got["spec"]["connection"]["heartbeatIntervalSeconds"] == 2
+            approve_city(hub_admin, city.name)
+        for city in CITIES:
+            helm.wait_until_city_ready(hub_admin, city.name, timeout=60)
+    finally:
+        for agent in agents:
+            agent.stop()
+        operator.stop()
+
+
+def _city(custom: client.CustomObjectsApi, name: str) -> dict[str, Any] | None:
+    try:
+        got: dict[str, Any] = custom.get_cluster_custom_object(GROUP, VERSION, "cities", name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return got
+
+
+# -- uninstalling ------------------------------------------------------------------------------
+_NAMESPACED = ("deployments,replicasets,pods,configmaps,secrets,serviceaccounts,roles,rolebindings,"
+               "networkpolicies")
+
+
+def _left_behind(installed: Installed, cluster: str, namespace: str, instance: str) -> list[str]:
+    fed = installed.federation
+    names = fed.kubectl(cluster, "get", _NAMESPACED, "-n", namespace, "-l", f"{INSTANCE}={instance}",
+                        "-o", "name").stdout.split()
+    names += fed.kubectl(cluster, "get", "secrets", "-n", namespace, "-l", f"owner=helm,name={instance}",
+                         "-o", "name").stdout.split()
+    names += fed.kubectl(cluster, "get", "clusterroles,clusterrolebindings", "-l", f"{INSTANCE}={instance}",
+                         "-o", "name").stdout.split()
+    return names
+
+
+@pytest.mark.timeout(120)
+def test_uninstalling_leaves_nothing_but_the_crds(installed: Installed, wait_for: Any) -> None:
+    kubeconfig = str(installed.federation.kubeconfig)
+    for city in CITIES:
+        assert _left_behind(installed, city.cluster, installed.namespace, helm.CITY_RELEASE)
+        assert cli.main(["city", "offboard", city.name, "--kubeconfig", kubeconfig, "--city-context",
+                         installed.federation.cluster(city.cluster).name,
+                         "--namespace", installed.namespace]) == 0
+    for city in CITIES:
+        wait_for(lambda c=city: not _left_behind(installed, c.cluster, installed.namespace,
+                                                 helm.CITY_RELEASE),
+                 60, what=f"nothing of the city chart left in {city.cluster}")
+        crds = installed.federation.kubectl(city.cluster, "get", "crd", "-o", "name").stdout.split()
+        assert "customresourcedefinition.apiextensions.k8s.io/scenarios.citynerve.io" in crds
+
+    assert cli.main(["hub", "uninstall", "--kubeconfig", kubeconfig, "--context", "hub"]) == 0
+    wait_for(lambda: not _left_behind(installed, "hub", helm.HUB_NAMESPACE, helm.HUB_RELEASE), 60,
+             what="nothing of the hub chart left in the hub")
+    crds = installed.federation.kubectl("hub", "get", "crd", "-o", "name").stdout.split()
+    assert "customresourcedefinition.apiextensions.k8s.io/cities.citynerve.io" in crds
+
+
+# -- rendered manifests against the real API servers -------------------------------------------
+CHARTS = {"hub": (helm.HUB_CHART, "hub"), "city": (helm.CITY_CHART, "shanghai")}
+CI_VALUES = [(chart, path) for chart, (directory, _) in CHARTS.items()
+             for path in sorted((directory / "ci").glob("*.yaml"))]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("chart", "values"), CI_VALUES, ids=lambda v: v.name if isinstance(v, Path) else v)
+def test_rendered_chart_passes_server_side_dry_run(chart: str, values: Path, federation: Any,
+                                                   namespace: str) -> None:
+    directory, cluster = CHARTS[chart]
+    # The bootstrap identity lives in citynerve-system, which must exist (the CLI creates it).
+    federation.kubectl(cluster, "apply", "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": onboarding.SYSTEM_NAMESPACE}}))
+    docs = helm.template(directory, yaml.safe_load(values.read_text()) or {}, release=f"citynerve-{chart}",
+                         namespace=namespace, include_crds=True)
+    proc = federation.kubectl(cluster, "apply", "--server-side", "--force-conflicts", "--dry-run=server",
+                              "--field-manager=chart-test", "-f", "-", input=yaml.safe_dump_all(docs),
+                              check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == len(docs)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("chart", "values"), CI_VALUES, ids=lambda v: v.name if isinstance(v, Path) else v)
+def test_chart_pods_are_admitted_under_the_restricted_pod_security_standard(
+        chart: str, values: Path, federation: Any, namespace: str) -> None:
+    directory, cluster = CHARTS[chart]
+    federation.kubectl(cluster, "label", "namespace", namespace,
+                       "pod-security.kubernetes.io/enforce=restricted", "--overwrite")
+    docs = helm.template(directory, yaml.safe_load(values.read_text()) or {}, release=f"citynerve-{chart}",
+                         namespace=namespace)
+    pods = []
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        # Dry-run objects are not stored, so the chart's ServiceAccount would not be found.
+        spec = {**deployment["spec"]["template"]["spec"], "serviceAccountName": "default"}
+        pods.append({"apiVersion": "v1", "kind": "Pod", "spec": spec,
+                     "metadata": {"name": deployment["metadata"]["name"], "namespace": namespace}})
+    proc = federation.kubectl(cluster, "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(pods),
+                              check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "violate" not in proc.stderr, proc.stderr

@@ -1,0 +1,285 @@
+"""The two Helm charts, installed and removed with pyhelm3 and the pinned helm binary.
+
+``citynerve hub install`` and ``citynerve city onboard`` are thin over this module:
+
+- ``install_hub``: the hub chart into ``citynerve-system`` of the hub cluster;
+- ``hub_connection``: what a city needs from the hub (API URL, CA bundle, the bootstrap
+  token of the hub chart's ``city-bootstrap-token`` Secret);
+- ``onboard_city``: the city chart into a city cluster, its values filled from the hub;
+- ``agent_config_from_release``: the agent configuration the city chart rendered
+  (ConfigMap ``citynerve-city-config``, key ``agent.json``), for an agent run in-process;
+- ``wait_until_city_ready``: until the hub reports the City ``Ready``.
+
+pyhelm3 is asynchronous; each public function here runs one ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyhelm3
+import semver
+import yaml
+from citynerve.operators.federation import onboarding
+from citynerve.operators.federation.agent import AgentConfig
+from citynerve.operators.federation.embedded import city_condition, join_request
+from citynerve.operators.localfed import toolchain
+from citynerve.operators.runtime import KubeTarget, scratch_dir, token_kubeconfig
+from kubernetes import client
+
+CHARTS_DIR = Path(__file__).resolve().parents[1] / "charts"
+HUB_CHART = CHARTS_DIR / "citynerve-hub"
+CITY_CHART = CHARTS_DIR / "citynerve-city"
+HUB_RELEASE = "citynerve-hub"
+HUB_NAMESPACE = onboarding.SYSTEM_NAMESPACE
+CITY_RELEASE = "citynerve-city"
+CITY_NAMESPACE = "citynerve"
+BOOTSTRAP_TOKEN_SECRET = "city-bootstrap-token"  # noqa: S105 - a Secret's name, not a secret
+CITY_CONFIGMAP = "citynerve-city-config"
+AGENT_CONFIG_KEY = "agent.json"
+DEFAULT_TIMEOUT = "5m"
+
+
+class HelmError(RuntimeError):
+    """A helm command failed; the message carries helm's own explanation."""
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """What an install or upgrade produced."""
+
+    name: str
+    namespace: str
+    revision: int
+    status: str
+    notes: str
+
+
+@dataclass(frozen=True)
+class HubConnection:
+    """What a city's agent needs to reach the hub and ask to join."""
+
+    url: str
+    ca_pem: str
+    bootstrap_token: str
+
+
+class _PinnedHelm(pyhelm3.Command):  # type: ignore[misc]  # pyhelm3 is untyped here
+    """pyhelm3's command runner, told the pinned version.
+
+    A ``go install``-built helm reports ``v3.19`` (no patch: the release ldflags are not set),
+    which pyhelm3's strict SemVer parse refuses.
+    """
+
+    def client_version(self) -> semver.Version:
+        return semver.Version.parse(toolchain.HELM_VERSION.removeprefix("v"))
+
+
+def helm_client(target: KubeTarget) -> pyhelm3.Client:
+    """A pyhelm3 client on the pinned helm binary, for one kubeconfig context."""
+    executable = str(toolchain.binary("helm"))
+    command = _PinnedHelm(executable=executable, kubeconfig=target.kubeconfig, kubecontext=target.context,
+                          default_timeout=DEFAULT_TIMEOUT)
+    return pyhelm3.Client(command, executable=executable)
+
+
+def _helm_message(exc: pyhelm3.errors.Error) -> str:
+    stderr = getattr(exc, "stderr", b"")
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else str(stderr)
+    return text.strip() or str(exc)
+
+
+def install(target: KubeTarget, chart: Path, release: str, namespace: str,
+            values: Mapping[str, Any], *, wait: bool = True) -> ReleaseInfo:
+    """``helm upgrade --install`` of a local chart; objects left by a non-Helm install are adopted."""
+
+    async def run() -> ReleaseInfo:
+        helm = helm_client(target)
+        loaded = await helm.get_chart(chart)
+        revision = await helm.install_or_upgrade_release(
+            release, loaded, dict(values), namespace=namespace, create_namespace=True,
+            wait=wait, take_ownership=True)
+        return ReleaseInfo(release, namespace, int(revision.revision), str(revision.status.value),
+                           str(revision.notes or ""))
+
+    try:
+        return asyncio.run(run())
+    except pyhelm3.errors.Error as exc:
+        msg = f"helm could not install {release} ({chart.name}) into {namespace}: {_helm_message(exc)}"
+        raise HelmError(msg) from exc
+
+
+def uninstall(target: KubeTarget, release: str, namespace: str, *, wait: bool = True) -> None:
+    """``helm uninstall``; a release that is not there is already uninstalled."""
+
+    async def run() -> None:
+        await helm_client(target).uninstall_release(release, namespace=namespace, wait=wait)
+
+    try:
+        asyncio.run(run())
+    except pyhelm3.errors.Error as exc:
+        msg = f"helm could not uninstall {release} from {namespace}: {_helm_message(exc)}"
+        raise HelmError(msg) from exc
+
+
+def template(chart: Path, values: Mapping[str, Any], *, release: str, namespace: str,
+             include_crds: bool = False) -> list[dict[str, Any]]:
+    """The manifests ``helm template`` renders (no cluster needed)."""
+
+    async def run() -> list[dict[str, Any]]:
+        helm = helm_client(KubeTarget())
+        loaded = await helm.get_chart(chart)
+        rendered = await helm.template_resources(loaded, release, dict(values), namespace=namespace,
+                                                 include_crds=include_crds)
+        return [dict(doc) for doc in rendered if doc]
+
+    try:
+        return asyncio.run(run())
+    except pyhelm3.errors.Error as exc:
+        msg = f"helm could not render {chart.name}: {_helm_message(exc)}"
+        raise HelmError(msg) from exc
+
+
+def read_values_file(path: Path | None) -> dict[str, Any]:
+    """A values file as a mapping (empty for none); anything else is refused by name."""
+    if path is None:
+        return {}
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        msg = f"values file {path} must hold a mapping, not {type(loaded).__name__}"
+        raise TypeError(msg)
+    return loaded
+
+
+def merge_values(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` wins; nested mappings merge (Helm's own rule for values files)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# -- the hub ------------------------------------------------------------------------------
+def install_hub(hub: KubeTarget, values: Mapping[str, Any] | None = None, *,
+                namespace: str = HUB_NAMESPACE, wait: bool = True) -> ReleaseInfo:
+    return install(hub, HUB_CHART, HUB_RELEASE, namespace, values or {}, wait=wait)
+
+
+def uninstall_hub(hub: KubeTarget, *, namespace: str = HUB_NAMESPACE) -> None:
+    uninstall(hub, HUB_RELEASE, namespace)
+
+
+def hub_connection(hub: KubeTarget, timeout: float = 30.0) -> HubConnection:
+    """The hub's URL and CA (from the kubeconfig) and the bootstrap token the hub chart issued.
+
+    The token controller fills the Secret shortly after it is created, hence the wait.
+    """
+    cfg = hub.client_configuration()
+    core = client.CoreV1Api(client.ApiClient(cfg))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            secret = core.read_namespaced_secret(BOOTSTRAP_TOKEN_SECRET, HUB_NAMESPACE)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            secret = None
+        data = (secret.data or {}) if secret is not None else {}
+        if data.get("token"):
+            break
+        if time.monotonic() > deadline:
+            msg = (f"Secret {HUB_NAMESPACE}/{BOOTSTRAP_TOKEN_SECRET} on the hub holds no token after "
+                   f"{timeout:.0f} s; is the hub chart installed with bootstrap.enabled?")
+            raise TimeoutError(msg)
+        time.sleep(0.2)
+    ca_pem = Path(cfg.ssl_ca_cert).read_text() if cfg.ssl_ca_cert else ""
+    if not ca_pem and data.get("ca.crt"):
+        ca_pem = base64.b64decode(data["ca.crt"]).decode()
+    return HubConnection(url=str(cfg.host), ca_pem=ca_pem,
+                         bootstrap_token=base64.b64decode(data["token"]).decode())
+
+
+# -- a city -------------------------------------------------------------------------------
+def city_values(city: str, connection: HubConnection | None) -> dict[str, Any]:
+    """The city chart's values for ``city``: its City as ``join_request`` describes it, and the hub."""
+    joining = join_request(city)
+    spec = joining["spec"]
+    values: dict[str, Any] = {"city": {
+        "name": city,
+        "displayName": spec["displayName"],
+        "region": spec["region"],
+        "dataResidency": {"jurisdiction": spec["dataResidency"]["jurisdiction"]},
+        "heartbeatSeconds": spec["connection"]["heartbeatIntervalSeconds"],
+        "heartbeatTimeoutSeconds": spec["connection"]["heartbeatTimeoutSeconds"],
+    }}
+    if connection is not None:
+        values["hub"] = {"url": connection.url, "caBundle": connection.ca_pem,
+                         "bootstrap": {"token": connection.bootstrap_token}}
+    return values
+
+
+def onboard_city(city: str, hub: KubeTarget, target: KubeTarget, values: Mapping[str, Any] | None = None,
+                 *, namespace: str = CITY_NAMESPACE, wait: bool = True) -> ReleaseInfo:
+    """Install or upgrade the city chart, joined to ``hub``; ``values`` override the derived ones."""
+    derived = city_values(city, hub_connection(hub))
+    return install(target, CITY_CHART, CITY_RELEASE, namespace, merge_values(derived, values or {}),
+                   wait=wait)
+
+
+def offboard_city(target: KubeTarget, *, namespace: str = CITY_NAMESPACE) -> None:
+    uninstall(target, CITY_RELEASE, namespace)
+
+
+def agent_config_from_release(city_target: KubeTarget, namespace: str = CITY_NAMESPACE,
+                              scratch: Path | None = None) -> AgentConfig:
+    """The agent configuration a city chart release rendered, read back from its cluster."""
+    core = client.CoreV1Api(client.ApiClient(city_target.client_configuration()))
+    config_map = core.read_namespaced_config_map(CITY_CONFIGMAP, namespace)
+    rendered = json.loads((config_map.data or {})[AGENT_CONFIG_KEY])
+    secret = core.read_namespaced_secret(rendered["bootstrapSecret"], namespace)
+    token = base64.b64decode((secret.data or {})[rendered["bootstrapSecretKey"]]).decode()
+    folder = scratch or scratch_dir(f"agent-{rendered['city']}")
+    bootstrap = token_kubeconfig(rendered["hubServer"], rendered["hubCaPem"].encode(), token,
+                                 onboarding.BOOTSTRAP_SERVICE_ACCOUNT, folder)
+    return AgentConfig(
+        city=rendered["city"],
+        city_target=city_target,
+        hub_server=rendered["hubServer"],
+        hub_ca_pem=rendered["hubCaPem"].encode(),
+        bootstrap=KubeTarget(bootstrap, "hub"),
+        join_request=rendered["joinRequest"],
+        work_namespace=rendered["workNamespace"],
+        heartbeat_seconds=float(rendered["heartbeatSeconds"]),
+        scratch=folder / "identity",
+    )
+
+
+def wait_until_city_ready(hub: KubeTarget, city: str, timeout: float = 300.0,
+                          interval: float = 1.0) -> None:
+    """Until the hub reports City ``city`` Ready (its agent joined and sends heartbeats)."""
+    deadline = time.monotonic() + timeout
+    last: str | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = city_condition(hub, city, "Ready")
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            last = "absent"
+        if last == "True":
+            return
+        time.sleep(interval)
+    msg = (f"City {city} is not Ready on the hub after {timeout:.0f} s (Ready: {last}); is it approved "
+           f"(kubectl patch city {city} --type merge -p '{{\"spec\":{{\"approved\":true}}}}') "
+           "and its agent running?")
+    raise TimeoutError(msg)

@@ -1,0 +1,284 @@
+"""The Helm charts, rendered without a cluster: lint, schema, RBAC and configuration.
+
+The charts' RBAC is checked rule for rule against the operators' own lists
+(``operators/hub/rbac.py``, ``operators/city/rbac.py``, ``onboarding.bootstrap_rbac``), and the
+city's agent configuration against ``embedded.join_request``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from citynerve.operators import cli, helm
+from citynerve.operators.api import crdgen
+from citynerve.operators.city import rbac as city_rbac
+from citynerve.operators.federation import onboarding
+from citynerve.operators.federation.embedded import join_request
+from citynerve.operators.hub import rbac as hub_rbac
+from citynerve.operators.localfed import toolchain
+
+CHARTS = {"hub": helm.HUB_CHART, "city": helm.CITY_CHART}
+NAMESPACES = {"hub": helm.HUB_NAMESPACE, "city": "citynerve"}
+CI_VALUES = [(name, path) for name, chart in CHARTS.items() for path in sorted((chart / "ci").glob("*.yaml"))]
+
+
+def render(chart: str, values: dict[str, Any] | None = None,
+           release: str | None = None) -> list[dict[str, Any]]:
+    return helm.template(CHARTS[chart], values or {}, release=release or f"citynerve-{chart}",
+                         namespace=NAMESPACES[chart])
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def helm_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(toolchain.binary("helm")), *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+# -- lint and schema ------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("chart", "values"), [*[(c, None) for c in CHARTS], *CI_VALUES],
+                         ids=lambda v: v.name if isinstance(v, Path) else str(v))
+def test_helm_lint_strict(chart: str, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHARTS[chart]), "--namespace", NAMESPACES[chart]]
+    proc = helm_run(*args, *(["--values", str(values)] if values else []))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("chart", "values", "named"), [
+    ("hub", {"operator": {"checkIntervalSeconds": "soon"}}, "/operator/checkIntervalSeconds"),
+    ("hub", {"mlflow": {"enabeld": True}}, "enabeld"),
+    ("hub", {"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+    ("hub", {"operator": {"resources": {"limits": {"gpu": 1}}}}, "gpu"),
+    ("city", {"city": {"heartbeatSeconds": "10"}}, "/city/heartbeatSeconds"),
+    ("city", {"city": {"labelz": {"tier": "a"}}}, "labelz"),
+    ("city", {"rbac": {"mode": "global"}}, "/rbac/mode"),
+    ("city", {"workload": {"mode": "slurm"}}, "/workload/mode"),
+    ("city", {"city": {"labels": {"tier": 3}}}, "/city/labels/tier"),
+    ("city", {"hub": {"url": "http://plain.example.org"}}, "/hub/url"),
+])
+def test_schema_refuses_wrong_types_and_unknown_keys_naming_them(
+        chart: str, values: dict[str, Any], named: str, tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    proc = helm_run("template", "x", str(CHARTS[chart]), "--namespace", NAMESPACES[chart],
+                    "--values", str(path))
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert named in proc.stderr, proc.stderr
+
+
+def _schema_nodes(node: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:
+    found = [(path, node)]
+    for name, child in (node.get("properties") or {}).items():
+        found += _schema_nodes(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        found += _schema_nodes(node["items"], f"{path}[*]")
+    return found
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chart", CHARTS)
+def test_schema_describes_every_value_and_closes_every_object(chart: str) -> None:
+    schema = json.loads((CHARTS[chart] / "values.schema.json").read_text())
+    for path, node in _schema_nodes(schema, "values"):
+        assert node.get("description"), f"{path} has no description"
+        if node.get("type") == "object":
+            extra = node.get("additionalProperties")
+            # Closed (false), or a map whose values are typed (labels, nodeSelector).
+            assert extra is False or (isinstance(extra, dict) and "properties" not in node), \
+                f"{path} accepts unknown keys"
+    defaults = yaml.safe_load((CHARTS[chart] / "values.yaml").read_text())
+
+    def walk(values: dict[str, Any], node: dict[str, Any], path: str) -> None:
+        for key, value in values.items():
+            assert key in node["properties"], f"{path}.{key} is in values.yaml but not the schema"
+            if isinstance(value, dict) and "properties" in node["properties"][key]:
+                walk(value, node["properties"][key], f"{path}.{key}")
+
+    walk(defaults, schema, "values")
+
+
+# -- RBAC from the operators' own lists -------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_hub_cluster_role_is_the_hub_operators_rules() -> None:
+    docs = render("hub")
+    role = one(docs, "ClusterRole", "citynerve-hub")
+    assert role["rules"] == hub_rbac.cluster_rules()
+    binding = one(docs, "ClusterRoleBinding", "citynerve-hub")
+    assert binding["roleRef"]["name"] == "citynerve-hub"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "citynerve-hub",
+                                    "namespace": helm.HUB_NAMESPACE}]
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "citynerve-hub"
+
+
+@pytest.mark.timeout(60)
+def test_hub_bootstrap_identity_is_onboardings() -> None:
+    docs = render("hub")
+    for expected in onboarding.bootstrap_rbac():
+        if expected["kind"] == "Namespace":
+            continue  # the release namespace; not the chart's to delete
+        meta = expected["metadata"]
+        got = one(docs, expected["kind"], meta["name"])
+        assert got["metadata"].get("namespace") == meta.get("namespace")
+        for field in ("rules", "roleRef", "subjects"):
+            assert got.get(field) == expected.get(field), f"{expected['kind']} {meta['name']}: {field}"
+    secret = one(docs, "Secret", helm.BOOTSTRAP_TOKEN_SECRET)
+    assert secret["type"] == "kubernetes.io/service-account-token"
+    assert secret["metadata"]["namespace"] == onboarding.SYSTEM_NAMESPACE
+    assert secret["metadata"]["annotations"] == {
+        "kubernetes.io/service-account.name": onboarding.BOOTSTRAP_SERVICE_ACCOUNT}
+    assert not [d for d in render("hub", {"bootstrap": {"enabled": False}})
+                if d["metadata"]["name"] in {"city-bootstrap", "citynerve:city-bootstrap"}]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workload_mode", ["local", "kuberay"])
+def test_city_role_per_watched_namespace_is_role_rules(workload_mode: str) -> None:
+    docs = render("city", {"workload": {"mode": workload_mode},
+                           "operator": {"watchNamespaces": ["north", "south"]}})
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["north", "south"]
+    for role in roles:
+        assert role["rules"] == city_rbac.role_rules(workload_mode)
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert {b["metadata"]["namespace"] for b in bindings} == {"north", "south"}
+    subject = {"kind": "ServiceAccount", "name": "citynerve-city", "namespace": "citynerve"}
+    assert all(b["subjects"] == [subject] for b in bindings)
+    assert not [d for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=north", "--namespace=south"]
+    assert f"--workload-mode={workload_mode}" in args
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workload_mode", ["local", "kuberay"])
+def test_city_cluster_role_is_cluster_rules(workload_mode: str) -> None:
+    docs = render("city", {"rbac": {"mode": "cluster"}, "workload": {"mode": workload_mode}})
+    assert one(docs, "ClusterRole")["rules"] == city_rbac.cluster_rules(workload_mode)
+    assert one(docs, "ClusterRoleBinding")["roleRef"]["name"] == "citynerve-city"
+    assert not [d for d in docs if d["kind"] in {"Role", "RoleBinding"}]
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--namespace")]
+
+
+# -- the city's configuration -----------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("city", ["shanghai", "chengdu", "ningbo"])
+def test_city_agent_config_carries_the_join_request(city: str) -> None:
+    connection = helm.HubConnection("https://hub.example.org:6443", "-----BEGIN CERTIFICATE-----\n", "t0ken")
+    values = helm.merge_values(helm.city_values(city, connection),
+                               {"city": {"labels": {"tier": "pilot"}, "heartbeatSeconds": 3,
+                                         "heartbeatTimeoutSeconds": 12}})
+    docs = render("city", values)
+    config = json.loads(one(docs, "ConfigMap", helm.CITY_CONFIGMAP)["data"][helm.AGENT_CONFIG_KEY])
+    assert config["joinRequest"] == join_request(city, 3, 12, {"tier": "pilot"})
+    assert config["city"] == city
+    assert config["hubServer"] == connection.url
+    assert config["hubCaPem"] == connection.ca_pem
+    assert config["heartbeatSeconds"] == 3
+    assert config["workNamespace"] == "citynerve"
+    secret = one(docs, "Secret", config["bootstrapSecret"])
+    assert secret["data"][config["bootstrapSecretKey"]] == "dDBrZW4="  # base64 of t0ken
+
+
+@pytest.mark.timeout(60)
+def test_city_name_defaults_to_the_release_and_existing_secret_wins() -> None:
+    docs = render("city", {"hub": {"bootstrap": {"existingSecret": "from-vault", "token": "ignored"}}},
+                  release="hangzhou")
+    config = json.loads(one(docs, "ConfigMap", helm.CITY_CONFIGMAP)["data"][helm.AGENT_CONFIG_KEY])
+    assert config["city"] == "hangzhou"
+    assert config["joinRequest"]["spec"]["displayName"] == "Hangzhou"
+    assert config["bootstrapSecret"] == "from-vault"
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+# -- pods: restricted security, resources; optional parts -----------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("chart", "values"), CI_VALUES, ids=lambda v: v.name if isinstance(v, Path) else v)
+def test_every_pod_is_restricted_and_bounded(chart: str, values: Path) -> None:
+    docs = render(chart, yaml.safe_load(values.read_text()) or {})
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+    assert pods
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert set(container["resources"]) == {"requests", "limits"}
+            assert container["image"].endswith(":0.1.0") or "mlflow" in container["image"]
+    for doc in docs:
+        labels = doc["metadata"].get("labels") or {}
+        assert labels.get("app.kubernetes.io/part-of") == "citynerve", doc["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm"
+
+
+@pytest.mark.timeout(60)
+def test_hub_optional_parts_render_only_when_enabled() -> None:
+    plain = {d["kind"] for d in render("hub")}
+    assert {"ServiceMonitor", "PersistentVolumeClaim", "Service"}.isdisjoint(plain)
+    full = render("hub", {"mlflow": {"enabled": True}, "serviceMonitor": {"enabled": True}})
+    assert {"ServiceMonitor", "PersistentVolumeClaim", "Service"} <= {d["kind"] for d in full}
+    env = one(full, "Deployment", "citynerve-hub")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "MLFLOW_TRACKING_URI",
+                    "value": f"http://citynerve-hub-mlflow.{helm.HUB_NAMESPACE}.svc:5000"}]
+    external = render("hub", {"mlflow": {"externalUrl": "https://mlflow.example.org"}})
+    env = one(external, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "MLFLOW_TRACKING_URI", "value": "https://mlflow.example.org"}]
+
+
+@pytest.mark.timeout(30)
+def test_chart_crds_are_the_generated_ones_and_notes_say_how_to_approve() -> None:
+    generated = crdgen.generate()
+    for chart in CHARTS.values():
+        on_disk = {p.name: p.read_text(encoding="utf-8") for p in (chart / "crds").glob("*.yaml")}
+        assert on_disk == generated, f"{chart.name}/crds is stale; run `make crds`"
+    notes = (helm.HUB_CHART / "templates" / "NOTES.txt").read_text()
+    assert "kubectl patch city NAME --type merge -p '{\"spec\":{\"approved\":true}}'" in notes
+    assert "monitoring.coreos.com" in (helm.HUB_CHART / "README.md").read_text()
+
+
+# -- the CLI's side ----------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_cli_parses_the_chart_commands() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["city", "onboard", "ningbo", "--hub-context", "hub", "--city-context", "nb",
+                              "--values", "v.yaml", "--wait-ready"])
+    assert (args.name, args.hub_context, args.city_context, args.wait_ready) == ("ningbo", "hub", "nb", True)
+    assert args.values == Path("v.yaml")
+    args = parser.parse_args(["hub", "install", "--context", "hub"])
+    assert (args.hub_command, args.namespace) == ("install", onboarding.SYSTEM_NAMESPACE)
+    args = parser.parse_args(["city", "offboard", "ningbo", "--city-context", "nb"])
+    assert args.city_command == "offboard"
+
+
+@pytest.mark.timeout(30)
+def test_city_values_follow_the_known_cities_and_user_values_win(tmp_path: Path) -> None:
+    values = helm.city_values("shanghai", None)
+    assert values == {"city": {"name": "shanghai", "displayName": "Shanghai", "region": "east",
+                               "dataResidency": {"jurisdiction": "CN-SH"}, "heartbeatSeconds": 10,
+                               "heartbeatTimeoutSeconds": 40}}
+    merged = helm.merge_values(values, {"city": {"region": "delta"}, "rbac": {"mode": "cluster"}})
+    assert merged["city"]["region"] == "delta"
+    assert merged["city"]["displayName"] == "Shanghai"
+    assert merged["rbac"] == {"mode": "cluster"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(TypeError, match="must hold a mapping"):
+        helm.read_values_file(bad)
+    assert cli.main(["hub", "install", "--values", str(bad)]) == 1
