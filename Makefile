@@ -20,9 +20,11 @@ test: setup lint check-crds
 setup: system-packages $(STAMP) tools
 
 # Headless Chromium and its WebDriver, for the situation map's browser test (Debian packages).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-packages:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update && apt-get install -y chromium chromium-driver)
+		($(SUDO) apt-get update -qq && \
+		 $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 $(STAMP): pyproject.toml setup.py
 	@echo "==> Python environment ($(VENV))"

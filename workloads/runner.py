@@ -19,6 +19,7 @@ from Python, JSON lines on stdout (or `--out`) from the command line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -32,6 +33,14 @@ from citynerve.models.detectors.crowd import CrowdCongestionDetector
 from citynerve.models.detectors.flood import UrbanFloodWarning
 from citynerve.models.detectors.mountain import Area, MountainFloodWarning
 from citynerve.models.incidents import IncidentEvent, IncidentSink
+from citynerve.observability.telemetry import configure_telemetry, shutdown_telemetry
+from citynerve.observability.tracing import (
+    detection_span,
+    ingest_span,
+    record_detection,
+    record_ingest,
+    scenario_span,
+)
 from citynerve.workloads.sim.crowd import DEFAULT_SITES, SurgeSpec, replay
 from citynerve.workloads.sim.drainage import (
     DrainageRun,
@@ -50,6 +59,7 @@ from citynerve.workloads.sim.water import (
 from citynerve.workloads.water import build_detector, window_of
 
 KINDS = ("water-burst", "urban-flood", "mountain-flood", "major-event")
+WATER_SENSOR_TYPE = "water-pressure-logger"  # the catalogue's SensorType of a drill's pressure readings
 
 
 class SpecError(ValueError):
@@ -72,6 +82,7 @@ def run_scenario(spec: Mapping[str, Any], sink: IncidentSink) -> dict[str, Any]:
     def tagged(event: IncidentEvent) -> None:
         event = replace(event, evidence={**event.evidence, "scenario": context})
         emitted.append(event)
+        record_detection(event)
         sink(event)
 
     runners: dict[str, Callable[[dict[str, Any], dict[str, Any], IncidentSink], dict[str, Any]]] = {
@@ -81,7 +92,8 @@ def run_scenario(spec: Mapping[str, Any], sink: IncidentSink) -> dict[str, Any]:
         "major-event": _major_event,
     }
     try:
-        summary = runners[kind](sim, thresholds, tagged)
+        with scenario_span(kind, mode):
+            summary = runners[kind](sim, thresholds, tagged)
     except (TypeError, KeyError) as err:
         raise SpecError(f"spec.simulation or spec.thresholds for {kind}: {err}") from err
     return {"kind": kind, "mode": mode, "incidents": len(emitted), **summary}
@@ -98,8 +110,15 @@ def _water(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) 
         seed=int(sim.get("seed", 0)),
     )
     detector = build_detector(base, **thresholds)
-    run = simulate_water(replace(base, leaks=leaks))
-    events = detector.predict(window_of(run, model_baseline(base)), sink)
+    # the drill's field readings: one batch from the simulated pressure loggers
+    with ingest_span(WATER_SENSOR_TYPE) as span:
+        run = simulate_water(replace(base, leaks=leaks))
+        window = window_of(run, model_baseline(base))
+        readings = int(run.pressure.size)
+        span.set_attribute("citynerve.ingest.batch_size", readings)
+        record_ingest(WATER_SENSOR_TYPE, readings)
+    with detection_span("water-burst", type(detector).__name__):
+        events = detector.predict(window, sink)
     return {"network": network, "leaks": len(leaks), "detections": len(events)}
 
 
@@ -128,7 +147,9 @@ def _urban_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
     dry = simulate_drainage(replace(spec, storm=_storm(sim, 0.0)))
     run = simulate_drainage(spec)
     detector = UrbanFloodWarning(critical_levels(model, run.nodes), step_s=spec.report_step_s, **thresholds)
-    events = detector.fit(_drainage_window(dry)).predict(_drainage_window(run), sink)
+    detector.fit(_drainage_window(dry))
+    with detection_span("urban-flood", type(detector).__name__):
+        events = detector.predict(_drainage_window(run), sink)
     lead = {}
     for event in events:
         onset = run.flood_onset_s(event.location.asset_id)
@@ -157,7 +178,8 @@ def _mountain_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incid
         DrainageScenarioSpec(model=model, storm=_storm(sim), seed=int(sim.get("seed", 0)))
     )
     window = _drainage_window(storm)
-    events = detector.predict(window, sink)
+    with detection_span("mountain-flood", type(detector).__name__):
+        events = detector.predict(window, sink)
     drills = detector.rehearse({"scenario-storm": window})
     return {
         "model": model,
@@ -186,7 +208,8 @@ def _major_event(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
     detector = CrowdCongestionDetector(locations=history.locations, **thresholds)
     detector.fit({"peopleCount": SensorWindow(history.times_s, history.sites, history.counts)})
     window = {"peopleCount": SensorWindow(run.times_s + offset, run.sites, run.counts)}
-    events = detector.predict(window, sink)
+    with detection_span("major-event", type(detector).__name__):
+        events = detector.predict(window, sink)
     return {"sites": len(sites), "alerts": len(events), "surge": surge is not None}
 
 
@@ -216,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--spec {args.spec}: {err}")
     import ray  # noqa: PLC0415 - only the command line starts or joins Ray
 
+    # the OTEL_* variables of the RayJob's environment decide what is exported (or turn it off)
+    configure_telemetry("citynerve-workload", city=os.environ.get("CITYNERVE_CITY"))
     started = not ray.is_initialized()
     if started:
         ray.init(address=args.address, include_dashboard=False)
@@ -240,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             out.close()
         if started:
             ray.shutdown()
+        shutdown_telemetry()
     return 0
 
 

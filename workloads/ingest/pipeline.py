@@ -16,6 +16,7 @@ import numpy.typing as npt
 import pandas as pd  # type: ignore[import-untyped]  # no stubs in this environment
 import pyarrow as pa
 import pyarrow.compute as pc
+from citynerve.observability.tracing import IngestRecorder, ingest_span
 from citynerve.workloads.ingest.sensor_type import SensorType
 from citynerve.workloads.ngsi import DecodeFailure, NgsiDecoder
 from citynerve.workloads.sim.readings import READING_SCHEMA
@@ -115,6 +116,7 @@ class IngestPipeline:
         self._prev_keys = np.zeros(0, dtype=np.int64)
         self._baseline: tuple[FloatArray, FloatArray] | None = None
         self._decoder: NgsiDecoder | None = None
+        self._metrics = IngestRecorder(sensor_type.name)
 
     # ---- inputs -------------------------------------------------------------------------
     def ingest_ipc(self, data: bytes | pa.Buffer, now_ms: int) -> None:
@@ -128,15 +130,32 @@ class IngestPipeline:
             self._decoder = NgsiDecoder(self.sensor_type)
         decoded = self._decoder.decode(payload)
         self.stats.entities += decoded.entities
+        rejected: Counter[str] = Counter()
         for failure in decoded.failures:
             self.rejected_entities.append(failure)
-            self.stats.quarantined[failure.reason.split(":", 1)[0]] += 1
+            rejected[failure.reason.split(":", 1)[0]] += 1
+        if rejected:
+            self.stats.quarantined.update(rejected)
+            self._metrics.add(0, rejected)
         self.ingest_batch(decoded.batch, now_ms)
 
     def ingest_batch(self, batch: pa.RecordBatch, now_ms: int) -> None:
         n = batch.num_rows
         if n == 0:
             return
+        # one span and a few counter adds per batch, never per reading (bench/telemetry.py)
+        with ingest_span(self.sensor_type.name, n):
+            stats = self.stats
+            before = (stats.duplicates, dict(stats.quarantined))
+            self._ingest_batch(batch, n, now_ms)
+            self._metrics.add(
+                n,
+                {k: v - before[1].get(k, 0) for k, v in stats.quarantined.items()},
+                stats.duplicates - before[0],
+                lambda: _lag_s(batch, now_ms),
+            )
+
+    def _ingest_batch(self, batch: pa.RecordBatch, n: int, now_ms: int) -> None:
         self.stats.readings += n
         sensor = self._sensor_ids(batch.column(0))
         prop = self._prop_ids(batch.column(1))
@@ -195,6 +214,7 @@ class IngestPipeline:
     # ---- outputs ------------------------------------------------------------------------
     def flush(self, watermark_ms: int | None = None) -> WindowAggregates:
         """Close windows that end at or before the watermark (all, when None), and score them."""
+        self._metrics.flush()
         closing = sorted(
             w
             for w in self._windows
@@ -352,6 +372,12 @@ class IngestPipeline:
         self.quarantine.append(
             pa.RecordBatch.from_arrays([*rows.columns, labels], names=[*rows.schema.names, "reason"])
         )
+
+
+def _lag_s(batch: pa.RecordBatch, now_ms: int) -> float | None:
+    """The ingesting clock minus the batch's newest timestamp, in seconds."""
+    newest = pc.max(batch.column(2)).as_py()
+    return (now_ms - newest) / 1000.0 if newest is not None else None
 
 
 def _same_buffers(a: pa.Array, b: pa.Array) -> bool:
