@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
+from citynerve.observability import record_incident_counts, record_propagation
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.placement import (
     AGENT_LEASE,
@@ -289,6 +290,7 @@ class CityAgent:
             listed = self.city_custom.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=10)
             return list(listed.get("items", []))
         incidents = items("incidents")
+        record_incident_counts(incidents, city=self.config.city)
         self._incidents = incident_digest(incidents) if self._exports_incidents else []
         return rollup(items("sensorfleets"), items("scenarios"), incidents)
 
@@ -323,6 +325,7 @@ class CityAgent:
             return
         self._applied[name] = work_hash
         self._results[name] = {"hash": work_hash, "applied": True}
+        record_propagation(self.config.city, cm["metadata"].get("annotations"))
 
     def _propagated(self) -> list[dict[str, Any]]:
         selector = f"{PROPAGATED_LABEL}=hub"

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
+from citynerve.observability import propagation_stamp, reconcile_span, record_city_health
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.placement import (
     AGENT_LEASE,
@@ -28,6 +29,7 @@ from citynerve.operators.federation.placement import (
 from citynerve.operators.hub.status import (
     city_conditions,
     federated_scenario_status,
+    parse_time,
     read_report,
     status_changes,
 )
@@ -116,6 +118,9 @@ def _write_work(ctx: HubContext, ns: str, desired: Mapping[str, Mapping[str, Any
         else:
             observed[cm_name] = {"metadata": {"annotations": {WORK_HASH_ANNOTATION: work_hash}}}
     create, update, delete = work_changes(desired, observed)
+    for cm in (*create, *update):
+        # The write time rides along (outside the hash) so the agent can measure propagation.
+        cm["metadata"]["annotations"].update(propagation_stamp())
     for cm in create:
         try:
             ctx.core.create_namespaced_config_map(ns, cm)
@@ -205,22 +210,28 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kop
     # -- propagation ------------------------------------------------------------------------
     @kopf.on.event(GROUP, VERSION, "sensortypes", registry=registry)
     @kopf.on.event(GROUP, VERSION, "federatedscenarios", registry=registry)
-    def propagate_to_cities(**kwargs: Any) -> None:
+    def propagate_to_cities(*, resource: kopf.Resource, name: str, namespace: str | None,
+                            **kwargs: Any) -> None:
         idx = Indices(kwargs)
-        for city in idx.cities():
-            sync(city, idx)
+        with reconcile_span(resource.kind or resource.plural, namespace, name):
+            for city in idx.cities():
+                sync(city, idx)
 
     @kopf.on.event(GROUP, VERSION, "cities", registry=registry)
     def propagate_to_city(*, body: kopf.Body, type: str, **kwargs: Any) -> None:
         if type == "DELETED":
             return
         # A City's labels decide its placements: its own work may change with them.
-        sync(_plain(body), Indices(kwargs))
+        with reconcile_span("City", None, body["metadata"]["name"]):
+            sync(_plain(body), Indices(kwargs))
 
     # -- reachability, readiness and roll-up -------------------------------------------------
     @kopf.timer(GROUP, VERSION, "cities", interval=check_interval, registry=registry)
     def city_check(*, body: kopf.Body, name: str, patch: kopf.Patch, **kwargs: Any) -> None:
-        idx = Indices(kwargs)
+        with reconcile_span("City", None, name):
+            check_city(body, name, patch, Indices(kwargs))
+
+    def check_city(body: kopf.Body, name: str, patch: kopf.Patch, idx: Indices) -> None:
         ns = city_namespace(name)
         # Periodic consistency: any work written or removed behind the hub's back is put right.
         sync(_plain(body), idx)
@@ -233,10 +244,20 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kop
         wanted = {"conditions": conditions, "observedGeneration": body["metadata"].get("generation")}
         for key, value in status_changes(body.get("status"), wanted).items():
             patch.status[key] = value
+        state = {c["type"]: c["status"] for c in conditions}
+        renewed = parse_time((lease or {}).get("spec", {}).get("renewTime"))
+        status = body.get("status") or {}
+        record_city_health(
+            name, reachable=state.get("Reachable") == "True", ready=state.get("Ready") == "True",
+            sensors_online=status.get("sensorsOnlineTotal"), open_incidents=status.get("openIncidents"),
+            heartbeat_age_s=(now - renewed).total_seconds() if renewed else None)
 
     @kopf.timer(GROUP, VERSION, "federatedscenarios", interval=check_interval, registry=registry)
     def federated_check(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-        idx = Indices(kwargs)
+        with reconcile_span("FederatedScenario", body["metadata"].get("namespace"), body["metadata"]["name"]):
+            check_federated(body, patch, Indices(kwargs))
+
+    def check_federated(body: kopf.Body, patch: kopf.Patch, idx: Indices) -> None:
         cities = idx.cities()
         reports = {c["metadata"]["name"]: read_report(idx.first(idx.report, city_namespace(
             c["metadata"]["name"]))) for c in cities}

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from citynerve.observability import configure_telemetry
 from citynerve.operators.hub.handlers import build_registry
 from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal
 
@@ -21,6 +22,7 @@ def main(argv: list[str]) -> int:
                         help="Kopf peering name, so that two replicas never both act")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_telemetry("citynerve-hub-operator", cluster=args.context or "in-cluster")
     options = OperatorOptions(name="hub", target=KubeTarget(args.kubeconfig, args.context),
                               peering=args.peering)
     return run_until_signal(options, lambda o: build_registry(o, args.check_interval))
