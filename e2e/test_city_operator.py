@@ -1,0 +1,705 @@
+"""The city operator against a real city control plane, real MLflow server and real Ray.
+
+The operator runs in-process (``InProcessOperator``) under a ServiceAccount of its own, bound
+by a Role in the test's namespace only, so its API writes can be counted in the audit log
+and namespace-scoped operation is proven with least privilege.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from citynerve.models.registry import register_model_version
+from citynerve.operators.city import rbac
+from citynerve.operators.city.config import CityOptions, WorkloadMode
+from citynerve.operators.city.handlers import build_registry
+from citynerve.operators.localfed import toolchain
+from citynerve.operators.localfed.cluster import free_port
+from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
+from kubernetes import client
+
+pytestmark = pytest.mark.e2e
+CITY = "shanghai"
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+OPERATOR_SA = "citynerve-city-operator"
+
+
+# --- cluster set-up --------------------------------------------------------------------------------
+
+
+def _kuberay_crds() -> Path:
+    modcache = subprocess.run(
+        ["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return (
+        Path(modcache)
+        / f"github.com/ray-project/kuberay/ray-operator@{toolchain.KUBERAY_VERSION}/config/crd/bases"
+    )
+
+
+@pytest.fixture(scope="module")
+def city_cluster(federation: Any) -> Any:
+    """Shanghai with the CityNerve and KubeRay CRDs installed."""
+    for path in (ROOT / "crds", _kuberay_crds()):
+        federation.kubectl(CITY, "apply", "--server-side", "--force-conflicts", "-f", str(path), timeout=120)
+    deadline = time.monotonic() + 60
+    while (
+        federation.kubectl(
+            CITY, "wait", "--for=condition=Established", "crd", "--all", "--timeout=30s", check=False
+        ).returncode
+        != 0
+    ):  # a CRD just created has no conditions yet
+        assert time.monotonic() < deadline, "CRDs not Established within 60 s"
+        time.sleep(0.5)
+    return federation.cluster(CITY)
+
+
+@pytest.fixture(scope="module")
+def registered_models(mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The registered models the sample AnalyticsModels follow (the localiser needs three versions)."""
+    folder = tmp_path_factory.mktemp("models")
+    out: dict[str, Any] = {}
+    for name, versions in (
+        ("water-burst-detector", 1),
+        ("urban-flood-forecaster", 1),
+        ("crowd-anomaly-detector", 1),
+        ("water-burst-localiser", 3),
+    ):
+        for version in range(versions):
+            artifact = folder / f"{name}-{version}"
+            artifact.mkdir()
+            (artifact / "MLmodel").write_text(f"name: {name}\nversion: {version}\n")
+            (artifact / "weights.json").write_text(json.dumps({"threshold": 12.0 + version}))
+            out[name] = register_model_version(
+                mlflow_server.url, name, artifact, {"f1": 0.9, "delay_min": 35.0}, alias="champion"
+            )
+    return out
+
+
+def operator_kubeconfig(federation: Any, namespace: str, folder: Path, mode: str) -> tuple[Path, str]:
+    """A ServiceAccount bound by a Role to ``rbac.role_rules`` in ``namespace`` only; its token kubeconfig."""
+    api = federation.api_client(CITY)
+    core, rbac_api = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": OPERATOR_SA}})
+    rbac_api.create_namespaced_role(
+        namespace, {"metadata": {"name": OPERATOR_SA}, "rules": rbac.role_rules(mode)}
+    )
+    rbac_api.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": OPERATOR_SA},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": OPERATOR_SA},
+            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}],
+        },
+    )
+    target = service_account_target(KubeTarget(federation.kubeconfig, CITY), namespace, OPERATOR_SA, folder)
+    assert target.kubeconfig is not None
+    path = target.kubeconfig
+    return path, f"system:serviceaccount:{namespace}:{OPERATOR_SA}"
+
+
+@contextlib.contextmanager
+def running_operator(
+    kubeconfig: Path,
+    context: str | None,
+    namespaces: tuple[str, ...],
+    mode: WorkloadMode,
+    mlflow_url: str | None = None,
+) -> Iterator[InProcessOperator]:
+    options = OperatorOptions(f"city-{CITY}", KubeTarget(kubeconfig, context), namespaces=namespaces)
+    city = CityOptions(
+        city=CITY, mlflow_url=mlflow_url, workload_mode=mode, resync_seconds=4.0, model_cache_seconds=60.0
+    )
+    operator = InProcessOperator(options, build_registry(options, city)).start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
+class AuditLog:
+    """API writes made by one user, read from the city's audit log."""
+
+    def __init__(self, path: Path, username: str) -> None:
+        self.path, self.username = path, username
+        self.offset = 0
+
+    def mark(self) -> None:
+        self.offset = self.path.stat().st_size
+
+    def writes(self) -> list[str]:
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            lines = fh.read().splitlines()
+        out = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if (
+                    entry.get("user", {}).get("username") == self.username
+                    and entry.get("stage") == "ResponseComplete"
+                ):
+                    ref = entry.get("objectRef", {})
+                    resource = f"{ref.get('resource')}/{ref.get('subresource', '')}"
+                    out.append(f"{entry['verb']} {resource} {ref.get('name')}")
+        return out
+
+    def quiet_writes(self, seconds: float) -> list[str]:
+        """Writes during ``seconds`` of nothing changing."""
+        self.mark()
+        time.sleep(seconds)
+        return self.writes()
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+
+def custom(federation: Any) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(federation.api_client(CITY))
+
+
+def get(federation: Any, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        obj: dict[str, Any] = custom(federation).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return obj
+
+
+def condition(obj: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == kind:
+            return dict(cond)
+    return {}
+
+
+def apply(federation: Any, namespace: str, text: str) -> None:
+    federation.kubectl(CITY, "apply", "-n", namespace, "-f", "-", input=text)
+
+
+def sample(name: str) -> str:
+    return (ROOT / "samples" / "city" / name).read_text()
+
+
+def deployment(federation: Any, namespace: str, name: str) -> Any:
+    try:
+        return client.AppsV1Api(federation.api_client(CITY)).read_namespaced_deployment(name, namespace)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+class Webhook:
+    """A local alert receiver that verifies each delivery's HMAC-SHA256 signature."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.received: list[dict[str, Any]] = []
+        webhook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                expected = "sha256=" + hmac.new(webhook.key, body, hashlib.sha256).hexdigest()
+                valid = hmac.compare_digest(expected, self.headers.get("X-CityNerve-Signature", ""))
+                webhook.received.append({"valid": valid, **json.loads(body)})
+                self.send_response(204 if valid else 401)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def states(self) -> list[tuple[str, bool]]:
+        return [(r["state"], r["valid"]) for r in self.received]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+# --- tests -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+def test_samples_become_ready_and_a_drill_alerts_the_webhook(
+    federation: Any,
+    city_cluster: Any,
+    namespace: str,
+    wait_for: Any,
+    mlflow_server: Any,
+    registered_models: dict[str, Any],
+    local_ray: None,
+    tmp_path: Path,
+) -> None:
+    kubeconfig, user = operator_kubeconfig(federation, namespace, tmp_path, "local")
+    audit = AuditLog(city_cluster.audit_log, user)
+    webhook = Webhook(b"drill-hmac-key")
+    core = client.CoreV1Api(federation.api_client(CITY))
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "drill-webhook"},
+            "data": {"hmac-key": base64.b64encode(b"drill-hmac-key").decode()},
+        },
+    )
+    fleets = [d["metadata"]["name"] for d in yaml.safe_load_all(sample("sensorfleets.yaml"))]
+    with running_operator(kubeconfig, "hub", (namespace,), "local", mlflow_server.url) as operator:
+        apply(federation, namespace, sample("sensorfleets.yaml"))
+        apply(federation, namespace, sample("analyticsmodels.yaml"))
+        for fleet in fleets:
+            wait_for(
+                lambda f=fleet: (
+                    condition(get(federation, "sensorfleets", namespace, f)).get("status") == "True"
+                ),
+                30,
+                what=f"SensorFleet {fleet} Ready",
+            )
+            owner = deployment(federation, namespace, f"{fleet}-ingest").metadata.owner_references[0]
+            assert (owner.kind, owner.name, owner.controller) == ("SensorFleet", fleet, True)
+        for model in ("burst-detector", "flood-forecaster", "crowd-detector"):
+            wait_for(
+                lambda m=model: (
+                    condition(get(federation, "analyticsmodels", namespace, m)).get("status") == "True"
+                ),
+                30,
+                what=f"AnalyticsModel {model} Ready",
+            )
+        detector = get(federation, "analyticsmodels", namespace, "burst-detector")
+        assert detector is not None
+        assert detector["status"]["resolvedVersion"] == registered_models["water-burst-detector"].version
+        assert (
+            detector["status"]["artifactDigest"] == registered_models["water-burst-detector"].artifact_digest
+        )
+        assert {"name": "f1", "value": 0.9} in detector["status"]["metrics"]
+        # The sample pins the localiser to a placeholder digest (sha256 of "test"): refused as untrusted.
+        localiser = wait_for(
+            lambda: (
+                condition(get(federation, "analyticsmodels", namespace, "burst-localiser"), "Degraded")
+                or None
+            ),
+            30,
+            what="burst-localiser Degraded",
+        )
+        assert localiser["reason"] == "ArtifactDigestMismatch"
+
+        drill = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Scenario",
+            "metadata": {"name": "pudong-burst-drill"},
+            "spec": {
+                "kind": "water-burst",
+                "mode": "drill",
+                "fleets": [{"name": "pudong-pressure"}, {"name": "pudong-flow"}],
+                "models": [{"name": "burst-detector", "role": "detector"}],
+                "thresholds": [{"metric": "pressureDropKpa", "unitCode": "KPA", "warning": 50, "alarm": 120}],
+                "alertRoutes": [
+                    {
+                        "name": "duty-desk",
+                        "url": webhook.url,
+                        "minSeverity": "warning",
+                        "secretRef": {"name": "drill-webhook", "key": "hmac-key"},
+                    }
+                ],
+                "simulation": {"engine": "wntr", "network": "Net1", "event": "burst:22"},
+            },
+        }
+        apply(federation, namespace, json.dumps(drill))
+
+        def drill_incidents() -> list[dict[str, Any]]:
+            ready = condition(get(federation, "scenarios", namespace, "pudong-burst-drill"))
+            assert ready.get("reason") != "WorkloadFailed", ready  # fail fast, with the workload's error
+            items: list[dict[str, Any]] = custom(federation).list_namespaced_custom_object(
+                GROUP, VERSION, namespace, "incidents"
+            )["items"]
+            return items
+
+        incidents = wait_for(drill_incidents, 90, what="an Incident from the drill")
+        incident = incidents[0]
+        assert incident["spec"]["drill"] is True
+        assert incident["spec"]["scenarioRef"]["name"] == "pudong-burst-drill"
+        wait_for(lambda: ("Detected", True) in webhook.states(), 20, what="the Detected alert, signed")
+        ready = wait_for(
+            lambda: condition(get(federation, "scenarios", namespace, "pudong-burst-drill")) or None,
+            20,
+            what="the drill's Ready condition",
+        )
+        assert ready["status"] == "True", ready
+
+        name = incident["metadata"]["name"]
+        transitions = [
+            *incident["spec"]["transitions"],
+            {"state": "Dispatched", "time": "2099-01-01T00:00:00Z", "actor": "duty-officer-wang"},
+        ]
+        custom(federation).patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            "incidents",
+            name,
+            {"spec": {"state": "Dispatched", "transitions": transitions}},
+        )
+        wait_for(lambda: ("Dispatched", True) in webhook.states(), 20, what="the Dispatched alert")
+        status = wait_for(
+            lambda: (
+                (get(federation, "incidents", namespace, name) or {}).get("status", {}).get("dispatchSeconds")
+                is not None
+                and get(federation, "incidents", namespace, name)
+            ),
+            20,
+            what="dispatchSeconds",
+        )["status"]
+        assert "duty-desk:Dispatched" in status["notifiedRoutes"]
+        assert all(valid for _, valid in webhook.states())
+        assert webhook.states().count(("Detected", True)) == 1
+
+        # Settled: nothing changes, so the operator writes nothing (resync runs every 4 s).
+        writes = audit.quiet_writes(9)
+        assert writes == [], writes
+        assert operator.alive
+    webhook.close()
+
+
+@pytest.mark.timeout(90)
+def test_fleet_children_follow_spec_drift_and_deletion(
+    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
+) -> None:
+    kubeconfig, user = operator_kubeconfig(federation, namespace, tmp_path, "local")
+    audit = AuditLog(city_cluster.audit_log, user)
+    apps = client.AppsV1Api(federation.api_client(CITY))
+    core = client.CoreV1Api(federation.api_client(CITY))
+    fleet = next(yaml.safe_load_all(sample("sensorfleets.yaml")))
+    name = fleet["metadata"]["name"]
+    child = f"{name}-ingest"
+
+    def ready_generation() -> int | None:
+        obj = get(federation, "sensorfleets", namespace, name)
+        cond = condition(obj)
+        return cond.get("observedGeneration") if cond.get("status") == "True" else None
+
+    with running_operator(kubeconfig, "hub", (namespace,), "local"):
+        apply(federation, namespace, yaml.safe_dump(fleet))
+        wait_for(lambda: ready_generation() == 1, 30, what="fleet Ready at generation 1")
+        assert audit.quiet_writes(6) == []
+
+        # A real change: one Deployment update and one status patch.
+        audit.mark()
+        fleet["spec"]["count"] = 4300
+        apply(federation, namespace, yaml.safe_dump(fleet))
+        wait_for(lambda: ready_generation() == 2, 30, what="fleet Ready at generation 2")
+        time.sleep(3)
+        writes = audit.writes()
+        assert len(writes) <= 2, writes
+        env = deployment(federation, namespace, child).spec.template.spec.containers[0].env
+        assert json.loads(next(e.value for e in env if e.name == "CITYNERVE_FLEET_CONFIG"))["count"] == 4300
+
+        # Drift is corrected; a deleted child is recreated.
+        apps.patch_namespaced_deployment(child, namespace, {"spec": {"replicas": 4}})
+        wait_for(
+            lambda: deployment(federation, namespace, child).spec.replicas == 1, 20, what="replicas restored"
+        )
+        uid = deployment(federation, namespace, child).metadata.uid
+        apps.delete_namespaced_deployment(child, namespace)
+        wait_for(
+            lambda: (d := deployment(federation, namespace, child)) is not None and d.metadata.uid != uid,
+            20,
+            what="the ingestion Deployment recreated",
+        )
+
+        # The ingestion workers' report reaches the status.
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        core.create_namespaced_config_map(
+            namespace,
+            {
+                "metadata": {"name": f"{name}-ingest-report", "labels": {"citynerve.io/ingest-report": name}},
+                "data": {
+                    "reportedAt": now,
+                    "lastReadingTime": now,
+                    "terminalsOnline": "4100",
+                    "acceptedReadings": "990",
+                    "rejectedReadings": "10",
+                    "quarantinedPayloads": "10",
+                },
+            },
+        )
+        status = wait_for(
+            lambda: (
+                (get(federation, "sensorfleets", namespace, name) or {})
+                .get("status", {})
+                .get("terminalsOnline")
+                and get(federation, "sensorfleets", namespace, name)["status"]
+            ),
+            20,
+            what="fleet figures from the ingest report",
+        )
+        assert (status["terminalsOnline"], status["qualityScore"], status["quarantinedPayloads"]) == (
+            4100,
+            99,
+            10,
+        )
+        assert condition({"status": status}, "DataFresh")["status"] == "True"
+
+        # No finalizer: deletion completes at once and the child is collected.
+        assert not (get(federation, "sensorfleets", namespace, name) or {})["metadata"].get("finalizers")
+        custom(federation).delete_namespaced_custom_object(GROUP, VERSION, namespace, "sensorfleets", name)
+        wait_for(lambda: get(federation, "sensorfleets", namespace, name) is None, 10, what="fleet deleted")
+        wait_for(
+            lambda: deployment(federation, namespace, child) is None,
+            30,
+            what="ingestion Deployment collected",
+        )
+
+
+@pytest.mark.timeout(90)
+def test_bad_references_are_reported_not_retried_in_a_loop(
+    federation: Any,
+    city_cluster: Any,
+    namespace: str,
+    wait_for: Any,
+    mlflow_server: Any,
+    registered_models: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    # A tampered artifact: registered with its digest, then changed in the server's artifact store.
+    artifact = tmp_path / "tampered"
+    artifact.mkdir()
+    (artifact / "weights.json").write_text('{"threshold": 12}')
+    register_model_version(mlflow_server.url, "tampered-detector", artifact, {"f1": 0.5}, alias="champion")
+    stored = next(
+        p
+        for p in (mlflow_server.root / "artifacts").rglob("weights.json")
+        if p.read_text() == '{"threshold": 12}'
+    )
+    stored.write_text('{"threshold": 1}')
+
+    manifests = [
+        {
+            "kind": "AnalyticsModel",
+            "metadata": {"name": "no-alias"},
+            "spec": {"registeredModel": "water-burst-detector", "alias": "does-not-exist"},
+        },
+        {
+            "kind": "AnalyticsModel",
+            "metadata": {"name": "no-model"},
+            "spec": {"registeredModel": "no-such-model", "version": "1"},
+        },
+        {
+            "kind": "AnalyticsModel",
+            "metadata": {"name": "tampered"},
+            "spec": {"registeredModel": "tampered-detector", "alias": "champion"},
+        },
+        {
+            "kind": "Scenario",
+            "metadata": {"name": "orphan"},
+            "spec": {"kind": "urban-flood", "fleets": [{"name": "missing-fleet"}]},
+        },
+    ]
+    # Cluster-wide, with the admin's credentials (the namespaced Role is proven by the other tests).
+    with running_operator(federation.kubeconfig, CITY, (), "local", mlflow_server.url) as operator:
+        for manifest in manifests:
+            apply(federation, namespace, json.dumps({"apiVersion": f"{GROUP}/{VERSION}", **manifest}))
+        expected = {
+            ("analyticsmodels", "no-alias"): ("AliasNotFound", "does-not-exist"),
+            ("analyticsmodels", "no-model"): ("RegisteredModelNotFound", "no-such-model"),
+            ("analyticsmodels", "tampered"): ("ArtifactDigestMismatch", "tampered-detector"),
+            ("scenarios", "orphan"): ("FleetNotFound", "missing-fleet"),
+        }
+        for (plural, name), (reason, named) in expected.items():
+            ready = wait_for(
+                lambda p=plural, n=name: condition(get(federation, p, namespace, n)) or None,
+                30,
+                what=f"{plural}/{name} Ready condition",
+            )
+            assert (ready["status"], ready["reason"]) == ("False", reason), ready
+            assert named in ready["message"]
+        assert (
+            condition(get(federation, "analyticsmodels", namespace, "tampered"), "Degraded")["status"]
+            == "True"
+        )
+        before = {n: get(federation, p, namespace, n)["metadata"]["resourceVersion"] for p, n in expected}  # type: ignore[index]
+        time.sleep(9)  # two resyncs: nothing is rewritten, nothing crashes
+        after = {n: get(federation, p, namespace, n)["metadata"]["resourceVersion"] for p, n in expected}  # type: ignore[index]
+        assert before == after
+        assert operator.alive
+
+        # Fixing the reference recovers without a restart.
+        apply(
+            federation,
+            namespace,
+            json.dumps(
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "SensorFleet",
+                    "metadata": {"name": "missing-fleet"},
+                    "spec": {
+                        "sensorType": "water-level-gauge-underpass",
+                        "district": "huangpu",
+                        "count": 3,
+                        "owner": "government",
+                    },
+                }
+            ),
+        )
+        wait_for(
+            lambda: (
+                condition(get(federation, "scenarios", namespace, "orphan")).get("reason") != "FleetNotFound"
+            ),
+            20,
+            what="the scenario past FleetNotFound",
+        )
+
+
+@pytest.fixture
+def ray_operator(city_cluster: Any, namespace: str, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """KubeRay's ray-operator v1.4.0 watching the test's namespace on the city cluster."""
+    log = (tmp_path / "ray-operator.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(toolchain.binary("ray-operator")),
+            "-kubeconfig",
+            str(city_cluster.kubeconfig),
+            "-watch-namespace",
+            namespace,
+            "-enable-leader-election=false",
+            "-metrics-addr",
+            f"127.0.0.1:{free_port()}",
+            "-health-probe-bind-address",
+            f"127.0.0.1:{free_port()}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.timeout(120)
+def test_kuberay_workload_survives_an_operator_restart_without_duplicates(
+    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, ray_operator: Any, tmp_path: Path
+) -> None:
+    kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "kuberay")
+    # The account the Ray pods run as comes with the city chart, not from the operator.
+    client.CoreV1Api(federation.api_client(CITY)).create_namespaced_service_account(
+        namespace, {"metadata": {"name": "citynerve-analytics"}}
+    )
+    objects = custom(federation)
+    scenario = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Scenario",
+        "metadata": {"name": "huangpu-flood"},
+        "spec": {
+            "kind": "urban-flood",
+            "fleets": [{"name": "underpass-water-level"}, {"name": "rain-gauges"}],
+            "thresholds": [{"metric": "waterLevelMm", "unitCode": "MMT", "warning": 150, "alarm": 270}],
+            "replicas": 2,
+        },
+    }
+    fleets = [
+        d
+        for d in yaml.safe_load_all(sample("sensorfleets.yaml"))
+        if d["metadata"]["name"] in ("underpass-water-level", "rain-gauges")
+    ]
+
+    def rayjobs() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = objects.list_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayjobs"
+        )["items"]
+        return [j for j in items if not j["metadata"].get("deletionTimestamp")]
+
+    # Killed mid-reconcile: stopped as soon as its first child write lands.
+    with running_operator(kubeconfig, "hub", (namespace,), "kuberay"):
+        apply(federation, namespace, "---\n".join(yaml.safe_dump(d) for d in [*fleets, scenario]))
+        wait_for(
+            lambda: rayjobs() or deployment(federation, namespace, "rain-gauges-ingest"),
+            20,
+            what="a first child",
+        )
+    with running_operator(kubeconfig, "hub", (namespace,), "kuberay"):
+        status = wait_for(
+            lambda: (
+                (get(federation, "scenarios", namespace, "huangpu-flood") or {})
+                .get("status", {})
+                .get("workload")
+            ),
+            30,
+            what="the scenario's workload in status",
+        )
+        assert status["kind"] == "RayJob"
+        wait_for(lambda: len(rayjobs()) == 1, 10, what="exactly one RayJob")
+        job = rayjobs()[0]
+        assert job["metadata"]["name"] == status["name"]
+        assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
+        # KubeRay makes the Ray cluster (and its pods) for the RayJob.
+        clusters = wait_for(
+            lambda: objects.list_namespaced_custom_object("ray.io", "v1", namespace, "rayclusters")["items"],
+            30,
+            what="the RayCluster KubeRay creates",
+        )
+        assert clusters[0]["metadata"]["ownerReferences"][0]["name"] == job["metadata"]["name"]
+        core = client.CoreV1Api(federation.api_client(CITY))
+        wait_for(
+            lambda: core.list_namespaced_pod(namespace, label_selector="ray.io/node-type=head").items,
+            30,
+            what="the Ray head pod",
+        )
+        for name in ("underpass-water-level-ingest", "rain-gauges-ingest"):
+            assert deployment(federation, namespace, name) is not None
+        assert (
+            len(client.AppsV1Api(federation.api_client(CITY)).list_namespaced_deployment(namespace).items)
+            == 2
+        )
+
+        # A spec change reaches the workload: a new revision replaces the RayJob.
+        objects.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, "scenarios", "huangpu-flood", {"spec": {"replicas": 3}}
+        )
+        wait_for(
+            lambda: (
+                [j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] for j in rayjobs()] == [3]
+            ),
+            30,
+            what="one RayJob with 3 workers",
+        )
+        ready = wait_for(
+            lambda: condition(get(federation, "scenarios", namespace, "huangpu-flood")) or None,
+            10,
+            what="Ready condition",
+        )
+        assert ready["reason"] in ("WorkloadPending", "WorkloadRunning"), ready
+
+
+@pytest.mark.timeout(30)
+def test_kuberay_crds_are_where_the_tests_expect() -> None:
+    if shutil.which("go") is None:
+        pytest.skip("go is not on PATH")
+    assert (_kuberay_crds() / "ray.io_rayjobs.yaml").exists()

@@ -1,0 +1,1 @@
+"""The city operator: reconciles SensorFleet, AnalyticsModel, Scenario and Incident in a city cluster."""

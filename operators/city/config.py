@@ -1,0 +1,44 @@
+"""What a city operator is started with, besides where it connects (``OperatorOptions``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+WorkloadMode = Literal["local", "kuberay"]
+
+MANAGED_BY = "citynerve-city-operator"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_FLEET = "citynerve.io/sensorfleet"
+LABEL_SCENARIO = "citynerve.io/scenario"
+LABEL_REVISION = "citynerve.io/workload-revision"
+LABEL_INGEST_REPORT = "citynerve.io/ingest-report"
+ANNOTATION_NOTIFIED = "citynerve.io/notified"
+
+# Where incidents are placed when a detector only knows the asset, not its coordinates.
+CITY_CENTRES: dict[str, tuple[str, str]] = {
+    "shanghai": ("31.2304", "121.4737"),
+    "chengdu": ("30.5728", "104.0668"),
+}
+
+
+@dataclass(frozen=True)
+class CityOptions:
+    """City-specific settings of the operator."""
+
+    city: str = "shanghai"
+    mlflow_url: str | None = None
+    workload_mode: WorkloadMode = "local"
+    ingest_image: str = "ghcr.io/citynerve/ingest:0.1.0"
+    analytics_image: str = "ghcr.io/citynerve/analytics:0.1.0"
+    ray_version: str = "2.60.0"
+    # Re-resolution of model aliases, freshness of fleet data, retries after errors.
+    resync_seconds: float = 30.0
+    # How long a resolved model is trusted before it is downloaded and verified again.
+    model_cache_seconds: float = 30.0
+    webhook_timeout_seconds: float = 5.0
+
+    @property
+    def centre(self) -> tuple[str, str]:
+        return CITY_CENTRES.get(self.city, ("0", "0"))

@@ -1,0 +1,73 @@
+"""``citynerve operator city``: run a city's operator in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from citynerve.operators.city.config import CityOptions
+from citynerve.operators.city.handlers import build_registry
+from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="citynerve operator city", description=__doc__)
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=None,
+        help="kubeconfig of the city cluster (default: the in-cluster service account)",
+    )
+    parser.add_argument("--context", default=None, help="context in the kubeconfig")
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="namespace to watch (repeatable); none: cluster-wide",
+    )
+    parser.add_argument("--city", default="shanghai", help="name of this city (default: %(default)s)")
+    parser.add_argument(
+        "--mlflow-url", default=None, help="MLflow tracking server AnalyticsModels resolve against"
+    )
+    parser.add_argument(
+        "--workload-mode",
+        choices=("local", "kuberay"),
+        default="local",
+        help="run scenarios on a local Ray cluster or as KubeRay RayJobs (default: %(default)s)",
+    )
+    parser.add_argument("--peering", default=None, help="Kopf peering name (default: standalone)")
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="seconds between full resyncs (default: %(default)s)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def parse_options(argv: list[str]) -> tuple[OperatorOptions, CityOptions]:
+    args = build_parser().parse_args(argv)
+    options = OperatorOptions(
+        name=f"city-{args.city}",
+        target=KubeTarget(args.kubeconfig, args.context),
+        namespaces=tuple(args.namespaces),
+        peering=args.peering,
+    )
+    city = CityOptions(
+        city=args.city,
+        mlflow_url=args.mlflow_url,
+        workload_mode=args.workload_mode,
+        resync_seconds=args.resync_seconds,
+    )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return options, city
+
+
+def main(argv: list[str]) -> int:
+    options, city = parse_options(argv)
+    return run_until_signal(options, lambda o: build_registry(o, city))

@@ -1,0 +1,50 @@
+"""The one list of API permissions the city operator needs.
+
+Namespace-scoped operation binds these rules with a Role in each watched namespace;
+cluster-wide operation binds the same rules with a ClusterRole. The Helm chart is generated
+from (and checked against) ``role_rules``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from citynerve.operators.api import GROUP
+
+_READ = ["get", "list", "watch"]
+_WRITE = ["create", "update", "patch", "delete"]
+
+
+def role_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
+    """RBAC PolicyRules (as manifests) for the city operator in one namespace."""
+    rules: list[dict[str, Any]] = [
+        {"apiGroups": [GROUP], "resources": ["sensorfleets", "analyticsmodels", "scenarios"], "verbs": _READ},
+        {"apiGroups": [GROUP], "resources": ["incidents"], "verbs": [*_READ, "create"]},
+        {
+            "apiGroups": [GROUP],
+            "resources": [
+                "sensorfleets/status",
+                "analyticsmodels/status",
+                "scenarios/status",
+                "incidents/status",
+            ],
+            "verbs": ["get", "patch", "update"],
+        },
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*_READ, *_WRITE]},
+        # Ingest reports are read, never written; alert routes' HMAC keys are read one by one.
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": _READ},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    ]
+    if workload_mode == "kuberay":
+        rules.append({"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": [*_READ, *_WRITE]})
+    return rules
+
+
+def cluster_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
+    """Rules for cluster-wide operation: the same, plus discovery of namespaces and CRDs by Kopf."""
+    return [
+        *role_rules(workload_mode),
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": _READ},
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": _READ},
+    ]

@@ -1,0 +1,514 @@
+"""Level-triggered reconcilers of the city kinds: read, compare with the desired state, write the difference.
+
+Each ``reconcile_*`` reads the object and what it owns, builds the desired children and status
+with the pure functions of ``children`` and ``status``, and writes only what differs: a no-op
+reconcile makes no API write. Reconciles of one object are serialised by a lock, because an
+object is reconciled from its own events, its children's events and the periodic resync.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
+from citynerve.operators.api import GROUP, VERSION
+from citynerve.operators.city import alerts
+from citynerve.operators.city.children import (
+    deployment_drifted,
+    desired_ingest_deployment,
+    desired_rayjob,
+    drifted,
+    ingest_name,
+    ingest_report_name,
+    scenario_payload,
+    workload_revision,
+)
+from citynerve.operators.city.config import LABEL_MANAGED_BY, LABEL_SCENARIO, MANAGED_BY, CityOptions
+from citynerve.operators.city.local import LocalRayWorkloads
+from citynerve.operators.city.status import (
+    WorkloadObservation,
+    compute_fleet_status,
+    compute_incident_status,
+    compute_model_status,
+    compute_scenario_status,
+    missing_references,
+)
+from citynerve.operators.conditions import find_condition, status_patch
+from citynerve.operators.runtime import OperatorOptions
+from kubernetes import client
+
+log = logging.getLogger(__name__)
+# Steps on the way to Ready are not worth an Event; arriving, failing and recovering are.
+TRANSIENT_REASONS = {"DeploymentMissing", "DeploymentProgressing", "WorkloadPending"}
+PLURALS = {
+    "SensorFleet": "sensorfleets",
+    "AnalyticsModel": "analyticsmodels",
+    "Scenario": "scenarios",
+    "Incident": "incidents",
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _not_found(exc: client.ApiException) -> bool:
+    return bool(exc.status == 404)
+
+
+@dataclass
+class _CachedResolution:
+    key: tuple[Any, ...]
+    resolved: ResolvedModel | None
+    error: ModelResolutionError | None
+    at: float
+
+
+class CityReconciler:
+    """The I/O half of the city operator; every decision is delegated to a pure function."""
+
+    def __init__(self, options: OperatorOptions, city: CityOptions) -> None:
+        self.options = options
+        self.city = city
+        configuration = options.target.client_configuration()
+        configuration.connection_pool_maxsize = max(8, options.max_workers + 4)
+        self.api = client.ApiClient(configuration)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.core = client.CoreV1Api(self.api)
+        self.local = LocalRayWorkloads(city.city, options.target) if city.workload_mode == "local" else None
+        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._models: dict[tuple[str, str], _CachedResolution] = {}
+        self.reconciles = 0
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    @contextmanager
+    def _serialised(self, kind: str, namespace: str, name: str) -> Iterator[None]:
+        key = (kind, namespace, name)
+        with self._locks_guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            self.reconciles += 1
+            yield
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._locks.pop((kind, namespace, name), None)
+        if kind == "AnalyticsModel":
+            self._models.pop((namespace, name), None)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURALS[kind], name
+            )
+        except client.ApiException as exc:
+            if _not_found(exc):
+                return None
+            raise
+        return None if obj["metadata"].get("deletionTimestamp") else obj
+
+    def list_objects(self, kind: str, namespace: str | None) -> list[dict[str, Any]]:
+        if namespace is None:
+            result = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURALS[kind])
+        else:
+            result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind])
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
+
+    def write_status(self, kind: str, obj: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+        """Patch the status only where it differs; post an Event when Ready flips. True if written."""
+        patch = status_patch(obj.get("status"), desired)
+        if patch is None:
+            return False
+        meta = obj["metadata"]
+        log.debug("status of %s %s/%s changes: %s", kind, meta["namespace"], meta["name"], patch)
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], {"status": patch}
+            )
+        except client.ApiException as exc:
+            if _not_found(exc):
+                return False
+            raise
+        before = find_condition(obj.get("status"), "Ready")
+        after = find_condition(desired, "Ready")
+        if (
+            before
+            and after
+            and before.get("status") != after.get("status")
+            and not {before.get("reason"), after.get("reason")} & TRANSIENT_REASONS
+        ):
+            self.post_event(
+                kind,
+                obj,
+                after["reason"],
+                after.get("message", ""),
+                "Normal" if after["status"] == "True" else "Warning",
+            )
+        return True
+
+    def post_event(
+        self, kind: str, obj: Mapping[str, Any], reason: str, message: str, event_type: str
+    ) -> None:
+        meta = obj["metadata"]
+        now = _now()
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": kind,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": event_type,
+            "source": {"component": MANAGED_BY},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except client.ApiException as exc:  # an Event is worth a log line, never a failed reconcile
+            log.warning(
+                "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason
+            )
+
+    # -- SensorFleet ------------------------------------------------------------------------------
+    def reconcile_fleet(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
+        with self._serialised("SensorFleet", namespace, name):
+            fleet = listed if listed is not None else self.get("SensorFleet", namespace, name)
+            if fleet is None:
+                return
+            desired = desired_ingest_deployment(fleet, self.city)
+            deployment = self._read_deployment(namespace, desired["metadata"]["name"])
+            if deployment is None:
+                deployment = self._create_deployment(namespace, desired)
+            elif not any(
+                ref.get("uid") == fleet["metadata"]["uid"]
+                for ref in deployment["metadata"].get("ownerReferences") or []
+            ):
+                msg = (
+                    f"Deployment {ingest_name(name)} exists and is not owned by SensorFleet {name}; "
+                    "delete or rename it"
+                )
+                log.warning(msg)
+            elif deployment_drifted(desired, deployment):
+                body = {
+                    **desired,
+                    "metadata": {
+                        **desired["metadata"],
+                        "resourceVersion": deployment["metadata"]["resourceVersion"],
+                    },
+                }
+                deployment = self.api.sanitize_for_serialization(
+                    self.apps.replace_namespaced_deployment(desired["metadata"]["name"], namespace, body)
+                )
+            report = self._read_report(namespace, ingest_report_name(name))
+            self.write_status("SensorFleet", fleet, compute_fleet_status(fleet, deployment, report, _now()))
+
+    def _read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = self.apps.read_namespaced_deployment(name, namespace)
+        except client.ApiException as exc:
+            if _not_found(exc):
+                return None
+            raise
+        result: dict[str, Any] = self.api.sanitize_for_serialization(found)
+        return result
+
+    def _create_deployment(self, namespace: str, desired: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            created = self.apps.create_namespaced_deployment(namespace, desired)
+        except client.ApiException as exc:
+            if exc.status == 409:  # made by a concurrent reconcile; the next pass compares it
+                return self._read_deployment(namespace, desired["metadata"]["name"])
+            raise
+        result: dict[str, Any] = self.api.sanitize_for_serialization(created)
+        return result
+
+    def _read_report(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            config_map = self.core.read_namespaced_config_map(name, namespace)
+        except client.ApiException as exc:
+            if _not_found(exc):
+                return None
+            raise
+        return dict(config_map.data or {})
+
+    # -- AnalyticsModel ---------------------------------------------------------------------------
+    def reconcile_model(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
+        with self._serialised("AnalyticsModel", namespace, name):
+            model = listed if listed is not None else self.get("AnalyticsModel", namespace, name)
+            if model is None:
+                return
+            resolved, error = self._resolve(namespace, name, model["spec"])
+            self.write_status("AnalyticsModel", model, compute_model_status(model, resolved, error, _now()))
+
+    def _resolve(
+        self, namespace: str, name: str, spec: Mapping[str, Any]
+    ) -> tuple[ResolvedModel | None, ModelResolutionError | None]:
+        key = (
+            spec["registeredModel"],
+            spec.get("alias"),
+            spec.get("version"),
+            spec.get("expectedDigest"),
+            self.city.mlflow_url,
+        )
+        cached = self._models.get((namespace, name))
+        if cached and cached.key == key and time.monotonic() - cached.at < self.city.model_cache_seconds:
+            return cached.resolved, cached.error
+        resolved: ResolvedModel | None = None
+        error: ModelResolutionError | None = None
+        if not self.city.mlflow_url:
+            error = ModelResolutionError(
+                "RegistryNotConfigured", "the city operator was started without --mlflow-url"
+            )
+        else:
+            try:
+                resolved = resolve_model_version(
+                    self.city.mlflow_url,
+                    spec["registeredModel"],
+                    alias=spec.get("alias"),
+                    version=spec.get("version"),
+                    expected_digest=spec.get("expectedDigest"),
+                )
+            except ModelResolutionError as exc:
+                error = exc
+        self._models[(namespace, name)] = _CachedResolution(key, resolved, error, time.monotonic())
+        return resolved, error
+
+    # -- Scenario ---------------------------------------------------------------------------------
+    def reconcile_scenario(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
+        with self._serialised("Scenario", namespace, name):
+            scenario = listed if listed is not None else self.get("Scenario", namespace, name)
+            if scenario is None:
+                self._stop_workloads(namespace, name, keep=None)
+                return
+            fleets = {f["metadata"]["name"]: f for f in self.list_objects("SensorFleet", namespace)}
+            models = {m["metadata"]["name"]: m for m in self.list_objects("AnalyticsModel", namespace)}
+            unmet = missing_references(scenario, fleets, models)
+            workload: WorkloadObservation | None = None
+            if unmet is None and int(scenario["spec"].get("replicas", 1)) > 0:
+                payload = scenario_payload(scenario, fleets, models, self.city.city)
+                revision = workload_revision(payload)
+                if self.local is not None:
+                    workload = self.local.ensure(
+                        namespace, name, revision, payload, int(payload["spec"]["replicas"])
+                    )
+                else:
+                    workload = self._ensure_rayjob(scenario, payload)
+                self._stop_workloads(namespace, name, keep=revision)
+            else:
+                self._stop_workloads(namespace, name, keep=None)
+            open_incidents = sum(
+                1
+                for i in self.list_objects("Incident", namespace)
+                if i["spec"]["scenarioRef"]["name"] == name and i["spec"].get("state") != "Resolved"
+            )
+            self.write_status(
+                "Scenario",
+                scenario,
+                compute_scenario_status(scenario, unmet, workload, open_incidents, _now()),
+            )
+
+    def _ensure_rayjob(self, scenario: Mapping[str, Any], payload: Mapping[str, Any]) -> WorkloadObservation:
+        desired = desired_rayjob(scenario, payload, self.city)
+        namespace, job_name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        try:
+            observed: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                "ray.io", "v1", namespace, "rayjobs", job_name
+            )
+        except client.ApiException as exc:
+            if not _not_found(exc):
+                raise
+            try:
+                observed = self.custom.create_namespaced_custom_object(
+                    "ray.io", "v1", namespace, "rayjobs", desired
+                )
+            except client.ApiException as create_exc:
+                if create_exc.status != 409:
+                    raise
+                observed = self.custom.get_namespaced_custom_object(
+                    "ray.io", "v1", namespace, "rayjobs", job_name
+                )
+        else:
+            if drifted(desired["spec"], observed.get("spec")) or drifted(
+                desired["metadata"]["labels"], observed["metadata"].get("labels") or {}
+            ):
+                body = {
+                    **desired,
+                    "metadata": {
+                        **desired["metadata"],
+                        "resourceVersion": observed["metadata"]["resourceVersion"],
+                    },
+                }
+                observed = self.custom.replace_namespaced_custom_object(
+                    "ray.io", "v1", namespace, "rayjobs", job_name, body
+                )
+        return rayjob_observation(observed)
+
+    def _stop_workloads(self, namespace: str, scenario: str, keep: str | None) -> None:
+        if self.local is not None:
+            if self.local.started or keep is not None:
+                self.local.stop(namespace, scenario, keep_revision=keep)
+            return
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_SCENARIO}={scenario}"
+        jobs = self.custom.list_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayjobs", label_selector=selector
+        )
+        for job in jobs.get("items", []):
+            if (
+                keep is None
+                or job["metadata"].get("labels", {}).get("citynerve.io/workload-revision") != keep
+            ):
+                try:
+                    self.custom.delete_namespaced_custom_object(
+                        "ray.io", "v1", namespace, "rayjobs", job["metadata"]["name"]
+                    )
+                except client.ApiException as exc:
+                    if not _not_found(exc):
+                        raise
+
+    def scenarios_referencing(
+        self,
+        namespace: str,
+        *,
+        fleet: str | None = None,
+        model: str | None = None,
+    ) -> list[str]:
+        """Scenarios in ``namespace`` that read ``fleet`` or score with ``model``."""
+        names = []
+        for item in self.list_objects("Scenario", namespace):
+            spec = item["spec"]
+            if (fleet and any(f["name"] == fleet for f in spec.get("fleets") or [])) or (
+                model and any(m["name"] == model for m in spec.get("models") or [])
+            ):
+                names.append(item["metadata"]["name"])
+        return names
+
+    # -- Incident ---------------------------------------------------------------------------------
+    def reconcile_incident(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
+        with self._serialised("Incident", namespace, name):
+            incident = listed if listed is not None else self.get("Incident", namespace, name)
+            if incident is None:
+                return
+            scenario = self.get("Scenario", namespace, incident["spec"]["scenarioRef"]["name"])
+            routes = list((scenario or {}).get("spec", {}).get("alertRoutes") or [])
+            notified = list((incident.get("status") or {}).get("notifiedRoutes") or [])
+            delivery_error: tuple[str, str] | None = None
+            for delivery in alerts.deliveries_due(incident["spec"], routes, notified):
+                try:
+                    self._deliver(incident, delivery)
+                except _DeliveryError as exc:
+                    delivery_error = (exc.reason, str(exc))
+                    continue
+                notified = alerts.record_delivery(notified, delivery)
+            self.write_status(
+                "Incident", incident, compute_incident_status(incident, notified, delivery_error, _now())
+            )
+
+    def _deliver(self, incident: Mapping[str, Any], delivery: alerts.Delivery) -> None:
+        route = delivery.route
+        namespace = incident["metadata"]["namespace"]
+        ref = route["secretRef"]
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], namespace)
+        except client.ApiException as exc:
+            raise _DeliveryError(
+                "SecretNotFound" if _not_found(exc) else "SecretUnreadable",
+                f"alert route {route['name']}: Secret {ref['name']} in {namespace} could not "
+                f"be read ({exc.status} {exc.reason}); create it with key {ref['key']}",
+            ) from exc
+        encoded = (secret.data or {}).get(ref["key"])
+        if encoded is None:
+            raise _DeliveryError(
+                "SecretKeyNotFound",
+                f"alert route {route['name']}: Secret {ref['name']} has no key {ref['key']}",
+            )
+        body = alerts.alert_body(incident, delivery.state, self.city.city)
+        delivery_id = f"{incident['metadata'].get('uid')}/{delivery.route_name}/{delivery.state}"
+        try:
+            alerts.post_alert(
+                route["url"], base64.b64decode(encoded), body, delivery_id, self.city.webhook_timeout_seconds
+            )
+        except httpx.HTTPError as exc:
+            raise _DeliveryError(
+                "WebhookFailed",
+                f"alert route {route['name']} ({route['url']}) failed: {exc}; retrying on the next pass",
+            ) from exc
+
+    # -- periodic resync --------------------------------------------------------------------------
+    def resync(self) -> None:
+        """Reconcile everything once: catches moved aliases, stale data, failed deliveries, orphans."""
+        namespaces: list[str | None] = list(self.options.namespaces) or [None]
+        existing: set[tuple[str, str]] = set()
+        for namespace in namespaces:
+            for kind, reconcile in (
+                ("SensorFleet", self.reconcile_fleet),
+                ("AnalyticsModel", self.reconcile_model),
+                ("Scenario", self.reconcile_scenario),
+                ("Incident", self.reconcile_incident),
+            ):
+                for item in self.list_objects(kind, namespace):
+                    meta = item["metadata"]
+                    if meta.get("deletionTimestamp"):
+                        continue
+                    if kind == "Scenario":
+                        existing.add((meta["namespace"], meta["name"]))
+                    try:
+                        reconcile(meta["namespace"], meta["name"], item)
+                    except Exception:
+                        log.exception("resync of %s %s/%s failed", kind, meta["namespace"], meta["name"])
+        if self.local is not None and self.local.started:
+            watched = set(self.options.namespaces)
+            self.local.sweep(existing, lambda ns: not watched or ns in watched)
+
+
+class _DeliveryError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def rayjob_observation(job: Mapping[str, Any]) -> WorkloadObservation:
+    """What a RayJob's status says about the scenario's workload (pure)."""
+    status = job.get("status") or {}
+    deployment = status.get("jobDeploymentStatus") or ""
+    job_status = status.get("jobStatus") or ""
+    if deployment == "Failed" or job_status in ("FAILED", "STOPPED"):
+        state = "Failed"
+    elif deployment == "Complete" and job_status == "SUCCEEDED":
+        state = "Succeeded"
+    elif deployment == "Running":
+        state = "Running"
+    else:
+        state = "Pending"
+    cluster = status.get("rayClusterStatus") or {}
+    message = str(
+        status.get("message")
+        or (
+            f"jobDeploymentStatus {deployment}" if deployment else "not yet picked up by the KubeRay operator"
+        )
+    )
+    return WorkloadObservation(
+        "ray.io/v1",
+        "RayJob",
+        job["metadata"]["name"],
+        state,  # type: ignore[arg-type]
+        ready_replicas=int(cluster.get("readyWorkerReplicas") or cluster.get("availableWorkerReplicas") or 0),
+        message=message,
+    )

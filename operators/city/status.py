@@ -1,0 +1,353 @@
+"""Observed state of a city's resources, computed by pure functions.
+
+Each ``compute_*_status`` takes the object and what the reconciler observed (children,
+reports, resolution results, the time) and returns the complete status the object should
+have. The reconciler writes it only when it differs from the stored one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from citynerve.models.registry import ModelResolutionError, ResolvedModel
+from citynerve.operators.api.city import INCIDENT_STATES
+from citynerve.operators.conditions import make_condition, parse_time, rfc3339, with_conditions
+
+STALE_AFTER_INTERVALS = 3
+
+
+def _generation(obj: Mapping[str, Any]) -> int | None:
+    generation = obj.get("metadata", {}).get("generation")
+    return int(generation) if generation is not None else None
+
+
+# --- SensorFleet -------------------------------------------------------------------------------
+
+
+def _int(data: Mapping[str, Any], key: str) -> int | None:
+    try:
+        return max(0, int(str(data[key])))
+    except (KeyError, ValueError):
+        return None
+
+
+def compute_fleet_status(
+    fleet: Mapping[str, Any],
+    deployment: Mapping[str, Any] | None,
+    report: Mapping[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """Status of a SensorFleet from its ingestion Deployment and the ingest report's counters.
+
+    ``report`` is the data of the ingest-report ConfigMap: ``reportedAt``, ``terminalsOnline``,
+    ``lastReadingTime``, ``acceptedReadings``, ``rejectedReadings``, ``quarantinedPayloads``.
+    Freshness is measured at the report (reportedAt - lastReadingTime), so the status changes
+    when a report arrives, not every second; a report older than three sampling intervals
+    makes the data stale.
+    """
+    name = fleet["metadata"]["name"]
+    generation = _generation(fleet)
+    interval = int(fleet["spec"].get("samplingIntervalSeconds", 300))
+    conditions = []
+
+    if deployment is None:
+        available = make_condition(
+            "IngestionAvailable",
+            "False",
+            "DeploymentMissing",
+            f"the ingestion Deployment of fleet {name} does not exist yet",
+            generation,
+        )
+    else:
+        wanted = int((deployment.get("spec") or {}).get("replicas") or 0)
+        dstatus = deployment.get("status") or {}
+        ready = int(dstatus.get("availableReplicas") or 0)
+        # A rolling update keeps the old workers available, so a spec change does not flap Ready.
+        if ready >= wanted:
+            available = make_condition(
+                "IngestionAvailable",
+                "True",
+                "DeploymentAvailable",
+                # the wanted count, not the available one: a rolling update briefly has more
+                f"all {wanted} ingestion worker(s) available",
+                generation,
+            )
+        else:
+            available = make_condition(
+                "IngestionAvailable",
+                "False",
+                "DeploymentProgressing",
+                f"{ready} of {wanted} ingestion worker(s) available; see "
+                f"Deployment {deployment['metadata']['name']}",
+                generation,
+            )
+    conditions.append(available)
+
+    fields: dict[str, Any] = {}
+    if report is None:
+        fresh = make_condition(
+            "DataFresh",
+            "Unknown",
+            "NoReport",
+            f"no ingest report yet (ConfigMap {name}-ingest-report)",
+            generation,
+        )
+    else:
+        reported = parse_time(str(report.get("reportedAt") or "")) or now
+        last = parse_time(str(report.get("lastReadingTime") or ""))
+        accepted = _int(report, "acceptedReadings") or 0
+        rejected = _int(report, "rejectedReadings") or 0
+        fields = {
+            "terminalsOnline": _int(report, "terminalsOnline"),
+            "quarantinedPayloads": _int(report, "quarantinedPayloads"),
+            "qualityScore": round(100 * accepted / (accepted + rejected)) if accepted + rejected else None,
+            "lastReadingTime": rfc3339(last) if last else None,
+            "dataFreshnessSeconds": max(0, int((reported - last).total_seconds())) if last else None,
+        }
+        limit = STALE_AFTER_INTERVALS * interval
+        newest = last or reported
+        if (now - newest).total_seconds() > limit:
+            fresh = make_condition(
+                "DataFresh",
+                "False",
+                "ReadingsStale",
+                f"the newest reading of fleet {name} is older than {limit} s (three "
+                "sampling intervals); check the terminals and the ingestion workers",
+                generation,
+            )
+        else:
+            fresh = make_condition(
+                "DataFresh", "True", "ReadingsFresh", f"readings are newer than {limit} s", generation
+            )
+    conditions.append(fresh)
+
+    if available["status"] != "True":
+        ready_condition = make_condition(
+            "Ready", "False", available["reason"], available["message"], generation
+        )
+    elif fresh["status"] == "False":
+        ready_condition = make_condition("Ready", "False", fresh["reason"], fresh["message"], generation)
+    else:
+        message = "ingestion is available" + (
+            "" if fresh["status"] == "True" else "; no readings reported yet"
+        )
+        ready_condition = make_condition("Ready", "True", "IngestionReady", message, generation)
+    conditions.append(ready_condition)
+    return with_conditions(fleet.get("status"), fields, conditions, generation, rfc3339(now))
+
+
+# --- AnalyticsModel ----------------------------------------------------------------------------
+
+
+def compute_model_status(
+    model: Mapping[str, Any],
+    resolved: ResolvedModel | None,
+    error: ModelResolutionError | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """Status of an AnalyticsModel from a resolution (or its error).
+
+    A temporary error (registry unreachable) keeps the last verified resolution in use and
+    only reports Degraded; a permanent one (no such alias, tampered artifact) withdraws it.
+    """
+    spec = model["spec"]
+    generation = _generation(model)
+    current = dict(model.get("status") or {})
+    ref = (
+        f"{spec['registeredModel']}@{spec['alias']}"
+        if spec.get("alias")
+        else f"{spec['registeredModel']} version {spec.get('version')}"
+    )
+    keys = ("resolvedVersion", "modelUri", "artifactDigest", "metrics")
+    if resolved is not None:
+        fields: dict[str, Any] = {
+            "resolvedVersion": resolved.version,
+            "modelUri": resolved.model_uri,
+            "artifactDigest": resolved.artifact_digest,
+            "metrics": [{"name": k, "value": v} for k, v in sorted(resolved.metrics.items())][:256],
+        }
+        conditions = [
+            make_condition(
+                "Ready",
+                "True",
+                "Resolved",
+                f"{ref} resolved to version {resolved.version}, artifact digest verified",
+                generation,
+            ),
+            make_condition("Degraded", "False", "Resolved", "", generation),
+        ]
+    elif error is not None and not error.permanent and current.get("resolvedVersion"):
+        fields = {k: current.get(k) for k in keys}
+        conditions = [
+            make_condition(
+                "Ready",
+                "True",
+                "LastResolutionInUse",
+                f"still using version {current['resolvedVersion']}: {error.message}",
+                generation,
+            ),
+            make_condition("Degraded", "True", error.reason, error.message, generation),
+        ]
+    else:
+        assert error is not None
+        fields = {}
+        conditions = [
+            make_condition("Ready", "False", error.reason, error.message, generation),
+            make_condition("Degraded", "True", error.reason, error.message, generation),
+        ]
+    return with_conditions(model.get("status"), fields, conditions, generation, rfc3339(now))
+
+
+# --- Scenario ----------------------------------------------------------------------------------
+
+
+WorkloadState = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
+@dataclass(frozen=True)
+class WorkloadObservation:
+    """What the reconciler saw of a scenario's workload."""
+
+    api_version: str
+    kind: str
+    name: str
+    state: WorkloadState
+    ready_replicas: int = 0
+    message: str = ""
+    last_evaluation_time: str | None = None
+
+
+def missing_references(
+    scenario: Mapping[str, Any],
+    fleets: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+) -> tuple[str, str] | None:
+    """The first unmet reference of a scenario as (reason, message), or None when all resolve."""
+    spec = scenario["spec"]
+    namespace = scenario["metadata"]["namespace"]
+    absent = [f["name"] for f in spec["fleets"] if f["name"] not in fleets]
+    if absent:
+        return (
+            "FleetNotFound",
+            f"SensorFleet {', '.join(absent)} not found in namespace {namespace}; "
+            "create it or correct spec.fleets",
+        )
+    absent = [m["name"] for m in spec.get("models") or [] if m["name"] not in models]
+    if absent:
+        return (
+            "ModelNotFound",
+            f"AnalyticsModel {', '.join(absent)} not found in namespace {namespace}; "
+            "create it or correct spec.models",
+        )
+    for ref in spec.get("models") or []:
+        model = models[ref["name"]]
+        ready = next(
+            (c for c in (model.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), None
+        )
+        if not ready or ready.get("status") != "True":
+            why = f": {ready['reason']}: {ready.get('message', '')}" if ready else " (not resolved yet)"
+            return ("ModelNotReady", f"AnalyticsModel {ref['name']} is not Ready{why}")
+    return None
+
+
+def compute_scenario_status(
+    scenario: Mapping[str, Any],
+    unmet: tuple[str, str] | None,
+    workload: WorkloadObservation | None,
+    open_incidents: int,
+    now: datetime,
+) -> dict[str, Any]:
+    generation = _generation(scenario)
+    replicas = int(scenario["spec"].get("replicas", 1))
+    fields: dict[str, Any] = {"openIncidents": open_incidents}
+    if workload is not None:
+        fields["workload"] = {
+            "apiVersion": workload.api_version,
+            "kind": workload.kind,
+            "name": workload.name,
+        }
+        fields["readyReplicas"] = workload.ready_replicas
+        fields["lastEvaluationTime"] = workload.last_evaluation_time
+    if unmet is not None:
+        ready = make_condition("Ready", "False", unmet[0], unmet[1], generation)
+    elif replicas == 0:
+        ready = make_condition(
+            "Ready", "False", "Suspended", "spec.replicas is 0: the workload is stopped", generation
+        )
+    elif workload is None:
+        ready = make_condition(
+            "Ready", "False", "WorkloadPending", "the analytics workload is being created", generation
+        )
+    elif workload.state == "Failed":
+        ready = make_condition(
+            "Ready",
+            "False",
+            "WorkloadFailed",
+            f"{workload.kind} {workload.name} failed: {workload.message}",
+            generation,
+        )
+    elif workload.state == "Pending":
+        ready = make_condition(
+            "Ready",
+            "False",
+            "WorkloadPending",
+            f"{workload.kind} {workload.name} is starting{': ' if workload.message else ''}"
+            f"{workload.message}",
+            generation,
+        )
+    else:
+        verb = "finished" if workload.state == "Succeeded" else "is running"
+        ready = make_condition(
+            "Ready",
+            "True",
+            f"Workload{workload.state}",
+            f"{workload.kind} {workload.name} {verb}",
+            generation,
+        )
+    return with_conditions(scenario.get("status"), fields, [ready], generation, rfc3339(now))
+
+
+# --- Incident ----------------------------------------------------------------------------------
+
+
+def _seconds_between(start: datetime | None, end: datetime | None) -> int | None:
+    if start is None or end is None:
+        return None
+    return max(0, int((end - start).total_seconds()))
+
+
+def compute_incident_status(
+    incident: Mapping[str, Any],
+    notified: Sequence[str],
+    delivery_error: tuple[str, str] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """Response times measured from the recorded transitions, and where the incident was delivered."""
+    spec = incident["spec"]
+    generation = _generation(incident)
+    detected = parse_time(spec.get("detectedAt"))
+    entered = {t["state"]: parse_time(t["time"]) for t in spec.get("transitions") or []}
+    fields: dict[str, Any] = {
+        "dispatchSeconds": _seconds_between(detected, entered.get("Dispatched")),
+        "responseSeconds": _seconds_between(detected, entered.get("OnSite")),
+        "resolutionSeconds": _seconds_between(detected, entered.get("Resolved")),
+        "notifiedRoutes": sorted(notified) or None,
+    }
+    if delivery_error is not None:
+        condition = make_condition("Notified", "False", delivery_error[0], delivery_error[1], generation)
+    else:
+        condition = make_condition(
+            "Notified",
+            "True",
+            "Delivered",
+            f"state {spec.get('state', 'Detected')} delivered to every alert route due",
+            generation,
+        )
+    return with_conditions(incident.get("status"), fields, [condition], generation, rfc3339(now))
+
+
+def state_index(state: str) -> int:
+    return INCIDENT_STATES.index(state) if state in INCIDENT_STATES else -1
