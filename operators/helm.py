@@ -28,10 +28,10 @@ import pyhelm3
 import semver
 import yaml
 from citynerve.operators.federation import onboarding
-from citynerve.operators.federation.agent import AgentConfig
+from citynerve.operators.federation.agent import AgentConfig, agent_config
 from citynerve.operators.federation.embedded import city_condition, join_request
 from citynerve.operators.localfed import toolchain
-from citynerve.operators.runtime import KubeTarget, scratch_dir, token_kubeconfig
+from citynerve.operators.runtime import KubeTarget, scratch_dir
 from kubernetes import client
 
 CHARTS_DIR = Path(__file__).resolve().parents[1] / "charts"
@@ -248,20 +248,7 @@ def agent_config_from_release(city_target: KubeTarget, namespace: str = CITY_NAM
     rendered = json.loads((config_map.data or {})[AGENT_CONFIG_KEY])
     secret = core.read_namespaced_secret(rendered["bootstrapSecret"], namespace)
     token = base64.b64decode((secret.data or {})[rendered["bootstrapSecretKey"]]).decode()
-    folder = scratch or scratch_dir(f"agent-{rendered['city']}")
-    bootstrap = token_kubeconfig(rendered["hubServer"], rendered["hubCaPem"].encode(), token,
-                                 onboarding.BOOTSTRAP_SERVICE_ACCOUNT, folder)
-    return AgentConfig(
-        city=rendered["city"],
-        city_target=city_target,
-        hub_server=rendered["hubServer"],
-        hub_ca_pem=rendered["hubCaPem"].encode(),
-        bootstrap=KubeTarget(bootstrap, "hub"),
-        join_request=rendered["joinRequest"],
-        work_namespace=rendered["workNamespace"],
-        heartbeat_seconds=float(rendered["heartbeatSeconds"]),
-        scratch=folder / "identity",
-    )
+    return agent_config(rendered, token, city_target, scratch or scratch_dir(f"agent-{rendered['city']}"))
 
 
 def wait_until_city_ready(hub: KubeTarget, city: str, timeout: float = 300.0,

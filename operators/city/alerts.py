@@ -88,13 +88,18 @@ def verify_signature(key: bytes, body: bytes, header: str) -> bool:
     return hmac.compare_digest(signature(key, body), header)
 
 
-def post_alert(url: str, key: bytes, body: bytes, delivery_id: str, timeout: float) -> None:
-    """POST one signed alert; raises ``httpx.HTTPError`` when the receiver fails or refuses it."""
+def post_alert(url: str, key: bytes, body: bytes, delivery_id: str, timeout: float,
+               extra_headers: Mapping[str, str] | None = None) -> None:
+    """POST one signed alert; raises ``httpx.HTTPError`` when the receiver fails or refuses it.
+
+    ``extra_headers`` carries the trace context (``traceparent``) to the receiver.
+    """
     response = httpx.post(
         url,
         content=body,
         timeout=timeout,
         headers={
+            **(extra_headers or {}),
             "Content-Type": "application/json",
             SIGNATURE_HEADER: signature(key, body),
             DELIVERY_HEADER: delivery_id,

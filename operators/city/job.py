@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from citynerve.models.incidents import IncidentEvent
+from citynerve.observability import configure_telemetry, incident_span
 from citynerve.operators.api import GROUP, VERSION
 from citynerve.operators.city.analytics import run_analytics
 from citynerve.operators.city.children import incident_manifest
@@ -40,12 +41,16 @@ class IncidentWriter:
         now = datetime.now(UTC).replace(microsecond=0)
         manifest = incident_manifest(event.to_dict(), self.payload, now, self.centre)
         namespace = manifest["metadata"]["namespace"]
-        try:
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "incidents", manifest)
-            self.created += 1
-        except client.ApiException as exc:
-            if exc.status != 409:  # the same detection, already recorded by an earlier run
-                raise
+        with incident_span(event, city=str(self.payload.get("city") or ""),
+                           name=manifest["metadata"]["name"], namespace=namespace) as annotations:
+            # The trace continues in the operator's reconciles and the webhooks of this Incident.
+            manifest["metadata"].setdefault("annotations", {}).update(annotations)
+            try:
+                self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "incidents", manifest)
+                self.created += 1
+            except client.ApiException as exc:
+                if exc.status != 409:  # the same detection, already recorded by an earlier run
+                    raise
         self.last_evaluation = now
 
 
@@ -58,6 +63,7 @@ def run_job(payload: Mapping[str, Any], target: KubeTarget) -> IncidentWriter:
 def main() -> int:
     logging.basicConfig(level=logging.INFO)
     payload: dict[str, Any] = json.loads(os.environ["CITYNERVE_SCENARIO"])
+    configure_telemetry("citynerve-city-job", city=str(payload.get("city") or ""))
     writer = run_job(payload, KubeTarget())
     log.info("scenario %s: %d incident(s) created", payload["scenario"]["name"], writer.created)
     return 0

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
+from citynerve.observability import configure_telemetry
 from citynerve.operators.city.config import CityOptions
 from citynerve.operators.city.handlers import build_registry
-from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal
+from citynerve.operators.federation.agent import CityAgent, agent_config
+from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal, scratch_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between full resyncs (default: %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--agent-config",
+        type=Path,
+        default=os.environ.get("CITYNERVE_AGENT_CONFIG"),
+        help="the city chart's agent.json: also run the federation agent (default: $CITYNERVE_AGENT_CONFIG)",
+    )
+    parser.add_argument(
+        "--hub-bootstrap-token-file",
+        type=Path,
+        default=os.environ.get("CITYNERVE_HUB_BOOTSTRAP_TOKEN_FILE"),
+        help="the hub bootstrap token the agent joins with (default: $CITYNERVE_HUB_BOOTSTRAP_TOKEN_FILE)",
+    )
     return parser
 
 
 def parse_options(argv: list[str]) -> tuple[OperatorOptions, CityOptions]:
+    options, city, _ = _parse(argv)
+    return options, city
+
+
+def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     options = OperatorOptions(
         name=f"city-{args.city}",
@@ -65,9 +86,21 @@ def parse_options(argv: list[str]) -> tuple[OperatorOptions, CityOptions]:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return options, city
+    return options, city, args
 
 
 def main(argv: list[str]) -> int:
-    options, city = parse_options(argv)
-    return run_until_signal(options, lambda o: build_registry(o, city))
+    options, city, args = _parse(argv)
+    configure_telemetry("citynerve-city-operator", city=city.city)
+    agent = None
+    if args.agent_config:
+        if not args.hub_bootstrap_token_file:
+            raise SystemExit("--agent-config needs --hub-bootstrap-token-file (the hub bootstrap token)")
+        rendered = json.loads(Path(args.agent_config).read_text())
+        token = Path(args.hub_bootstrap_token_file).read_text().strip()
+        agent = CityAgent(agent_config(rendered, token, options.target, scratch_dir("agent"))).start()
+    try:
+        return run_until_signal(options, lambda o: build_registry(o, city))
+    finally:
+        if agent is not None:
+            agent.stop()

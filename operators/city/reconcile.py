@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
+from citynerve.observability import reconcile_span, record_incident_transitions, webhook_span
 from citynerve.operators.api import GROUP, VERSION
 from citynerve.operators.city import alerts
 from citynerve.operators.city.children import (
@@ -93,11 +94,12 @@ class CityReconciler:
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextmanager
-    def _serialised(self, kind: str, namespace: str, name: str) -> Iterator[None]:
+    def _serialised(self, kind: str, namespace: str, name: str,
+                    annotations: Mapping[str, str] | None = None) -> Iterator[None]:
         key = (kind, namespace, name)
         with self._locks_guard:
             lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
+        with lock, reconcile_span(kind, namespace, name, annotations):
             self.reconciles += 1
             yield
 
@@ -402,10 +404,13 @@ class CityReconciler:
 
     # -- Incident ---------------------------------------------------------------------------------
     def reconcile_incident(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
-        with self._serialised("Incident", namespace, name):
-            incident = listed if listed is not None else self.get("Incident", namespace, name)
+        incident = listed if listed is not None else self.get("Incident", namespace, name)
+        annotations = (incident or {}).get("metadata", {}).get("annotations")
+        # An Incident is reconciled inside the trace of the detection that raised it.
+        with self._serialised("Incident", namespace, name, annotations):
             if incident is None:
                 return
+            record_incident_transitions(incident)
             scenario = self.get("Scenario", namespace, incident["spec"]["scenarioRef"]["name"])
             routes = list((scenario or {}).get("spec", {}).get("alertRoutes") or [])
             notified = list((incident.get("status") or {}).get("notifiedRoutes") or [])
@@ -442,9 +447,9 @@ class CityReconciler:
         body = alerts.alert_body(incident, delivery.state, self.city.city)
         delivery_id = f"{incident['metadata'].get('uid')}/{delivery.route_name}/{delivery.state}"
         try:
-            alerts.post_alert(
-                route["url"], base64.b64decode(encoded), body, delivery_id, self.city.webhook_timeout_seconds
-            )
+            with webhook_span(route["name"], route["url"], delivery.state) as headers:
+                alerts.post_alert(route["url"], base64.b64decode(encoded), body, delivery_id,
+                                  self.city.webhook_timeout_seconds, headers)
         except httpx.HTTPError as exc:
             raise _DeliveryError(
                 "WebhookFailed",

@@ -43,7 +43,7 @@ from citynerve.operators.federation.placement import (
 )
 from citynerve.operators.hub.status import REPORT_KEY, format_time
 from citynerve.operators.kube import Kube
-from citynerve.operators.runtime import KubeTarget, scratch_dir
+from citynerve.operators.runtime import KubeTarget, scratch_dir, token_kubeconfig
 from kubernetes import client, watch
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,24 @@ class AgentConfig:
     work_namespace: str = "citynerve"
     heartbeat_seconds: float = 10.0
     scratch: Path = field(default_factory=lambda: scratch_dir("agent"))
+
+
+def agent_config(rendered: Mapping[str, Any], bootstrap_token: str, city_target: KubeTarget,
+                 folder: Path) -> AgentConfig:
+    """The agent's configuration from what the city chart renders (``agent.json``) and its token."""
+    bootstrap = token_kubeconfig(rendered["hubServer"], rendered["hubCaPem"].encode(), bootstrap_token,
+                                 onboarding.BOOTSTRAP_SERVICE_ACCOUNT, folder)
+    return AgentConfig(
+        city=rendered["city"],
+        city_target=city_target,
+        hub_server=rendered["hubServer"],
+        hub_ca_pem=rendered["hubCaPem"].encode(),
+        bootstrap=KubeTarget(bootstrap, "hub"),
+        join_request=dict(rendered["joinRequest"]),
+        work_namespace=rendered["workNamespace"],
+        heartbeat_seconds=float(rendered["heartbeatSeconds"]),
+        scratch=folder / "identity",
+    )
 
 
 def rollup(fleets: Sequence[Mapping[str, Any]], scenarios: Sequence[Mapping[str, Any]],
@@ -132,8 +150,14 @@ def object_readiness(obj: Mapping[str, Any] | None) -> tuple[str, str | None, st
     """(Ready status, reason, message) of an applied object, from its conditions."""
     if obj is None:
         return "Unknown", None, None
+    generation = obj.get("metadata", {}).get("generation")
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
+            # (models engineer) a condition computed from an older spec says nothing about this one:
+            # a promotion must not read the previous version's Ready as the new version's.
+            observed = cond.get("observedGeneration")
+            if generation is not None and observed is not None and observed < generation:
+                return "Unknown", "Reconciling", "the city operator has not yet reconciled the latest spec"
             return str(cond.get("status", "Unknown")), cond.get("reason"), cond.get("message")
     if obj.get("kind") == "SensorType":
         return "True", None, None  # a catalogue entry has nothing to become ready
@@ -327,10 +351,10 @@ class CityAgent:
         self._results[name] = {"hash": work_hash, "applied": True}
         record_propagation(self.config.city, cm["metadata"].get("annotations"))
 
-    def _propagated(self) -> list[dict[str, Any]]:
+    def _propagated(self, plurals: Sequence[str] = ("sensortypes", "scenarios")) -> list[dict[str, Any]]:
         selector = f"{PROPAGATED_LABEL}=hub"
         found: list[dict[str, Any]] = []
-        for plural in ("sensortypes", "scenarios"):
+        for plural in plurals:
             listed = self.city_custom.list_cluster_custom_object(GROUP, VERSION, plural,
                                                                  label_selector=selector)
             found.extend(listed.get("items", []))
@@ -363,8 +387,10 @@ class CityAgent:
     def _report(self) -> None:
         assert self.hub_api is not None
         objects = {}
+        # (models engineer) AnalyticsModels pinned by promotions report their readiness too; they
+        # are not deleted when unlisted (a city keeps the model it last ran), hence not in removal.
         by_work = {(o["metadata"].get("annotations") or {}).get(WORK_NAME_ANNOTATION): o
-                   for o in self._propagated()}
+                   for o in self._propagated(("sensortypes", "scenarios", "analyticsmodels"))}
         for name, result in self._results.items():
             ready, reason, message = object_readiness(by_work.get(name))
             entry = {**result, "ready": ready if result.get("applied") else "False"}
