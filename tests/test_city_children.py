@@ -152,7 +152,10 @@ def test_incident_manifest_is_a_valid_incident_with_a_stable_name() -> None:
     assert incident.spec.drill is True  # type: ignore[attr-defined]
     assert manifest["spec"]["severity"] == "alarm"  # 15 m of water is 147 kPa, above the 120 kPa alarm
     assert manifest["spec"]["location"]["latitude"] == "31.2304"  # drill coordinates are not geographic
-    assert {e["metric"] for e in manifest["spec"]["evidence"]} == {"cusum", "threshold", "pressureDropKpa"}
+    assert {e["metric"] for e in manifest["spec"]["evidence"]} == {
+        "simulatedMinute", "detectionDelayMinutes", "cusum", "threshold", "pressureDropKpa"}
+    timing = {e["metric"]: e["value"] for e in manifest["spec"]["evidence"] if e["unitCode"] == "MIN"}
+    assert timing == {"simulatedMinute": "645", "detectionDelayMinutes": "45"}  # 38700 s; 2700 s after onset
     again = children.incident_manifest(event, payload, datetime.now(UTC), OPTIONS.centre)
     assert again["metadata"]["name"] == manifest["metadata"]["name"]
     other = children.incident_manifest({**event, "detected_at_s": 39600.0}, payload, when, OPTIONS.centre)

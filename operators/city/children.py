@@ -364,6 +364,22 @@ def incident_evidence(
     return entries[:64], worst
 
 
+def simulated_timing(event: Mapping[str, Any], fleet: str, observed_at: str) -> list[dict[str, Any]]:
+    """Evidence of when, on the scenario's own clock, the detection happened (and how long after
+    the simulated onset): drills measure detection delay and lead time in simulated minutes."""
+    timing: list[dict[str, Any]] = []
+    detected = event.get("detected_at_s")
+    onset = event.get("onset_s")
+    if isinstance(detected, int | float) and math.isfinite(detected):
+        timing.append({"fleet": fleet, "metric": "simulatedMinute", "value": _decimal(detected / 60),
+                       "unitCode": "MIN", "observedAt": observed_at})
+        if isinstance(onset, int | float) and math.isfinite(onset):
+            timing.append({"fleet": fleet, "metric": "detectionDelayMinutes",
+                           "value": _decimal((detected - onset) / 60), "unitCode": "MIN",
+                           "observedAt": observed_at})
+    return timing
+
+
 def incident_manifest(
     event: Mapping[str, Any], payload: Mapping[str, Any], detected_at: datetime, centre: tuple[str, str]
 ) -> dict[str, Any]:
@@ -375,6 +391,7 @@ def incident_manifest(
     lat, lon = location.get("lat"), location.get("lon")
     fleet = payload["fleets"][0]["fleet"] if payload["fleets"] else scenario["name"]
     evidence, worst = incident_evidence(event.get("evidence") or {}, fleet, rfc3339(detected_at))
+    evidence = [*simulated_timing(event, fleet, rfc3339(detected_at)), *evidence][:64]
     coordinates_known = (
         isinstance(lat, int | float)
         and isinstance(lon, int | float)
