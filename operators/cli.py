@@ -11,6 +11,7 @@ from pathlib import Path
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import ClusterError
 from citynerve.operators.localfed.federation import DEFAULT_CITIES, LocalFederation
+from citynerve.operators.models_cli import add_models_commands
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -54,7 +55,7 @@ def _operator(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from citynerve.operators import demo  # noqa: PLC0415 - the demo pulls in the client libraries
 
-    return demo.run(state_dir=args.state_dir, keep=args.keep)
+    return demo.run(state_dir=args.state_dir, keep=args.keep, quick=args.quick)
 
 
 def _chart_command(args: argparse.Namespace) -> int:
@@ -180,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the federation story on the local federation")
     demo.add_argument("--state-dir", type=Path, default=None)
     demo.add_argument("--keep", action="store_true", help="leave the federation running afterwards")
+    demo.add_argument("--quick", action="store_true",
+                      help="a shorter story (shorter heartbeat timeout and cut-off), as the tests run it")
     demo.set_defaults(func=_demo)
 
     _add_chart_commands(sub)
+    add_models_commands(sub)  # `citynerve models train|evaluate|promote` (models engineer)
     return parser
 
 

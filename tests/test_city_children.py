@@ -197,3 +197,13 @@ def test_runner_spec_translates_the_scenario_for_the_runner() -> None:
         }
     )
     assert flood["simulation"] == {}
+
+
+def test_a_major_event_drill_names_its_surge() -> None:
+    from citynerve.operators.city.analytics import runner_spec  # noqa: PLC0415
+
+    payload = {"spec": {"kind": "major-event", "mode": "drill", "simulation": {"event": "surge:2.5"}},
+               "fleets": [], "models": []}
+    assert runner_spec(payload)["simulation"] == {"surge": {"peakFactor": 2.5}}
+    payload["spec"]["simulation"] = {}
+    assert runner_spec(payload)["simulation"] == {}

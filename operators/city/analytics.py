@@ -28,6 +28,18 @@ def _water_simulation(simulation: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _crowd_simulation(simulation: Mapping[str, Any]) -> dict[str, Any]:
+    """``surge:<factor>`` replays the counts with a crowd surge of that peak factor."""
+    kind, _, factor = str(simulation.get("event") or "").partition(":")
+    if kind != "surge":
+        return {}
+    try:
+        peak = float(factor or 3.0)
+    except ValueError:
+        peak = 3.0
+    return {"surge": {"peakFactor": peak}}
+
+
 def runner_spec(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The runner's spec for a scenario payload (pure).
 
@@ -41,7 +53,7 @@ def runner_spec(payload: Mapping[str, Any]) -> dict[str, Any]:
     elif spec["kind"] in ("urban-flood", "mountain-flood"):
         sim = {k: v for k, v in simulation.items() if k == "seed"}
     else:
-        sim = {}
+        sim = _crowd_simulation(simulation)
     return {
         "kind": spec["kind"],
         "mode": spec["mode"],

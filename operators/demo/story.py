@@ -1,0 +1,672 @@
+"""`make demo`: the federation story, end to end, on the embedded default.
+
+Real control planes (hub, Shanghai, Chengdu), a real MLflow server and local Ray; the charts
+installed with Helm; the hub operator (as its chart's ServiceAccount), each city's operator
+and agent running in this process; real simulations (WNTR, SWMM, replayed pedestrian
+counts). Every number printed is read back from what happened in this run.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+from citynerve.operators import helm
+from citynerve.operators.city.alerts import SIGNATURE_HEADER, verify_signature
+from citynerve.operators.city.config import CityOptions
+from citynerve.operators.city.handlers import build_registry as build_city_registry
+from citynerve.operators.demo.report import DemoResult, IncidentRecord, summary_text, write_report
+from citynerve.operators.federation.agent import CityAgent
+from citynerve.operators.federation.embedded import approve_city, city_condition
+from citynerve.operators.hub.handlers import build_registry as build_hub_registry
+from citynerve.operators.localfed.cluster import free_port
+from citynerve.operators.localfed.federation import LocalFederation
+from citynerve.operators.localfed.mlflow_server import LocalMlflow
+from citynerve.operators.models_cli import create_promotion, promotion_manifest, wait_for_outcome
+from citynerve.operators.runtime import (
+    InProcessOperator,
+    KubeTarget,
+    OperatorOptions,
+    scratch_dir,
+    service_account_target,
+)
+from kubernetes import client
+
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+WORK_NS = "citynerve"
+CITIES = ("shanghai", "chengdu")
+BURST_NODE = "123"
+DUTY_OFFICER = "duty-officer/demo"
+
+
+class Step:
+    """Prints a numbered step and times it."""
+
+    def __init__(self, result: DemoResult) -> None:
+        self.result = result
+        self.number = 0
+
+    def __call__(self, title: str, key: str) -> Callable[[], None]:
+        self.number += 1
+        print(f"\n[{self.number}] {title}", flush=True)
+        started = time.monotonic()
+
+        def done() -> None:
+            self.result.timings[key] = time.monotonic() - started
+            print(f"    done in {self.result.timings[key]:.1f} s", flush=True)
+
+        return done
+
+
+def wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except client.ApiException:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    msg = f"timed out after {timeout:.0f} s waiting for {what}"
+    raise TimeoutError(msg)
+
+
+class AlertReceiver:
+    """The duty officers' alert endpoint: verifies each webhook's HMAC and keeps what arrived."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.alerts: list[dict[str, Any]] = []
+        self.refused = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if verify_signature(receiver.key, body, self.headers.get(SIGNATURE_HEADER, "")):
+                    receiver.alerts.append(json.loads(body))
+                    self.send_response(204)
+                else:
+                    receiver.refused += 1
+                    self.send_response(401)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/alerts"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+class Story:
+    def __init__(self, state_dir: Path | None, quick: bool) -> None:
+        self.quick = quick
+        self.federation = LocalFederation(state_dir)
+        self.result = DemoResult()
+        self.step = Step(self.result)
+        self.scratch = scratch_dir("demo")
+        self.hub_key = secrets.token_bytes(32)
+        self.receiver = AlertReceiver(self.hub_key)
+        self.mlflow = LocalMlflow(self.federation.state_dir / "mlflow")
+        self.operators: list[InProcessOperator] = []
+        self.agents: dict[str, CityAgent] = {}
+        self.map_server: Any = None
+        self.timeout_s = 8 if quick else 20
+        self.cut_s = 15 if quick else 60
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def admin(self, cluster: str) -> KubeTarget:
+        return KubeTarget(self.federation.kubeconfig, cluster)
+
+    def api(self, cluster: str) -> client.ApiClient:
+        return client.ApiClient(self.admin(cluster).client_configuration())
+
+    def custom(self, cluster: str) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api(cluster))
+
+    def city_objects(self, city: str, plural: str) -> list[dict[str, Any]]:
+        return list(self.custom(city).list_namespaced_custom_object(GROUP, VERSION, WORK_NS, plural)["items"])
+
+    # -- the story -----------------------------------------------------------------------------
+    def start_federation(self) -> None:
+        done = self.step(
+            "Starting the local federation: hub, Shanghai and Chengdu control planes, a local MLflow server",
+            "federation up",
+        )
+        self.federation.up()
+        self.mlflow.start()
+        self.result.clusters = self.federation.status()
+        for row in self.result.clusters:
+            print(f"    {row['name']:<9} {row['api']}  {row['version']}  nodes ready {row['nodes_ready']}")
+        print(f"    MLflow tracking server {self.mlflow.url}")
+        done()
+
+    def install_charts(self) -> None:
+        done = self.step(
+            "Platform team installs the hub chart; each city's IT department onboards "
+            "with the city chart (Helm via pyhelm3)",
+            "helm",
+        )
+        release = helm.install_hub(self.admin("hub"))
+        print(f"    hub: {release.name} revision {release.revision} ({release.status})")
+        for city in CITIES:
+            release = helm.onboard_city(city, self.admin("hub"), self.admin(city))
+            print(f"    {city}: {release.name} revision {release.revision} ({release.status})")
+        done()
+
+    def start_operators(self) -> None:
+        done = self.step(
+            "Operators start: the hub operator as its chart's ServiceAccount, each city's "
+            "operator and agent with its chart's configuration",
+            "operators",
+        )
+        hub_sa = service_account_target(
+            self.admin("hub"), helm.HUB_NAMESPACE, "citynerve-hub", self.scratch / "hub"
+        )
+        options = OperatorOptions(name="hub", target=hub_sa)
+        registry = build_hub_registry(options, 1.0, mlflow_url=self.mlflow.url)
+        self.operators.append(InProcessOperator(options, registry).start())
+        for city in CITIES:
+            options = OperatorOptions(name=f"city-{city}", target=self.admin(city))
+            city_options = CityOptions(
+                city=city, mlflow_url=self.mlflow.url, resync_seconds=5.0, model_cache_seconds=30.0
+            )
+            self.operators.append(
+                InProcessOperator(options, build_city_registry(options, city_options)).start()
+            )
+            self.start_agent(city)
+        for city in CITIES:
+            wait(partial(self._city_exists, city), 60, f"{city}'s join request on the hub")
+            print(f"    {city} asked to join; the hub administrator approves it")
+            approve_city(self.admin("hub"), city)
+            self.custom("hub").patch_cluster_custom_object(
+                GROUP,
+                VERSION,
+                "cities",
+                city,
+                {
+                    "spec": {
+                        "connection": {
+                            "heartbeatIntervalSeconds": 2,
+                            "heartbeatTimeoutSeconds": self.timeout_s,
+                        }
+                    }
+                },
+            )
+        for city in CITIES:
+            wait(
+                partial(self._city_ready, city),
+                90,
+                f"City {city} Ready",
+            )
+            print(f"    {city}: Joined, Reachable, Ready")
+        done()
+
+    def start_agent(self, city: str) -> None:
+        config = helm.agent_config_from_release(self.admin(city), scratch=self.scratch / f"agent-{city}")
+        self.agents[city] = CityAgent(config).start()
+
+    def _city_ready(self, city: str) -> bool:
+        return city_condition(self.admin("hub"), city, "Ready") == "True"
+
+    def _city_exists(self, city: str) -> bool:
+        self.custom("hub").get_cluster_custom_object(GROUP, VERSION, "cities", city)
+        return True
+
+    def apply_catalogue(self) -> None:
+        done = self.step("Platform team applies the sensor-type catalogue on the hub", "catalogue")
+        names = []
+        written = time.monotonic()
+        for path in sorted((SAMPLES / "sensortypes").glob("*.yaml")):
+            manifest = yaml.safe_load(path.read_text())
+            names.append(manifest["metadata"]["name"])
+            try:
+                self.custom("hub").create_cluster_custom_object(GROUP, VERSION, "sensortypes", manifest)
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+        for city in CITIES:
+
+            def arrived(c: str = city) -> bool:
+                items = self.custom(c).list_cluster_custom_object(GROUP, VERSION, "sensortypes")["items"]
+                return {i["metadata"]["name"] for i in items} >= set(names)
+
+            wait(arrived, 60, f"the catalogue in {city}")
+            print(
+                f"    {len(names)} SensorTypes present in {city} "
+                f"{time.monotonic() - written:.1f} s after the hub write"
+            )
+        done()
+
+    def prepare_cities(self) -> None:
+        done = self.step("Each city registers its fleets and the alert routes' HMAC key", "city setup")
+        for city in CITIES:
+            core = client.CoreV1Api(self.api(city))
+            for secret in ("water-dispatch-webhook", "flood-webhook", "event-command-webhook"):
+                body = {
+                    "metadata": {"name": secret},
+                    "data": {"hmac-key": base64.b64encode(self.hub_key).decode()},
+                }
+                try:
+                    core.create_namespaced_secret(WORK_NS, body)
+                except client.ApiException as exc:
+                    if exc.status != 409:
+                        raise
+            for fleet in load(SAMPLES / "city" / "sensorfleets.yaml"):
+                try:
+                    self.custom(city).create_namespaced_custom_object(
+                        GROUP, VERSION, WORK_NS, "sensorfleets", fleet
+                    )
+                except client.ApiException as exc:
+                    if exc.status != 409:
+                        raise
+            print(f"    {city}: {len(load(SAMPLES / 'city' / 'sensorfleets.yaml'))} fleets")
+        done()
+
+    def train_and_promote(self) -> None:
+        from citynerve.models.training import train_water_detector  # noqa: PLC0415
+
+        done = self.step(
+            "ML engineer trains the water-burst detector on simulated Net3 history, registers it "
+            "in MLflow, and promotes it to both cities with Shanghai as canary",
+            "models",
+        )
+        trained = train_water_detector(self.mlflow.url, "water-burst-detector", alias="challenger")
+        version = trained.model.version
+        rate = trained.metrics.get("detectionRate")
+        print(
+            f"    registered water-burst-detector version {version} "
+            f"(digest {trained.model.artifact_digest[:19]}…), "
+            f"detectionRate {rate}, {trained.metrics_logged} metrics logged in {trained.seconds:.1f} s"
+        )
+        manifest = promotion_manifest(
+            model="water-burst-detector",
+            version=version,
+            from_alias=None,
+            alias="champion",
+            cities="",
+            canary="shanghai",
+            gates=["detectionRate>=0.5"],
+            soak_seconds=3 if self.quick else 10,
+            max_failed_cities=0,
+            timeout_seconds=600,
+            name="water-burst-detector-v" + version,
+            namespace=helm.HUB_NAMESPACE,
+            actor="ml-engineer/demo",
+        )
+        started = time.monotonic()
+        created = create_promotion(self.api("hub"), manifest)
+        status = wait_for_outcome(self.api("hub"), helm.HUB_NAMESPACE, created["metadata"]["name"], 300)
+        took = time.monotonic() - started
+        complete = next(c for c in status.get("conditions", []) if c["type"] == "Complete")
+        cities = [f"{c['city']}:{c.get('reason')}" for c in status.get("cities", [])]
+        print(f"    promotion {complete['reason']}: {', '.join(cities)} in {took:.1f} s")
+        self.result.promotions.append(
+            {
+                "model": "water-burst-detector",
+                "version": version,
+                "canary": "shanghai",
+                "outcome": complete["reason"],
+                "cities": cities,
+                "seconds": took,
+            }
+        )
+        done()
+
+    def federated_scenarios(self) -> None:
+        done = self.step(
+            "Platform team places three drills from the hub: a pipe burst in Shanghai (WNTR), "
+            "a typhoon rainstorm over a Chengdu underpass (SWMM), a Grand Prix crowd surge "
+            "in Shanghai",
+            "scenarios",
+        )
+        route = {"url": self.receiver.url}
+        water = load(SAMPLES / "city" / "scenario-water-burst.yaml")[0]["spec"]
+        water.update(
+            mode="drill",
+            models=[{"name": "water-burst-detector", "role": "detector"}],
+            simulation={"engine": "wntr", "network": "Net3", "event": f"burst:{BURST_NODE}"},
+        )
+        flood = load(SAMPLES / "city" / "scenario-urban-flood.yaml")[0]["spec"]
+        flood.update(
+            mode="drill",
+            models=[],
+            simulation={"engine": "swmm", "network": "example-catchment", "event": "storm:typhoon"},
+        )
+        crowd = load(SAMPLES / "city" / "scenario-major-event.yaml")[0]["spec"]
+        crowd.update(
+            mode="drill",
+            models=[],
+            simulation={"engine": "pedestrian-counts", "network": "grand-prix", "event": "surge:3"},
+        )
+        for name, spec, city in (
+            ("pipe-burst-drill", water, "shanghai"),
+            ("typhoon-underpass-drill", flood, "chengdu"),
+            ("grand-prix-crowd-drill", crowd, "shanghai"),
+        ):
+            for r in spec.get("alertRoutes", []):
+                r.update(route)
+                r["minSeverity"] = "warning"  # the duty officers follow warnings too in a drill
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "FederatedScenario",
+                "metadata": {"name": name, "namespace": helm.HUB_NAMESPACE},
+                "spec": {"template": {"spec": spec}, "placement": {"cities": [city]}},
+            }
+            self.custom("hub").create_namespaced_custom_object(
+                GROUP, VERSION, helm.HUB_NAMESPACE, "federatedscenarios", body
+            )
+            print(f"    {name} → {city}")
+        done()
+
+    def follow_incidents(self) -> None:
+        done = self.step(
+            "Drills run on local Ray; incidents are detected, alerted (HMAC-signed webhooks) "
+            "and followed by the duty officer",
+            "incidents",
+        )
+        wanted = {("shanghai", "water-burst"), ("chengdu", "urban-flood"), ("shanghai", "major-event")}
+
+        def seen() -> bool:
+            kinds = {(c, i["spec"]["kind"]) for c in CITIES for i in self.city_objects(c, "incidents")}
+            return wanted <= kinds
+
+        wait(seen, 600, "an incident from each drill", interval=2)
+        burst = min(
+            (i for i in self.city_objects("shanghai", "incidents") if i["spec"]["kind"] == "water-burst"),
+            key=lambda i: i["spec"]["detectedAt"],
+        )
+        wait(
+            lambda: any(
+                a.get("incident", {}).get("name") == burst["metadata"]["name"]
+                or burst["metadata"]["name"] in json.dumps(a)
+                for a in self.receiver.alerts
+            ),
+            60,
+            "the burst's alert at the duty officers' endpoint",
+        )
+        print(f"    alert received for {burst['metadata']['name']} (signature verified): burst at node "
+              f"{BURST_NODE}, localised to node {burst['spec']['location'].get('assetId')}")
+        for state, pause in (("Dispatched", 1.0), ("OnSite", 2.0), ("Resolved", 1.5)):
+            time.sleep(pause)
+            self.transition("shanghai", burst, state)
+            print(f"    duty officer: {state}")
+        name = burst["metadata"]["name"]
+        wait(
+            lambda: (
+                (
+                    self.custom("shanghai")
+                    .get_namespaced_custom_object(GROUP, VERSION, WORK_NS, "incidents", name)
+                    .get("status")
+                    or {}
+                ).get("resolutionSeconds")
+                is not None
+            ),
+            60,
+            "response times in the burst's status",
+        )
+        done()
+
+    def transition(self, city: str, incident: dict[str, Any], state: str) -> None:
+        name = incident["metadata"]["name"]
+        current = self.custom(city).get_namespaced_custom_object(GROUP, VERSION, WORK_NS, "incidents", name)
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        transitions = [
+            *current["spec"].get("transitions", []),
+            {"state": state, "time": now, "actor": DUTY_OFFICER},
+        ]
+        self.custom(city).patch_namespaced_custom_object(
+            GROUP, VERSION, WORK_NS, "incidents", name, {"spec": {"state": state, "transitions": transitions}}
+        )
+
+    def cut_chengdu(self) -> None:
+        done = self.step(f"Chengdu is cut off from the hub for {self.cut_s} s and keeps detecting", "cut-off")
+        before = len(
+            self.custom("chengdu").list_cluster_custom_object(
+                GROUP, VERSION, "sensortypes", label_selector="citynerve.io/propagated-from=hub"
+            )["items"]
+        )
+        started = time.monotonic()
+        self.agents.pop("chengdu").stop()
+        wait(
+            lambda: city_condition(self.admin("hub"), "chengdu", "Reachable") == "False",
+            3 * self.timeout_s,
+            "the hub to mark Chengdu unreachable",
+            interval=0.25,
+        )
+        marked = time.monotonic() - started
+        print(
+            f"    hub: Chengdu Reachable=False after {marked:.1f} s; Shanghai still "
+            f"Ready={city_condition(self.admin('hub'), 'shanghai', 'Ready')}"
+        )
+        drill = load(SAMPLES / "city" / "scenario-mountain-flood.yaml")[0]
+        self.custom("chengdu").create_namespaced_custom_object(GROUP, VERSION, WORK_NS, "scenarios", drill)
+        print("    Chengdu's own mountain-flood drill starts while the link is down")
+        wait(
+            lambda: any(
+                i["spec"]["kind"] == "mountain-flood" for i in self.city_objects("chengdu", "incidents")
+            ),
+            300,
+            "a mountain-flood pre-warning in Chengdu",
+            interval=2,
+        )
+        during = [
+            i for i in self.city_objects("chengdu", "incidents") if i["spec"]["kind"] == "mountain-flood"
+        ]
+        print(f"    {len(during)} pre-warning(s) raised in Chengdu during the cut")
+        time.sleep(max(0.0, self.cut_s - (time.monotonic() - started)))
+        back = time.monotonic()
+        self.start_agent("chengdu")
+        newest = max(i["spec"]["detectedAt"] for i in during)
+
+        def caught_up() -> bool:
+            city = self.custom("hub").get_cluster_custom_object(GROUP, VERSION, "cities", "chengdu")
+            status = city.get("status") or {}
+            last = (status.get("lastIncident") or {}).get("detectedAt", "")
+            ready = city_condition(self.admin("hub"), "chengdu", "Ready") == "True"
+            return ready and last >= newest
+
+        wait(caught_up, 90, "the hub's roll-up of Chengdu to catch up", interval=0.25)
+        after = len(
+            self.custom("chengdu").list_cluster_custom_object(
+                GROUP, VERSION, "sensortypes", label_selector="citynerve.io/propagated-from=hub"
+            )["items"]
+        )
+        self.result.cut = {
+            "seconds": time.monotonic() - started,
+            "marked_unreachable_s": marked,
+            "timeout_s": self.timeout_s,
+            "incidents_during": len(during),
+            "caught_up_s": time.monotonic() - back,
+            "objects_before": before,
+            "objects_after": after,
+            "names": {i["metadata"]["name"] for i in during},
+        }
+        print(f"    link back: hub roll-up caught up in {self.result.cut['caught_up_s']:.1f} s")
+        done()
+
+    # -- figures ---------------------------------------------------------------------------------
+    def collect(self) -> None:
+        during = self.result.cut.get("names", set())
+        flood_onsets = self._flood_onsets()
+        for city in CITIES:
+            for inc in sorted(self.city_objects(city, "incidents"), key=lambda i: i["spec"]["detectedAt"]):
+                spec, status = inc["spec"], inc.get("status") or {}
+                evidence = {
+                    e["metric"]: float(e["value"])
+                    for e in spec.get("evidence", [])
+                    if e.get("unitCode") == "MIN"
+                }
+                minute = evidence.get("simulatedMinute")
+                lead = None
+                if spec["kind"] == "urban-flood" and minute is not None:
+                    onset = flood_onsets.get(spec["location"].get("assetId", ""))
+                    lead = (onset / 60 - minute) if onset is not None else None
+                self.result.incidents.append(
+                    IncidentRecord(
+                        city=city,
+                        name=inc["metadata"]["name"],
+                        kind=spec["kind"],
+                        severity=spec["severity"],
+                        asset=spec["location"].get("assetId", ""),
+                        detected_at=spec["detectedAt"],
+                        state=spec["state"],
+                        simulated_minute=minute,
+                        detection_delay_min=evidence.get("detectionDelayMinutes"),
+                        lead_time_min=lead,
+                        dispatch_s=status.get("dispatchSeconds"),
+                        response_s=status.get("responseSeconds"),
+                        resolution_s=status.get("resolutionSeconds"),
+                        during_cut=inc["metadata"]["name"] in during,
+                    )
+                )
+        self.result.webhook_deliveries = len(self.receiver.alerts)
+        for city in CITIES:
+            body = self.custom("hub").get_cluster_custom_object(GROUP, VERSION, "cities", city)
+            status = body.get("status") or {}
+            conds = {c["type"]: c["status"] for c in status.get("conditions", [])}
+            self.result.federation.append(
+                {
+                    "city": city,
+                    "joined": conds.get("Joined"),
+                    "reachable": conds.get("Reachable"),
+                    "ready": conds.get("Ready"),
+                    "sensors": status.get("sensorsOnlineTotal", 0),
+                    "scenarios": status.get("activeScenarios", 0),
+                    "open": status.get("openIncidents", 0),
+                }
+            )
+        self._series()
+
+    def _flood_onsets(self) -> dict[str, float]:
+        """Flooding onset per node of the same storm the Chengdu drill ran (same engine, same seed)."""
+        from citynerve.workloads.sim.drainage import (  # noqa: PLC0415
+            DrainageScenarioSpec,
+            StormSpec,
+            simulate_drainage,
+        )
+
+        run = simulate_drainage(
+            DrainageScenarioSpec(
+                model="model_lids", storm=StormSpec(peak_intensity=2.0, start_s=2 * 3600, duration_s=3 * 3600)
+            )
+        )
+        self._flood_run = run
+        onsets = {}
+        for node in run.nodes:
+            onset = run.flood_onset_s(node)
+            if onset is not None:
+                onsets[str(node)] = float(onset)
+        return onsets
+
+    def _series(self) -> None:
+        import numpy as np  # noqa: PLC0415
+        from citynerve.workloads.sim.water import (  # noqa: PLC0415
+            LeakSpec,
+            WaterScenarioSpec,
+            choose_sensors,
+            model_baseline,
+            simulate_water,
+        )
+        from citynerve.workloads.water import window_of  # noqa: PLC0415
+
+        burst = next((i for i in self.result.incidents if i.kind == "water-burst"), None)
+        base = WaterScenarioSpec(network="Net3", sensors=choose_sensors("Net3", 10), seed=0)
+        onset_s = int(24 * 3600 * 0.4)  # where the operator's drill starts a `burst:<node>` event
+        run = simulate_water(replace(base, leaks=(LeakSpec(node=BURST_NODE, area_m2=0.02, start_s=onset_s),)))
+        window = window_of(run, model_baseline(base))
+        field_p, model_p = window["pressure"], window["pressure_model"]
+        residual = np.nan_to_num(field_p.values - model_p.values)
+        after = field_p.times_s >= onset_s
+        drop = residual[after].mean(axis=0) - residual[~after].mean(axis=0)
+        nearest = [int(i) for i in np.argsort(drop)[:3]]
+        self.result.series["water"] = {
+            "network": "Net3",
+            "node": BURST_NODE,
+            "hours": (field_p.times_s / 3600).tolist(),
+            "onset_h": onset_s / 3600,
+            "detected_h": burst.simulated_minute / 60 if burst and burst.simulated_minute else None,
+            "pressure": {field_p.sensors[i]: residual[:, i].tolist() for i in nearest},
+        }
+        flood = next((i for i in self.result.incidents if i.kind == "urban-flood"), None)
+        run_f = getattr(self, "_flood_run", None)
+        if flood and run_f is not None and flood.asset in [str(n) for n in run_f.nodes]:
+            from citynerve.workloads.sim.drainage import critical_levels  # noqa: PLC0415
+
+            idx = [str(n) for n in run_f.nodes].index(flood.asset)
+            onset = run_f.flood_onset_s(run_f.nodes[idx])
+            self.result.series["flood"] = {
+                "node": flood.asset,
+                "hours": (run_f.times_s / 3600).tolist(),
+                "level": run_f.level[:, idx].tolist(),
+                "critical": float(critical_levels("model_lids", (run_f.nodes[idx],))[run_f.nodes[idx]]),
+                "warned_h": flood.simulated_minute / 60 if flood.simulated_minute else None,
+                "flooded_h": onset / 3600 if onset is not None else None,
+            }
+
+    def situation_map(self) -> None:
+        from citynerve.observability.situation.server import serve_hub  # noqa: PLC0415
+
+        self.map_server = serve_hub(self.api("hub"), port=free_port())
+        self.result.situation_map = f"http://127.0.0.1:{self.map_server.server_address[1]}/"
+
+    # -- whole -----------------------------------------------------------------------------------
+    def play(self, output: Path) -> Path:
+        self.start_federation()
+        self.install_charts()
+        self.start_operators()
+        self.apply_catalogue()
+        self.prepare_cities()
+        self.train_and_promote()
+        self.federated_scenarios()
+        self.follow_incidents()
+        self.cut_chengdu()
+        self.collect()
+        self.situation_map()
+        print("\n" + summary_text(self.result))
+        report = write_report(self.result, output)
+        print(f"\nReport: {report}")
+        print(f"Situation map: {self.result.situation_map}")
+        return report
+
+    def teardown(self) -> None:
+        if self.map_server is not None:
+            self.map_server.shutdown()
+        for agent in self.agents.values():
+            agent.stop()
+        for operator in reversed(self.operators):
+            operator.stop()
+        self.receiver.stop()
+        try:
+            import ray  # noqa: PLC0415
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except ImportError:  # pragma: no cover - ray is a dependency
+            pass
+        self.mlflow.stop()
+        self.federation.down()
