@@ -371,6 +371,11 @@ class CityAgent:
                 self.city.delete(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
                 self._applied.pop(work_name, None)
                 self._results.pop(work_name, None)
+        # (models engineer) work of kinds kept in the city when unlisted (a pinned AnalyticsModel)
+        # leaves the report too, so the hub is not told about work it no longer asks for.
+        for work_name in set(self._results) - listed:
+            self._applied.pop(work_name, None)
+            self._results.pop(work_name, None)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

@@ -116,8 +116,13 @@ def desired_work(
     sensor_types: Iterable[Mapping[str, Any]],
     federated_scenarios: Iterable[Mapping[str, Any]],
     cities: Iterable[Mapping[str, Any]],
+    pinned_models: Iterable[tuple[str, Mapping[str, Any]]] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Every work ConfigMap one city should hold, by ConfigMap name. Empty unless joined."""
+    """Every work ConfigMap one city should hold, by ConfigMap name. Empty unless joined.
+
+    ``pinned_models`` are (source, AnalyticsModel manifest) pairs that model promotions ask this
+    city to hold (``citynerve.operators.hub.promotion.city_pins``); they travel as work too.
+    """
     name = city["metadata"]["name"]
     if not is_joined(city):
         return {}
@@ -132,6 +137,10 @@ def desired_work(
             manifest = render_scenario(fs_name, fs["spec"], name)
             cm = work_configmap(name, f"FederatedScenario/{fs_name}", manifest)
             work[cm["metadata"]["name"]] = cm
+    # --- model promotion pins (models engineer): an AnalyticsModel per promoted model --------
+    for source, pinned in pinned_models:
+        cm = work_configmap(name, source, pinned)
+        work[cm["metadata"]["name"]] = cm
     return work
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -26,6 +27,7 @@ from citynerve.operators.federation.placement import (
     is_joined,
     work_changes,
 )
+from citynerve.operators.hub.promotion import city_pins, register_promotion_handlers
 from citynerve.operators.hub.status import (
     city_conditions,
     federated_scenario_status,
@@ -51,13 +53,17 @@ def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
 class HubContext:
     """What the handlers share: API clients and how often to check on cities."""
 
-    def __init__(self, options: OperatorOptions, check_interval: float = 2.0) -> None:
+    def __init__(self, options: OperatorOptions, check_interval: float = 2.0,
+                 mlflow_url: str | None = None) -> None:
         self.api_client = client.ApiClient(options.target.client_configuration())
         self.kube = Kube(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
         self.certificates = client.CertificatesV1Api(self.api_client)
         self.check_interval = check_interval
+        # Model promotion (models engineer): the registry whose versions, metrics and aliases
+        # promotions read and move; MLflow's own variable when not given.
+        self.mlflow_url = mlflow_url or os.environ.get("MLFLOW_TRACKING_URI")
         # What this operator wrote, by (namespace, name) → work hash (None: deleted). The work
         # index catches up with our own writes a moment later; until it does, this keeps a
         # burst of changes from writing the same ConfigMap twice.
@@ -75,6 +81,7 @@ class Indices:
         self.work: kopf.Index[str, dict[str, Any]] = kwargs["work_index"]
         self.report: kopf.Index[str, dict[str, Any]] = kwargs["report_index"]
         self.lease: kopf.Index[str, dict[str, Any]] = kwargs["lease_index"]
+        self.promotion: kopf.Index[str, dict[str, Any]] = kwargs["promotion_index"]
 
     @staticmethod
     def _values(index: kopf.Index[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,13 +100,17 @@ class Indices:
     def federated(self) -> list[dict[str, Any]]:
         return self._values(self.federated_scenario)
 
+    def promotions(self) -> list[dict[str, Any]]:
+        return self._values(self.promotion)
+
 
 def sync_city_work(ctx: HubContext, city: Mapping[str, Any], sensor_types: Iterable[Mapping[str, Any]],
                    federated: Iterable[Mapping[str, Any]], cities: Iterable[Mapping[str, Any]],
-                   observed: Mapping[str, Mapping[str, Any]]) -> int:
+                   observed: Mapping[str, Mapping[str, Any]],
+                   promotions: Iterable[Mapping[str, Any]] = ()) -> int:
     """Write the differences between a city's desired and observed work; returns writes made."""
     name = city["metadata"]["name"]
-    desired = desired_work(city, sensor_types, federated, cities)
+    desired = desired_work(city, sensor_types, federated, cities, city_pins(name, promotions))
     if not is_joined(city):
         return 0
     ns = city_namespace(name)
@@ -153,10 +164,11 @@ def _write_work(ctx: HubContext, ns: str, desired: Mapping[str, Mapping[str, Any
     return len(create) + len(update) + len(delete)
 
 
-def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kopf.OperatorRegistry:
+def build_registry(options: OperatorOptions, check_interval: float = 2.0,
+                   mlflow_url: str | None = None) -> kopf.OperatorRegistry:
     """Every hub handler, registered into a registry of its own."""
     registry = new_registry(options)
-    ctx = HubContext(options, check_interval)
+    ctx = HubContext(options, check_interval, mlflow_url)
 
     # -- indices: the hub's in-memory picture, kept current by watches ---------------------
     @kopf.index(GROUP, VERSION, "cities", id="city_index", registry=registry)
@@ -185,10 +197,16 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kop
     def lease_index(*, namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
         return {namespace or "": {"spec": dict(spec)}}
 
+    # Model promotion (models engineer): promotions pin AnalyticsModels into cities' work.
+    @kopf.index(GROUP, VERSION, "modelpromotions", id="promotion_index", registry=registry)
+    def promotion_index(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {f"{namespace}/{name}": _plain(body)}
+
     def sync(city: Mapping[str, Any], idx: Indices) -> int:
         ns = city_namespace(city["metadata"]["name"])
         observed = {cm["metadata"]["name"]: cm for cm in idx.work.get(ns, [])}
-        return sync_city_work(ctx, city, idx.sensor_types(), idx.federated(), idx.cities(), observed)
+        return sync_city_work(ctx, city, idx.sensor_types(), idx.federated(), idx.cities(), observed,
+                              idx.promotions())
 
     # -- onboarding -------------------------------------------------------------------------
     @kopf.on.resume(GROUP, VERSION, "cities", registry=registry)
@@ -210,6 +228,7 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kop
     # -- propagation ------------------------------------------------------------------------
     @kopf.on.event(GROUP, VERSION, "sensortypes", registry=registry)
     @kopf.on.event(GROUP, VERSION, "federatedscenarios", registry=registry)
+    @kopf.on.event(GROUP, VERSION, "modelpromotions", registry=registry)  # pins (models engineer)
     def propagate_to_cities(*, resource: kopf.Resource, name: str, namespace: str | None,
                             **kwargs: Any) -> None:
         idx = Indices(kwargs)
@@ -235,7 +254,8 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kop
         ns = city_namespace(name)
         # Periodic consistency: any work written or removed behind the hub's back is put right.
         sync(_plain(body), idx)
-        desired = desired_work(_plain(body), idx.sensor_types(), idx.federated(), idx.cities())
+        desired = desired_work(_plain(body), idx.sensor_types(), idx.federated(), idx.cities(),
+                               city_pins(name, idx.promotions()))
         hashes = {n: cm["metadata"]["annotations"][WORK_HASH_ANNOTATION] for n, cm in desired.items()}
         lease = idx.first(idx.lease, ns)
         report = read_report(idx.first(idx.report, ns))
@@ -265,6 +285,7 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0) -> kop
         for key, value in status_changes(body.get("status"), wanted).items():
             patch.status[key] = value
 
+    register_promotion_handlers(registry, ctx)  # model promotion (models engineer)
     return registry
 
 

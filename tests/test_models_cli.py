@@ -1,0 +1,120 @@
+"""`citynerve models promote`: gates, selectors and the ModelPromotion it creates (pure)."""
+
+from __future__ import annotations
+
+import pytest
+from citynerve.operators.cli import build_parser
+from citynerve.operators.hub.promotion import REQUESTED_BY_ANNOTATION
+from citynerve.operators.models_cli import parse_gate, parse_selector, promotion_manifest
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("detectionRate>=0.7", ("detectionRate", "GreaterThanOrEqual", "0.7")),
+        ("falseAlarmsPerDay < 0.5", ("falseAlarmsPerDay", "LessThan", "0.5")),
+        ("soakIncidents<=2", ("soakIncidents", "LessThanOrEqual", "2")),
+        ("detectionDelaySeconds>-1", ("detectionDelaySeconds", "GreaterThan", "-1")),
+    ],
+)
+def test_gates_parse(text: str, expected: tuple[str, str, str]) -> None:
+    gate = parse_gate(text)
+    assert (gate["metric"], gate["operator"], gate["threshold"]) == expected
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("text", ["detectionRate=>0.7", "DetectionRate>=1", "rate>=abc", "rate"])
+def test_bad_gates_are_refused_with_the_expected_form(text: str) -> None:
+    with pytest.raises(ValueError, match="<camelCaseMetric><op><number>"):
+        parse_gate(text)
+
+
+@pytest.mark.timeout(10)
+def test_selectors_parse_like_kubectl() -> None:
+    assert parse_selector("") == {}
+    assert parse_selector("region=east") == {"matchLabels": {"region": "east"}}
+    assert parse_selector("region in (east, west),tier!=edge,!legacy") == {
+        "matchExpressions": [
+            {"key": "region", "operator": "In", "values": ["east", "west"]},
+            {"key": "tier", "operator": "NotIn", "values": ["edge"]},
+            {"key": "legacy", "operator": "DoesNotExist"},
+        ]
+    }
+
+
+@pytest.mark.timeout(10)
+def test_promote_builds_a_valid_modelpromotion() -> None:
+    args = build_parser().parse_args(
+        [
+            "models",
+            "promote",
+            "water-burst-detector",
+            "--version",
+            "3",
+            "--cities",
+            "region=east",
+            "--canary",
+            "shanghai",
+            "--gate",
+            "detectionRate>=0.5",
+            "--gate",
+            "soakIncidents<=2",
+            "--soak",
+            "5",
+        ]
+    )
+    manifest = promotion_manifest(
+        args.name,
+        version=args.version,
+        from_alias=args.from_alias,
+        alias=args.alias,
+        cities=args.cities,
+        canary=args.canary,
+        gates=args.gate,
+        soak_seconds=args.soak,
+        max_failed_cities=args.max_failed_cities,
+        timeout_seconds=args.timeout,
+        name=None,
+        namespace=args.namespace,
+        actor="alice",
+    )
+    assert manifest["metadata"]["generateName"] == "water-burst-detector-v3-to-champion-"
+    assert manifest["metadata"]["annotations"] == {REQUESTED_BY_ANNOTATION: "alice"}
+    spec = manifest["spec"]
+    assert spec["source"] == {"version": "3"}
+    assert spec["canaryCity"] == "shanghai"
+    assert spec["citySelector"] == {"matchLabels": {"region": "east"}}
+    assert [g["metric"] for g in spec["gates"]] == ["detectionRate", "soakIncidents"]
+    assert spec["soakSeconds"] == 5
+
+
+@pytest.mark.timeout(10)
+def test_promoting_an_alias_to_itself_is_refused_before_the_hub_sees_it() -> None:
+    with pytest.raises(ValueError, match="same alias"):
+        promotion_manifest(
+            "m",
+            version=None,
+            from_alias="champion",
+            alias="champion",
+            cities="",
+            canary=None,
+            gates=[],
+            soak_seconds=0,
+            max_failed_cities=0,
+            timeout_seconds=600,
+            name="p",
+            namespace="n",
+            actor="a",
+        )
+
+
+@pytest.mark.timeout(10)
+def test_promote_exits_1_with_a_message_on_a_bad_gate(capsys: pytest.CaptureFixture[str]) -> None:
+    from citynerve.operators.cli import main  # noqa: PLC0415
+
+    code = main(
+        ["models", "promote", "m", "--version", "1", "--gate", "rate=>1", "--kubeconfig", "/nonexistent"]
+    )
+    assert code == 1
+    assert "error:" in capsys.readouterr().err
