@@ -341,13 +341,16 @@ def test_a_tampered_artifact_is_refused_by_the_canary_and_rolled_back(setup: Set
 
     worker = threading.Thread(target=run)
     worker.start()
-    while worker.is_alive():  # Chengdu's pin, all the while the promotion runs
+    in_use_in_shanghai: set[str | None] = set()
+    while worker.is_alive():  # Chengdu's pin, and what Shanghai runs, all the while the promotion runs
         seen_in_chengdu.add(pinned_in_work(setup, "chengdu"))
+        in_use_in_shanghai.add((city_model(setup, "shanghai").get("status") or {}).get("resolvedVersion"))
         time.sleep(0.2)
     worker.join()
     obj = promotion(setup, "tampered-v3")
     assert code == 3, obj.get("status")
     assert seen_in_chengdu == {v2}  # the other city never receives it
+    assert in_use_in_shanghai == {v2}  # the canary refused v3 and kept running the verified v2
     canary = condition(obj, "CanaryPassed")
     assert canary["status"] == "False"
     assert canary["reason"] == "ArtifactDigestMismatch"

@@ -140,6 +140,22 @@ def test_unreachable_registry_keeps_the_verified_version() -> None:
     assert find_condition(status, "Degraded")["reason"] == "RegistryUnreachable"  # type: ignore[index]
 
 
+def test_a_refused_artifact_keeps_the_verified_version_running() -> None:
+    from citynerve.operators.federation.agent import object_readiness  # noqa: PLC0415
+
+    resolved = compute_model_status(model(), RESOLVED, None, NOW)
+    error = ModelResolutionError("ArtifactDigestMismatch", "version 5's artifact does not match its digest")
+    status = compute_model_status(model(resolved), None, error, NOW)
+    assert status["resolvedVersion"] == "4"  # the scenario keeps running the verified version
+    assert find_condition(status, "Ready")["reason"] == "LastResolutionInUse"  # type: ignore[index]
+    assert find_condition(status, "Degraded")["reason"] == "ArtifactDigestMismatch"  # type: ignore[index]
+    # ...and the hub learns that the version it sent is not the one running
+    assert object_readiness({"kind": "AnalyticsModel", "status": status})[:2] == (
+        "False", "ArtifactDigestMismatch")
+    fresh = compute_model_status(model(), None, error, NOW)  # nothing verified before: nothing runs
+    assert find_condition(fresh, "Ready")["status"] == "False"  # type: ignore[index]
+
+
 def scenario(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
     return {
         "metadata": {"name": "burst", "namespace": "city", "generation": 3},

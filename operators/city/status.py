@@ -150,8 +150,10 @@ def compute_model_status(
 ) -> dict[str, Any]:
     """Status of an AnalyticsModel from a resolution (or its error).
 
-    A temporary error (registry unreachable) keeps the last verified resolution in use and
-    only reports Degraded; a permanent one (no such alias, tampered artifact) withdraws it.
+    A temporary error (registry unreachable) and a refused artifact (its digest does not
+    match: the new version is not trusted, the verified one keeps running) keep the last
+    verified resolution in use and report Degraded; any other permanent error (no such model,
+    alias or version) withdraws it.
     """
     spec = model["spec"]
     generation = _generation(model)
@@ -179,7 +181,11 @@ def compute_model_status(
             ),
             make_condition("Degraded", "False", "Resolved", "", generation),
         ]
-    elif error is not None and not error.permanent and current.get("resolvedVersion"):
+    elif (
+        error is not None
+        and (not error.permanent or error.reason == "ArtifactDigestMismatch")
+        and current.get("resolvedVersion")
+    ):
         fields = {k: current.get(k) for k in keys}
         conditions = [
             make_condition(

@@ -158,6 +158,11 @@ def object_readiness(obj: Mapping[str, Any] | None) -> tuple[str, str | None, st
             observed = cond.get("observedGeneration")
             if generation is not None and observed is not None and observed < generation:
                 return "Unknown", "Reconciling", "the city operator has not yet reconciled the latest spec"
+            degraded = next((c for c in (obj.get("status") or {}).get("conditions") or []
+                             if c.get("type") == "Degraded" and c.get("status") == "True"), None)
+            if cond.get("reason") == "LastResolutionInUse" and degraded is not None:
+                # The city keeps running what it verified before; the spec sent is not running.
+                return "False", degraded.get("reason"), degraded.get("message")
             return str(cond.get("status", "Unknown")), cond.get("reason"), cond.get("message")
     if obj.get("kind") == "SensorType":
         return "True", None, None  # a catalogue entry has nothing to become ready
