@@ -190,3 +190,20 @@ def local_ray() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_detached_ray_actors() -> Iterator[None]:
+    """Scenario drills run as detached Ray actors; a module's leftovers must not starve the next
+    module's control planes (kwok's node heartbeats lapse on a saturated 2-core machine)."""
+    yield
+    import sys  # noqa: PLC0415
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        try:
+            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+        except ValueError:  # already gone
+            continue

@@ -75,7 +75,7 @@ def _try_create(custom: client.CustomObjectsApi, namespace: str, cluster: str) -
     return True
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_deployment_becomes_available_on_kwok_nodes(federation: Any, namespace: str,
                                                     wait_for: Any) -> None:
     deployment = {
@@ -93,7 +93,7 @@ def test_deployment_becomes_available_on_kwok_nodes(federation: Any, namespace: 
         return (dep.status.available_replicas or 0) == 2
 
     for name in federation.names:
-        wait_for(lambda n=name: available(n), 60, what=f"Deployment echo Available on {name}")
+        wait_for(lambda n=name: available(n), 100, what=f"Deployment echo Available on {name}")
         pods = client.CoreV1Api(federation.api_client(name)).list_namespaced_pod(namespace).items
         assert {p.spec.node_name for p in pods} == {"kwok-node-0"}
         assert all(p.status.phase == "Running" for p in pods)

@@ -404,10 +404,13 @@ class CityReconciler:
 
     # -- Incident ---------------------------------------------------------------------------------
     def reconcile_incident(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
-        incident = listed if listed is not None else self.get("Incident", namespace, name)
-        annotations = (incident or {}).get("metadata", {}).get("annotations")
+        seen = listed if listed is not None else self.get("Incident", namespace, name)
+        annotations = (seen or {}).get("metadata", {}).get("annotations")
         # An Incident is reconciled inside the trace of the detection that raised it.
         with self._serialised("Incident", namespace, name, annotations):
+            # Alerts are side effects: decide them on a fresh read under the lock, so a resync
+            # holding an older copy never posts again what the previous reconcile just posted.
+            incident = self.get("Incident", namespace, name) if listed is not None else seen
             if incident is None:
                 return
             record_incident_transitions(incident)
