@@ -18,6 +18,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--context", default=None, help="context in --kubeconfig")
     parser.add_argument("--check-interval", type=float, default=5.0,
                         help="seconds between checks of each city's heartbeat (default: %(default)s)")
+    parser.add_argument("--mlflow-url", default=None,
+                        help="MLflow tracking server ModelPromotions read and move aliases on "
+                             "(default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--peering", default=None,
                         help="Kopf peering name, so that two replicas never both act")
     args = parser.parse_args(argv)
@@ -25,4 +28,4 @@ def main(argv: list[str]) -> int:
     configure_telemetry("citynerve-hub-operator", cluster=args.context or "in-cluster")
     options = OperatorOptions(name="hub", target=KubeTarget(args.kubeconfig, args.context),
                               peering=args.peering)
-    return run_until_signal(options, lambda o: build_registry(o, args.check_interval))
+    return run_until_signal(options, lambda o: build_registry(o, args.check_interval, args.mlflow_url))
