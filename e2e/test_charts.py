@@ -8,6 +8,7 @@ rendered — which shows the chart gives both what they need.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ import pytest
 import yaml
 from citynerve.operators import cli, helm
 from citynerve.operators.city import rbac as city_rbac
+from citynerve.operators.city.rbac import IDENTITY_SECRET
 from citynerve.operators.federation import onboarding
-from citynerve.operators.federation.agent import IDENTITY_SECRET, CityAgent
+from citynerve.operators.federation.agent import CityAgent
 from citynerve.operators.federation.embedded import approve_city
+from citynerve.operators.federation.placement import city_namespace, is_offboarded, work_name
 from citynerve.operators.hub import rbac as hub_rbac
 from citynerve.operators.hub.handlers import build_registry as build_hub_registry
 from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
@@ -75,8 +78,6 @@ def _forget_cities(federation: Any) -> None:
         selector = f"{onboarding.CSR_CITY_LABEL}={city.name}"
         for csr in certificates.list_certificate_signing_request(label_selector=selector).items:
             _delete_quietly(certificates.delete_certificate_signing_request, csr.metadata.name)
-        _delete_quietly(client.CoreV1Api(federation.api_client(city.cluster)).delete_namespaced_secret,
-                        IDENTITY_SECRET, onboarding.SYSTEM_NAMESPACE)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,14 @@ def test_chart_service_accounts_hold_exactly_the_operators_rules(installed: Inst
             installed.target(city.cluster), installed.namespace, "citynerve-city", folder / city.cluster,
         ).client_configuration())
         assert not _allowed(api, "list", "", "secrets", installed.namespace)
-        assert not _allowed(api, "create", GROUP, "scenarios", installed.namespace)
+        # The agent, beside the operator under the same account: its work, key and release only.
+        _assert_granted(api, city_rbac.agent_cluster_rules(), None, f"{city.name}'s agent")
+        _assert_granted(api, city_rbac.agent_work_rules(), installed.namespace, f"{city.name}'s agent")
+        _assert_granted(api, city_rbac.agent_release_rules("citynerve-city", "citynerve-city"),
+                        installed.namespace, f"{city.name}'s agent")
+        assert not _allowed(api, "create", GROUP, "scenarios", "default")
+        assert not _allowed(api, "delete", GROUP, "sensorfleets", installed.namespace)
+        assert not _allowed(api, "patch", "", "secrets", installed.namespace, "city-bootstrap")
         if city.rbac_mode == "cluster":
             _assert_granted(api, city_rbac.cluster_rules(city.workload_mode), None, f"{city.name} (cluster)")
         else:
@@ -183,37 +191,128 @@ def test_chart_service_accounts_hold_exactly_the_operators_rules(installed: Inst
 
 
 # -- joining with what the charts configured ------------------------------------------------------
-@pytest.mark.timeout(120)
-def test_cities_join_with_the_charts_configuration_and_become_ready(installed: Installed,
-                                                                     wait_for: Any) -> None:
-    hub_admin = installed.target("hub")
-    as_hub_sa = service_account_target(hub_admin, helm.HUB_NAMESPACE, "citynerve-hub",
+@dataclass
+class Joined:
+    installed: Installed
+    agents: dict[str, CityAgent]  # by City name, each running as its chart's ServiceAccount
+
+    def restart_agent(self, city: CityRelease) -> None:
+        """What a changed chart configuration does to the pod: a new agent with the new config."""
+        self.agents[city.name].stop()
+        self.agents[city.name] = _agent(self.installed, city)
+
+
+def _agent(installed: Installed, city: CityRelease) -> CityAgent:
+    config = helm.agent_config_from_release(installed.target(city.cluster), installed.namespace,
+                                            installed.scratch / f"agent-{city.name}")
+    as_chart = service_account_target(installed.target(city.cluster), installed.namespace, "citynerve-city",
+                                      installed.scratch / f"agent-account-{city.name}")
+    return CityAgent(dataclasses.replace(config, city_target=as_chart)).start()
+
+
+@pytest.fixture(scope="module")
+def joined(installed: Installed) -> Iterator[Joined]:
+    """The hub operator as the hub chart's ServiceAccount, each agent as its city chart's."""
+    as_hub_sa = service_account_target(installed.target("hub"), helm.HUB_NAMESPACE, "citynerve-hub",
                                        installed.scratch / "hub-operator")
-    sa_api = client.ApiClient(as_hub_sa.client_configuration())
-    # Kopf's annotations on Cities, and RBAC's escalation check when granting a city its Lease.
-    assert _allowed(sa_api, "patch", GROUP, "cities")  # fail fast, not after a minute
-    assert _allowed(sa_api, "update", "coordination.k8s.io", "leases")
     options = OperatorOptions(name="hub-chart", target=as_hub_sa)
     operator = InProcessOperator(options, build_hub_registry(options, 1.0)).start()
-    agents: list[CityAgent] = []
-    custom = client.CustomObjectsApi(installed.federation.api_client("hub"))
+    result = Joined(installed, {})
     try:
         for city in CITIES:
-            config = helm.agent_config_from_release(installed.target(city.cluster), installed.namespace,
-                                                    installed.scratch / f"agent-{city.name}")
-            assert config.city == city.name
-            agents.append(CityAgent(config).start())
-        for city in CITIES:
-            got = wait_for(lambda c=city: _city(custom, c.name), 30, what=f"City {city.name} asks to join")
-            assert got["metadata"]["labels"] == {"region": "central", "tier": "pilot"}
-            assert got["spec"]["connection"]["heartbeatIntervalSeconds"] == 2
-            approve_city(hub_admin, city.name)
-        for city in CITIES:
-            helm.wait_until_city_ready(hub_admin, city.name, timeout=60)
+            result.agents[city.name] = _agent(installed, city)
+        yield result
     finally:
-        for agent in agents:
+        for agent in result.agents.values():
             agent.stop()
         operator.stop()
+        _delete_quietly(client.CustomObjectsApi(installed.federation.api_client("hub"))
+                        .delete_namespaced_custom_object, GROUP, VERSION, "default", "federatedscenarios",
+                        TIER_SCENARIO)
+
+
+@pytest.mark.timeout(150)
+def test_cities_join_with_the_charts_configuration_and_become_ready(joined: Joined, wait_for: Any) -> None:
+    installed = joined.installed
+    hub_admin = installed.target("hub")
+    as_hub_sa = service_account_target(hub_admin, helm.HUB_NAMESPACE, "citynerve-hub",
+                                       installed.scratch / "hub-check")
+    sa_api = client.ApiClient(as_hub_sa.client_configuration())
+    # Kopf's annotations and the chart's labels on Cities; RBAC's escalation check on city Leases.
+    assert _allowed(sa_api, "patch", GROUP, "cities")
+    assert _allowed(sa_api, "update", "coordination.k8s.io", "leases")
+    custom = client.CustomObjectsApi(installed.federation.api_client("hub"))
+    for city in CITIES:
+        assert joined.agents[city.name].config.city == city.name
+        got = wait_for(lambda c=city: _city(custom, c.name), 30, what=f"City {city.name} asks to join")
+        assert got["metadata"]["labels"] == {"region": "central", "tier": "pilot"}
+        assert got["spec"]["connection"]["heartbeatIntervalSeconds"] == 2
+        approve_city(hub_admin, city.name)
+    for city in CITIES:
+        helm.wait_until_city_ready(hub_admin, city.name, timeout=60)
+    core = client.CoreV1Api(installed.federation.api_client(CITIES[0].cluster))
+    key = core.read_namespaced_secret(IDENTITY_SECRET, installed.namespace)
+    assert [o.kind for o in key.metadata.owner_references] == ["ServiceAccount"], "goes with the release"
+
+
+TIER_SCENARIO = "charts-tier-flood"  # stays until the uninstall test: the release takes it along
+
+
+def _federated_scenario(tier: str) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((ROOT / "samples" / "hub" / "federatedscenario-urban-flood.yaml")
+                                          .read_text())
+    body["metadata"] = {"name": TIER_SCENARIO}
+    body["spec"]["placement"] = {"citySelector": {"matchLabels": {"tier": tier}}}
+    body["spec"].pop("overrides", None)
+    return body
+
+
+@pytest.mark.timeout(180)
+def test_upgrading_a_city_label_moves_a_federated_scenario(joined: Joined, wait_for: Any) -> None:
+    installed = joined.installed
+    fed = installed.federation
+    hub = client.CustomObjectsApi(fed.api_client("hub"))
+    city = CITIES[1]
+    city_objects = client.CustomObjectsApi(fed.api_client(city.cluster))
+    hub.create_namespaced_custom_object(GROUP, VERSION, "default", "federatedscenarios",
+                                        _federated_scenario("production"))
+
+    def status() -> dict[str, Any]:
+        got: dict[str, Any] = hub.get_namespaced_custom_object(
+            GROUP, VERSION, "default", "federatedscenarios", TIER_SCENARIO)
+        return got.get("status") or {}
+
+    wait_for(lambda: status().get("conditions"), 30, what="the FederatedScenario's status")
+    assert status()["selectedCities"] == 0, "no city is tier=production yet"
+
+    apps = client.AppsV1Api(fed.api_client(city.cluster))
+
+    def checksum() -> str:
+        deployment = apps.read_namespaced_deployment("citynerve-city", installed.namespace)
+        return str(deployment.spec.template.metadata.annotations["checksum/config"])
+
+    before = checksum()
+    values = installed.scratch / f"{city.name}-production.yaml"
+    values.write_text(yaml.safe_dump({
+        "city": {"labels": {"tier": "production"}, "heartbeatSeconds": 2, "heartbeatTimeoutSeconds": 8},
+        "rbac": {"mode": city.rbac_mode}, "workload": {"mode": city.workload_mode}}))
+    assert cli.main(["city", "onboard", city.name, "--kubeconfig", str(fed.kubeconfig),
+                     "--hub-context", "hub", "--city-context", fed.cluster(city.cluster).name,
+                     "--namespace", installed.namespace, "--values", str(values)]) == 0
+    assert checksum() != before, "a changed label rolls the operator pod, and with it the agent"
+    joined.restart_agent(city)
+
+    wait_for(lambda: (_city(hub, city.name) or {}).get("metadata", {}).get("labels", {}).get("tier")
+             == "production", 30, what=f"City {city.name} labelled tier=production on the hub")
+    wait_for(lambda: status().get("selectedCities") == 1 and status()["cities"][0]["city"] == city.name
+             and status()["cities"][0]["propagated"] == "True", 60,
+             what=f"the FederatedScenario placed on and applied in {city.name}")
+    applied = city_objects.get_namespaced_custom_object(GROUP, VERSION, installed.namespace, "scenarios",
+                                                        TIER_SCENARIO)
+    assert [o["kind"] for o in applied["metadata"]["ownerReferences"]] == ["ServiceAccount"]
+    other = client.CoreV1Api(fed.api_client("hub")).list_namespaced_config_map(
+        city_namespace(CITIES[0].name), label_selector="citynerve.io/work=true")
+    assert work_name("Scenario", TIER_SCENARIO) not in {cm.metadata.name for cm in other.items}
 
 
 def _city(custom: client.CustomObjectsApi, name: str) -> dict[str, Any] | None:
@@ -242,20 +341,45 @@ def _left_behind(installed: Installed, cluster: str, namespace: str, instance: s
     return names
 
 
-@pytest.mark.timeout(120)
-def test_uninstalling_leaves_nothing_but_the_crds(installed: Installed, wait_for: Any) -> None:
+@pytest.mark.timeout(180)
+def test_uninstalling_leaves_nothing_but_the_crds_and_the_hub_marks_the_city_gone(
+        joined: Joined, wait_for: Any) -> None:
+    installed = joined.installed
     kubeconfig = str(installed.federation.kubeconfig)
+    hub = client.CustomObjectsApi(installed.federation.api_client("hub"))
+    placed = client.CustomObjectsApi(installed.federation.api_client(CITIES[1].cluster))
+    assert placed.list_namespaced_custom_object(GROUP, VERSION, installed.namespace, "scenarios")["items"]
     for city in CITIES:
         assert _left_behind(installed, city.cluster, installed.namespace, helm.CITY_RELEASE)
+        # The agents keep running as the operator pods do through their grace period.
         assert cli.main(["city", "offboard", city.name, "--kubeconfig", kubeconfig, "--city-context",
-                         installed.federation.cluster(city.cluster).name,
-                         "--namespace", installed.namespace]) == 0
+                         installed.federation.cluster(city.cluster).name, "--hub-context", "hub",
+                         "--namespace", installed.namespace, "--timeout", "60"]) == 0
+        assert joined.agents[city.name].left
+        body = _city(hub, city.name)
+        assert body is not None
+        assert is_offboarded(body)
+        ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "Offboarded")
     for city in CITIES:
         wait_for(lambda c=city: not _left_behind(installed, c.cluster, installed.namespace,
                                                  helm.CITY_RELEASE),
                  60, what=f"nothing of the city chart left in {city.cluster}")
+        core = client.CoreV1Api(installed.federation.api_client(city.cluster))
+        objects = client.CustomObjectsApi(installed.federation.api_client(city.cluster))
+        # What the agent made in the release namespace went with it (owned by the ServiceAccount).
+        wait_for(lambda c=core: not [s for s in c.list_namespaced_secret(installed.namespace).items
+                                     if s.metadata.name == IDENTITY_SECRET], 60,
+                 what=f"the agent's key Secret collected in {city.cluster}")
+        wait_for(lambda o=objects: not o.list_namespaced_custom_object(
+            GROUP, VERSION, installed.namespace, "scenarios")["items"], 60,
+            what=f"the hub's Scenarios collected in {city.cluster}")
         crds = installed.federation.kubectl(city.cluster, "get", "crd", "-o", "name").stdout.split()
         assert "customresourcedefinition.apiextensions.k8s.io/scenarios.citynerve.io" in crds
+        # The hub takes its work back: nothing is placed on a city that left.
+        wait_for(lambda c=city: not client.CoreV1Api(installed.federation.api_client("hub"))
+                 .list_namespaced_config_map(city_namespace(c.name), label_selector="citynerve.io/work=true")
+                 .items, 30, what=f"no work left for {city.name} on the hub")
 
     assert cli.main(["hub", "uninstall", "--kubeconfig", kubeconfig, "--context", "hub"]) == 0
     wait_for(lambda: not _left_behind(installed, "hub", helm.HUB_NAMESPACE, helm.HUB_RELEASE), 60,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from citynerve.operators.federation.agent import IDENTITY_SECRET
+from citynerve.operators.city.rbac import IDENTITY_SECRET
 from citynerve.operators.federation.embedded import EmbeddedFederation, city_condition
 from citynerve.operators.federation.onboarding import SYSTEM_NAMESPACE
 from kubernetes import client

@@ -80,8 +80,12 @@ def _chart_command(args: argparse.Namespace) -> int:
         if args.city_command == "offboard":
             helm.offboard_city(city, namespace=args.namespace)
             print(f"uninstalled {helm.CITY_RELEASE} ({args.name}) from {args.namespace} of context "
-                  f"{args.city_context}; the CRDs stay, and City {args.name} stays on the hub until "
-                  f"`kubectl delete city {args.name}` there")
+                  f"{args.city_context}; the CRDs and the SensorType catalogue stay")
+            if args.hub_context:
+                hub = KubeTarget(args.kubeconfig, args.hub_context)
+                helm.wait_until_city_offboarded(hub, args.name, timeout=args.timeout)
+                print(f"City {args.name} is marked Offboarded on the hub and takes no work; it stays "
+                      f"there until `kubectl delete city {args.name}`")
             return 0
         hub = KubeTarget(args.kubeconfig, args.hub_context)
         release = helm.onboard_city(args.name, hub, city, values, namespace=args.namespace)
@@ -148,6 +152,11 @@ def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                              help="wait until the City is Ready on the hub (approve it there meanwhile)")
             cmd.add_argument("--timeout", type=float, default=600.0,
                              help="seconds --wait-ready waits (default: %(default)s)")
+        else:
+            cmd.add_argument("--hub-context", default=None,
+                             help="context of the hub cluster: wait until it marks the City Offboarded")
+            cmd.add_argument("--timeout", type=float, default=120.0,
+                             help="seconds to wait for the hub (default: %(default)s)")
     city.set_defaults(func=_chart_command)
 
 

@@ -30,6 +30,7 @@ import yaml
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.agent import AgentConfig, agent_config
 from citynerve.operators.federation.embedded import city_condition, join_request
+from citynerve.operators.federation.placement import is_offboarded
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.runtime import KubeTarget, scratch_dir
 from kubernetes import client
@@ -249,6 +250,21 @@ def agent_config_from_release(city_target: KubeTarget, namespace: str = CITY_NAM
     secret = core.read_namespaced_secret(rendered["bootstrapSecret"], namespace)
     token = base64.b64decode((secret.data or {})[rendered["bootstrapSecretKey"]]).decode()
     return agent_config(rendered, token, city_target, scratch or scratch_dir(f"agent-{rendered['city']}"))
+
+
+def wait_until_city_offboarded(hub: KubeTarget, city: str, timeout: float = 120.0,
+                               interval: float = 1.0) -> None:
+    """Until the hub marks City ``city`` Offboarded (its agent saw its chart uninstalled)."""
+    custom = client.CustomObjectsApi(client.ApiClient(hub.client_configuration()))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = custom.get_cluster_custom_object("citynerve.io", "v1alpha1", "cities", city)
+        if is_offboarded(body):
+            return
+        time.sleep(interval)
+    msg = (f"City {city} is not marked Offboarded on the hub after {timeout:.0f} s; its agent tells "
+           "the hub when its pod ends after the uninstall — is the hub operator running?")
+    raise TimeoutError(msg)
 
 
 def wait_until_city_ready(hub: KubeTarget, city: str, timeout: float = 300.0,

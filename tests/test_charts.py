@@ -149,15 +149,17 @@ def test_hub_bootstrap_identity_is_onboardings() -> None:
 def test_city_role_per_watched_namespace_is_role_rules(workload_mode: str) -> None:
     docs = render("city", {"workload": {"mode": workload_mode},
                            "operator": {"watchNamespaces": ["north", "south"]}})
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "citynerve-city"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["north", "south"]
     for role in roles:
         assert role["rules"] == city_rbac.role_rules(workload_mode)
-    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "citynerve-city"]
     assert {b["metadata"]["namespace"] for b in bindings} == {"north", "south"}
     subject = {"kind": "ServiceAccount", "name": "citynerve-city", "namespace": "citynerve"}
     assert all(b["subjects"] == [subject] for b in bindings)
-    assert not [d for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+    # The operator has no cluster-wide permission; only the agent's catalogue ClusterRole is one.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}] == [
+        "citynerve-city-agent", "citynerve-city-agent"]
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=north", "--namespace=south"]
     assert f"--workload-mode={workload_mode}" in args
@@ -167,11 +169,32 @@ def test_city_role_per_watched_namespace_is_role_rules(workload_mode: str) -> No
 @pytest.mark.parametrize("workload_mode", ["local", "kuberay"])
 def test_city_cluster_role_is_cluster_rules(workload_mode: str) -> None:
     docs = render("city", {"rbac": {"mode": "cluster"}, "workload": {"mode": workload_mode}})
-    assert one(docs, "ClusterRole")["rules"] == city_rbac.cluster_rules(workload_mode)
-    assert one(docs, "ClusterRoleBinding")["roleRef"]["name"] == "citynerve-city"
-    assert not [d for d in docs if d["kind"] in {"Role", "RoleBinding"}]
+    assert one(docs, "ClusterRole", "citynerve-city")["rules"] == city_rbac.cluster_rules(workload_mode)
+    assert one(docs, "ClusterRoleBinding", "citynerve-city")["roleRef"]["name"] == "citynerve-city"
+    roles = [d["metadata"]["name"] for d in docs if d["kind"] in {"Role", "RoleBinding"}]
+    assert all("-agent-" in name for name in roles), "the operator's own rules are cluster-wide"
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in args if a.startswith("--namespace")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rbac_mode", ["namespaced", "cluster"])
+def test_city_agent_rules_are_the_agents_in_both_modes(rbac_mode: str) -> None:
+    docs = render("city", {"rbac": {"mode": rbac_mode}, "operator": {"workNamespace": "work"}})
+    assert one(docs, "ClusterRole", "citynerve-city-agent")["rules"] == city_rbac.agent_cluster_rules()
+    work = one(docs, "Role", "citynerve-city-agent-work")
+    assert (work["metadata"]["namespace"], work["rules"]) == ("work", city_rbac.agent_work_rules())
+    release = one(docs, "Role", "citynerve-city-agent-release")
+    assert release["metadata"]["namespace"] == "citynerve"
+    assert release["rules"] == city_rbac.agent_release_rules("citynerve-city", "citynerve-city")
+    subject = {"kind": "ServiceAccount", "name": "citynerve-city", "namespace": "citynerve"}
+    for name in ("citynerve-city-agent-work", "citynerve-city-agent-release"):
+        binding = one(docs, "RoleBinding", name)
+        assert (binding["roleRef"]["name"], binding["subjects"]) == (name, [subject])
+    assert one(docs, "ClusterRoleBinding", "citynerve-city-agent")["subjects"] == [subject]
+    config = json.loads(one(docs, "ConfigMap", helm.CITY_CONFIGMAP)["data"][helm.AGENT_CONFIG_KEY])
+    assert (config["workNamespace"], config["namespace"], config["deployment"], config["serviceAccount"]) == (
+        "work", "citynerve", "citynerve-city", "citynerve-city")
 
 
 # -- the city's configuration -----------------------------------------------------------------
@@ -234,12 +257,15 @@ def test_hub_optional_parts_render_only_when_enabled() -> None:
     assert {"ServiceMonitor", "PersistentVolumeClaim", "Service"}.isdisjoint(plain)
     full = render("hub", {"mlflow": {"enabled": True}, "serviceMonitor": {"enabled": True}})
     assert {"ServiceMonitor", "PersistentVolumeClaim", "Service"} <= {d["kind"] for d in full}
-    env = one(full, "Deployment", "citynerve-hub")["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert env == [{"name": "MLFLOW_TRACKING_URI",
-                    "value": f"http://citynerve-hub-mlflow.{helm.HUB_NAMESPACE}.svc:5000"}]
+    container = one(full, "Deployment", "citynerve-hub")["spec"]["template"]["spec"]["containers"][0]
+    assert f"--mlflow-url=http://citynerve-hub-mlflow.{helm.HUB_NAMESPACE}.svc:5000" in container["args"]
+    assert container["env"] == [{"name": "CITYNERVE_PROMETHEUS_PORT", "value": "9090"}]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     external = render("hub", {"mlflow": {"externalUrl": "https://mlflow.example.org"}})
-    env = one(external, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert env == [{"name": "MLFLOW_TRACKING_URI", "value": "https://mlflow.example.org"}]
+    args = one(external, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--mlflow-url=https://mlflow.example.org" in args
+    plain_args = one(render("hub"), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in plain_args if a.startswith("--mlflow-url")]
 
 
 @pytest.mark.timeout(30)

@@ -18,7 +18,13 @@ from citynerve.operators.federation.placement import (
     render_scenario,
     work_changes,
 )
-from citynerve.operators.hub.status import city_conditions, federated_scenario_status, merge_condition
+from citynerve.operators.hub.status import (
+    CITY_LABELS_ANNOTATION,
+    city_conditions,
+    city_label_changes,
+    federated_scenario_status,
+    merge_condition,
+)
 
 pytestmark = pytest.mark.timeout(30)
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -93,6 +99,37 @@ def test_city_conditions_follow_the_lease_and_the_report() -> None:
     conds = {c["type"]: c for c in city_conditions(CITIES[0], fresh, failed, hashes, NOW)}
     assert conds["Ready"]["reason"] == "ApplyFailed"
     assert "spec.x: bad" in conds["Ready"]["message"]
+
+
+def test_an_offboarded_city_is_marked_so_and_takes_no_work() -> None:
+    shanghai = city("shanghai", "east")
+    lease = {"spec": {"renewTime": "2026-11-25T07:59:55+00:00"}}
+    report = {"objects": {}, "incidents": [], "offboardedAt": "2026-11-25T07:59:58Z"}
+    conditions = city_conditions(shanghai, lease, report, {"st-x": "h1"}, NOW)
+    state = {c["type"]: (c["status"], c["reason"]) for c in conditions}
+    assert state == dict.fromkeys(("Joined", "Reachable", "Ready"), ("False", "Offboarded"))
+    assert "kubectl delete city shanghai" in conditions[0]["message"]
+    gone = {**shanghai, "status": {"conditions": conditions}}
+    assert desired_work(gone, [{"metadata": {"name": "x"}, "spec": {}}], [], [gone]) == {}
+    spec = {**federated()["spec"], "placement": {"cities": ["shanghai"]}}
+    assert placed_cities(spec, [shanghai]) == ["shanghai"]
+    assert placed_cities(spec, [gone]) == []
+
+
+def test_city_labels_follow_the_chart_and_leave_the_administrators_alone() -> None:
+    shanghai = city("shanghai", "east")
+    shanghai["metadata"]["labels"] |= {"owner": "ops", "tier": "pilot"}
+    # First report: the labels it sets are already there; only the claim is recorded.
+    first = city_label_changes(shanghai, {"labels": {"region": "east", "tier": "pilot"}})
+    assert first == {"annotations": {CITY_LABELS_ANNOTATION: '["region", "tier"]'}}
+    shanghai["metadata"]["annotations"] = first["annotations"]
+    # An upgrade changes one, drops one and adds a reserved one, which is ignored.
+    report = {"labels": {"tier": "production", "citynerve.io/hub": "x"}}
+    assert city_label_changes(shanghai, report) == {
+        "labels": {"tier": "production", "region": None},
+        "annotations": {CITY_LABELS_ANNOTATION: '["tier"]'}}
+    assert city_label_changes(shanghai, {"objects": {}}) == {}  # an agent that reports none
+    assert city_label_changes(shanghai, {**report, "offboardedAt": "2026-11-25T07:59:58Z"}) == {}
 
 
 def test_merge_condition_moves_transition_time_only_on_change() -> None:

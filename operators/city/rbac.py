@@ -12,6 +12,7 @@ from typing import Any
 from citynerve.operators.api import GROUP
 
 _READ = ["get", "list", "watch"]
+IDENTITY_SECRET = "citynerve-hub-identity"  # noqa: S105 - the agent's key Secret's name, not a secret
 _WRITE = ["create", "update", "patch", "delete"]
 
 
@@ -47,4 +48,40 @@ def cluster_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
         *role_rules(workload_mode),
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": _READ},
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": _READ},
+    ]
+
+
+# -- the federation agent, which runs beside the operator under the same ServiceAccount ----------
+def agent_cluster_rules() -> list[dict[str, Any]]:
+    """What the agent reads across the city and applies cluster-wide: the roll-up and SensorTypes.
+
+    A ClusterRole in both RBAC modes: SensorTypes are cluster-scoped.
+    """
+    return [
+        {"apiGroups": [GROUP], "resources": ["sensorfleets", "scenarios", "incidents", "analyticsmodels"],
+         "verbs": ["list"]},
+        # Server-side apply of the hub's catalogue; removal of what the hub no longer lists.
+        {"apiGroups": [GROUP], "resources": ["sensortypes"],
+         "verbs": ["list", "create", "patch", "delete"]},
+    ]
+
+
+def agent_work_rules() -> list[dict[str, Any]]:
+    """What the agent applies and removes in its work namespace (a Role there)."""
+    return [{"apiGroups": [GROUP], "resources": ["scenarios", "analyticsmodels"],
+             "verbs": ["create", "patch", "delete"]}]
+
+
+def agent_release_rules(deployment: str, service_account: str) -> list[dict[str, Any]]:
+    """What the agent needs in its release namespace (a Role there): its key Secret, and the
+    chart's Deployment and ServiceAccount, which tell it the release is installed and own what
+    it creates."""
+    return [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [IDENTITY_SECRET],
+         "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [deployment],
+         "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": [service_account],
+         "verbs": ["get"]},
     ]

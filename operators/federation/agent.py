@@ -14,6 +14,12 @@ credential for its own hub namespace only. Each cycle it
 
 Cut off from the hub, the city keeps everything it last applied and keeps detecting;
 on reconnection the next cycle brings both sides level.
+
+Run by the city chart, the agent knows its release (namespace, Deployment, ServiceAccount).
+Its key Secret and the work it applies in the release namespace are owned by the chart's
+ServiceAccount, so ``helm uninstall`` takes them with it (garbage collection). When its own
+Deployment is gone — or the chart's permissions to read it, which Helm deletes right after —
+the release was uninstalled: the agent tells the hub it left, and stops.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import urllib3
 from citynerve.observability import record_incident_counts, record_propagation
+from citynerve.operators.city.rbac import IDENTITY_SECRET
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.placement import (
     AGENT_LEASE,
@@ -41,7 +48,7 @@ from citynerve.operators.federation.placement import (
     city_namespace,
     manifest_of,
 )
-from citynerve.operators.hub.status import REPORT_KEY, format_time
+from citynerve.operators.hub.status import LABELS_KEY, OFFBOARDED_KEY, REPORT_KEY, format_time
 from citynerve.operators.kube import Kube
 from citynerve.operators.runtime import KubeTarget, scratch_dir, token_kubeconfig
 from kubernetes import client, watch
@@ -50,7 +57,6 @@ log = logging.getLogger(__name__)
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 FIELD_MANAGER = "citynerve-agent"
 WORK_NAME_ANNOTATION = "citynerve.io/work-name"
-IDENTITY_SECRET = "citynerve-hub-identity"  # noqa: S105 - a Secret's name, not a secret
 AGENT_VERSION = "0.1.0"
 _TRANSIENT = (client.ApiException, urllib3.exceptions.HTTPError, OSError, TimeoutError)
 
@@ -68,6 +74,10 @@ class AgentConfig:
     work_namespace: str = "citynerve"
     heartbeat_seconds: float = 10.0
     scratch: Path = field(default_factory=lambda: scratch_dir("agent"))
+    # The city chart's release: where the key Secret lives, and what owns what the agent creates.
+    namespace: str = onboarding.SYSTEM_NAMESPACE
+    deployment: str | None = None  # None: not run by a chart (embedded), never "uninstalled"
+    service_account: str | None = None
 
 
 def agent_config(rendered: Mapping[str, Any], bootstrap_token: str, city_target: KubeTarget,
@@ -85,6 +95,9 @@ def agent_config(rendered: Mapping[str, Any], bootstrap_token: str, city_target:
         work_namespace=rendered["workNamespace"],
         heartbeat_seconds=float(rendered["heartbeatSeconds"]),
         scratch=folder / "identity",
+        namespace=rendered.get("namespace", onboarding.SYSTEM_NAMESPACE),
+        deployment=rendered.get("deployment"),
+        service_account=rendered.get("serviceAccount"),
     )
 
 
@@ -187,8 +200,10 @@ class CityAgent:
         self._last_lease = 0.0
         self._incidents: list[dict[str, Any]] = []
         self._exports_incidents = True  # until the City's data-residency policy is read
+        self._owner: dict[str, Any] | None = None
         self.cycles = 0
         self.hub_reachable = False
+        self.left = False  # told the hub it was offboarded
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> CityAgent:
@@ -196,8 +211,16 @@ class CityAgent:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop; if the release was uninstalled (a pod terminated by ``helm uninstall``), leave."""
         self._stop.set()
         self._thread.join(timeout)
+        if not self.left and self.hub_api is not None:
+            try:
+                if self._release_gone():
+                    self._leave()
+            except _TRANSIENT as exc:
+                log.warning("agent %s: could not tell whether the city was offboarded: %s",
+                            self.config.city, exc)
 
     def _run(self) -> None:
         backoff = 1.0
@@ -208,6 +231,9 @@ class CityAgent:
                     if self.hub_api is None:
                         self._stop.wait(2.0)
                         continue
+                if self._release_gone():
+                    self._leave()
+                    return
                 self._cycle()
                 backoff = 1.0
             except _TRANSIENT as exc:
@@ -220,26 +246,78 @@ class CityAgent:
                 log.exception("agent %s: unexpected error; retrying", self.config.city)
                 self._stop.wait(self.config.heartbeat_seconds)
 
+    # -- the release that runs the agent ---------------------------------------------------
+    def _release_gone(self) -> bool:
+        """True once the city chart running this agent is uninstalled (never without a chart)."""
+        if self.config.deployment is None:
+            return False
+        for attempt in range(2):
+            try:
+                deployment = client.AppsV1Api(self.city_api).read_namespaced_deployment(
+                    self.config.deployment, self.config.namespace, _request_timeout=10)
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    return True
+                # The chart's RoleBindings (403) and ServiceAccount (401: its tokens die with it) go
+                # right after the Deployment; a refusal that persists means they are gone too.
+                if exc.status not in (401, 403):
+                    raise
+                if attempt == 0:
+                    time.sleep(2.0)
+                    continue
+                return True
+            return deployment.metadata.deletion_timestamp is not None
+        return False
+
+    def _leave(self) -> None:
+        """Tell the hub this city left; the city's side is cleaned up by garbage collection."""
+        assert self.hub_api is not None
+        moment = format_time(dt.datetime.now(dt.UTC))
+        text = json.dumps({"objects": {}, "incidents": [], OFFBOARDED_KEY: moment}, sort_keys=True)
+        client.CoreV1Api(self.hub_api).patch_namespaced_config_map(
+            REPORT_CONFIGMAP, city_namespace(self.config.city), {"data": {REPORT_KEY: text}})
+        self.left = True
+        self._stop.set()
+        log.info("agent %s: the city chart was uninstalled; told the hub at %s and stopped",
+                 self.config.city, moment)
+
+    def _owned(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Owner references that make an object in the release namespace go with the release."""
+        if self.config.service_account is None or namespace != self.config.namespace:
+            return []  # an owner in another namespace would make the garbage collector delete it
+        if self._owner is None:
+            account = client.CoreV1Api(self.city_api).read_namespaced_service_account(
+                self.config.service_account, self.config.namespace)
+            self._owner = {"apiVersion": "v1", "kind": "ServiceAccount",
+                           "name": account.metadata.name, "uid": account.metadata.uid}
+        return [self._owner]
+
     # -- joining -------------------------------------------------------------------------
     def _identity(self) -> dict[str, str]:
         """The agent's key (and certificate, once issued), kept in a Secret in its own city."""
         core = client.CoreV1Api(self.city_api)
-        ns = onboarding.SYSTEM_NAMESPACE
+        ns = self.config.namespace
         try:
             secret = core.read_namespaced_secret(IDENTITY_SECRET, ns)
             return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
         except client.ApiException as exc:
             if exc.status != 404:
                 raise
-        self.city.ensure({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         key = onboarding.new_private_key_pem().decode()
-        core.create_namespaced_secret(ns, {"metadata": {"name": IDENTITY_SECRET},
-                                           "stringData": {"tls.key": key}})
+        body = {"metadata": {"name": IDENTITY_SECRET, "ownerReferences": self._owned(ns)},
+                "stringData": {"tls.key": key}}
+        try:
+            core.create_namespaced_secret(ns, body)
+        except client.ApiException as exc:
+            if exc.status != 404:  # only the embedded agent's namespace may not exist yet
+                raise
+            self.city.ensure({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            core.create_namespaced_secret(ns, body)
         return {"tls.key": key}
 
     def _save_certificate(self, cert_pem: str) -> None:
         client.CoreV1Api(self.city_api).patch_namespaced_secret(
-            IDENTITY_SECRET, onboarding.SYSTEM_NAMESPACE, {"stringData": {"tls.crt": cert_pem}})
+            IDENTITY_SECRET, self.config.namespace, {"stringData": {"tls.crt": cert_pem}})
 
     def _join(self) -> client.ApiClient | None:
         """Return a hub client with the city's own certificate, or None while waiting."""
@@ -328,6 +406,9 @@ class CityAgent:
         meta = target.setdefault("metadata", {})
         if manifest["kind"] != "SensorType":
             meta["namespace"] = self.config.work_namespace
+            owners = self._owned(self.config.work_namespace)
+            if owners:
+                meta["ownerReferences"] = owners
         meta.setdefault("labels", {})[PROPAGATED_LABEL] = "hub"
         meta.setdefault("annotations", {}).update(
             {WORK_NAME_ANNOTATION: work_name, WORK_HASH_ANNOTATION: work_hash})
@@ -339,11 +420,16 @@ class CityAgent:
         if self._applied.get(name) == work_hash:
             return
         try:
-            manifest = manifest_of(cm)
-            if manifest["kind"] != "SensorType":
+            target = self._target(manifest_of(cm), name, work_hash)
+            try:
+                self.city.apply(target, field_manager=FIELD_MANAGER)
+            except client.ApiException as exc:
+                if exc.status != 404 or "namespaces" not in str(exc.body):
+                    raise
+                # The embedded agent makes its work namespace; a chart's exists already.
                 self.city.ensure({"apiVersion": "v1", "kind": "Namespace",
                                   "metadata": {"name": self.config.work_namespace}})
-            self.city.apply(self._target(manifest, name, work_hash), field_manager=FIELD_MANAGER)
+                self.city.apply(target, field_manager=FIELD_MANAGER)
         except (ValueError, client.ApiException) as exc:
             if isinstance(exc, client.ApiException) and exc.status not in (400, 403, 404, 409, 422):
                 raise  # a transient failure: the next cycle tries again
@@ -409,7 +495,9 @@ class CityAgent:
             if message and result.get("applied"):
                 entry["message"] = message
             objects[name] = entry
-        text = json.dumps({"objects": objects, "incidents": self._incidents}, sort_keys=True)
+        labels = self.config.join_request.get("metadata", {}).get("labels") or {}
+        text = json.dumps({"objects": objects, "incidents": self._incidents, LABELS_KEY: labels},
+                          sort_keys=True)
         if text == self._last_report:
             return
         client.CoreV1Api(self.hub_api).patch_namespaced_config_map(

@@ -37,6 +37,19 @@ def is_joined(city: Mapping[str, Any]) -> bool:
     return bool(city.get("spec", {}).get("approved"))
 
 
+OFFBOARDED_REASON = "Offboarded"
+
+
+def is_offboarded(city: Mapping[str, Any]) -> bool:
+    """Its agent reported that the city chart was uninstalled (the hub's Joined condition says so)."""
+    return any(c.get("type") == "Joined" and c.get("reason") == OFFBOARDED_REASON
+               for c in (city.get("status") or {}).get("conditions") or [])
+
+
+def takes_work(city: Mapping[str, Any]) -> bool:
+    return is_joined(city) and not is_offboarded(city)
+
+
 def placed_cities(spec: Mapping[str, Any], cities: Iterable[Mapping[str, Any]]) -> list[str]:
     """Joined cities a FederatedScenario's placement selects (label selector OR explicit list)."""
     fs = FederatedScenarioSpec.model_validate(spec)
@@ -45,7 +58,7 @@ def placed_cities(spec: Mapping[str, Any], cities: Iterable[Mapping[str, Any]]) 
     for city in cities:
         meta = city.get("metadata", {})
         name = meta.get("name", "")
-        if not is_joined(city):
+        if not takes_work(city):
             continue
         selector = fs.placement.city_selector
         by_label = selector is not None and selector.matches(dict(meta.get("labels") or {}))
@@ -118,13 +131,13 @@ def desired_work(
     cities: Iterable[Mapping[str, Any]],
     pinned_models: Iterable[tuple[str, Mapping[str, Any]]] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Every work ConfigMap one city should hold, by ConfigMap name. Empty unless joined.
+    """Every work ConfigMap one city should hold, by ConfigMap name. Empty unless joined (and not offboarded).
 
     ``pinned_models`` are (source, AnalyticsModel manifest) pairs that model promotions ask this
     city to hold (``citynerve.operators.hub.promotion.city_pins``); they travel as work too.
     """
     name = city["metadata"]["name"]
-    if not is_joined(city):
+    if not takes_work(city):
         return {}
     work: dict[str, dict[str, Any]] = {}
     for st in sensor_types:

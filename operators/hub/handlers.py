@@ -30,6 +30,7 @@ from citynerve.operators.federation.placement import (
 from citynerve.operators.hub.promotion import city_pins, register_promotion_handlers
 from citynerve.operators.hub.status import (
     city_conditions,
+    city_label_changes,
     federated_scenario_status,
     parse_time,
     read_report,
@@ -264,6 +265,12 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
         wanted = {"conditions": conditions, "observedGeneration": body["metadata"].get("generation")}
         for key, value in status_changes(body.get("status"), wanted).items():
             patch.status[key] = value
+        # The chart's labels reach the City, and with them the placements that select on them.
+        changes = city_label_changes(_plain(body), report)
+        for key, label in changes.get("labels", {}).items():
+            patch.metadata.labels[key] = label
+        for key, note in changes.get("annotations", {}).items():
+            patch.metadata.annotations[key] = note
         state = {c["type"]: c["status"] for c in conditions}
         renewed = parse_time((lease or {}).get("spec", {}).get("renewTime"))
         status = body.get("status") or {}

@@ -7,9 +7,15 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from citynerve.operators.federation.placement import placed_cities, work_name
+from citynerve.operators.federation.placement import OFFBOARDED_REASON, placed_cities, work_name
 
 REPORT_KEY = "report.json"
+# In the agent's report: the City labels its chart sets, and when it left (chart uninstalled).
+LABELS_KEY = "labels"
+OFFBOARDED_KEY = "offboardedAt"
+# On a City: the label keys its agent set last, so a label dropped from the chart is removed.
+CITY_LABELS_ANNOTATION = "citynerve.io/labels-from-city"
+RESERVED_LABEL_PREFIX = "citynerve.io/"
 
 
 def parse_time(value: str | None) -> dt.datetime | None:
@@ -73,6 +79,15 @@ def city_conditions(
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
     name = city["metadata"]["name"]
 
+    left = report.get(OFFBOARDED_KEY)
+    if left:
+        message = (f"City {name}'s chart was uninstalled at {left}: it takes no work. Its namespace "
+                   f"city-{name} and access stay until `kubectl delete city {name}`.")
+        for type_ in ("Joined", "Reachable", "Ready"):
+            conditions = merge_condition(conditions, type_, "False", OFFBOARDED_REASON, message, now,
+                                         generation)
+        return conditions
+
     if spec.get("approved"):
         conditions = merge_condition(conditions, "Joined", "True", "Approved",
                                      f"City {name} was approved and has its namespace city-{name}.",
@@ -113,6 +128,30 @@ def city_conditions(
         ready = ("True", "AllWorkApplied",
                  f"{name} runs all {len(work_hashes)} objects the hub placed there.")
     return merge_condition(conditions, "Ready", *ready, now, generation)
+
+
+def city_label_changes(city: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata patch that brings a City's labels in line with those its chart sets.
+
+    Labels the chart sets win; labels it set before and no longer does are removed; labels the
+    hub administrator set (or reserved ``citynerve.io/`` ones) are left alone. Empty: nothing to do.
+    """
+    reported = report.get(LABELS_KEY)
+    if not isinstance(reported, dict) or report.get(OFFBOARDED_KEY):
+        return {}
+    wanted = {str(k): str(v) for k, v in reported.items() if not str(k).startswith(RESERVED_LABEL_PREFIX)}
+    meta = city.get("metadata", {})
+    current = dict(meta.get("labels") or {})
+    before = set(json.loads((meta.get("annotations") or {}).get(CITY_LABELS_ANNOTATION, "[]")))
+    labels: dict[str, str | None] = {k: v for k, v in wanted.items() if current.get(k) != v}
+    labels.update({k: None for k in sorted(before - set(wanted)) if k in current})
+    claimed = json.dumps(sorted(wanted))
+    patch: dict[str, Any] = {}
+    if labels:
+        patch["labels"] = labels
+    if claimed != (meta.get("annotations") or {}).get(CITY_LABELS_ANNOTATION):
+        patch["annotations"] = {CITY_LABELS_ANNOTATION: claimed}
+    return patch
 
 
 def federated_scenario_status(

@@ -100,3 +100,8 @@ seccompProfile:
 {{- define "citynerve-city.cityName" -}}
 {{- default .Release.Name .Values.city.name }}
 {{- end }}
+
+{{/* Where the agent applies the hub's work: operator.workNamespace, or the release namespace. */}}
+{{- define "citynerve-city.workNamespace" -}}
+{{- default .Release.Namespace .Values.operator.workNamespace }}
+{{- end }}
