@@ -157,9 +157,11 @@ def test_city_role_per_watched_namespace_is_role_rules(workload_mode: str) -> No
     assert {b["metadata"]["namespace"] for b in bindings} == {"north", "south"}
     subject = {"kind": "ServiceAccount", "name": "citynerve-city", "namespace": "citynerve"}
     assert all(b["subjects"] == [subject] for b in bindings)
-    # The operator has no cluster-wide permission; only the agent's catalogue ClusterRole is one.
-    assert [d["metadata"]["name"] for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}] == [
-        "citynerve-city-agent", "citynerve-city-agent"]
+    # The operator has no cluster-wide permission; the agent's and the workers' catalogue reads are.
+    cluster_wide = sorted(d["metadata"]["name"] for d in docs
+                          if d["kind"] in {"ClusterRole", "ClusterRoleBinding"})
+    assert cluster_wide == ["citynerve-city-agent", "citynerve-city-agent", "citynerve-city-ingest",
+                            "citynerve-city-ingest"]
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=north", "--namespace=south"]
     assert f"--workload-mode={workload_mode}" in args
@@ -172,7 +174,8 @@ def test_city_cluster_role_is_cluster_rules(workload_mode: str) -> None:
     assert one(docs, "ClusterRole", "citynerve-city")["rules"] == city_rbac.cluster_rules(workload_mode)
     assert one(docs, "ClusterRoleBinding", "citynerve-city")["roleRef"]["name"] == "citynerve-city"
     roles = [d["metadata"]["name"] for d in docs if d["kind"] in {"Role", "RoleBinding"}]
-    assert all("-agent-" in name for name in roles), "the operator's own rules are cluster-wide"
+    assert all(("-agent-" in name or name.endswith("-ingest")) for name in roles), \
+        "the operator's own rules are cluster-wide"
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in args if a.startswith("--namespace")]
 
@@ -195,6 +198,28 @@ def test_city_agent_rules_are_the_agents_in_both_modes(rbac_mode: str) -> None:
     config = json.loads(one(docs, "ConfigMap", helm.CITY_CONFIGMAP)["data"][helm.AGENT_CONFIG_KEY])
     assert (config["workNamespace"], config["namespace"], config["deployment"], config["serviceAccount"]) == (
         "work", "citynerve", "citynerve-city", "citynerve-city")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("values", "namespaces"), [
+    ({"operator": {"watchNamespaces": ["north", "south"]}}, ["north", "south"]),
+    ({"rbac": {"mode": "cluster"}}, ["citynerve"]),
+    ({"rbac": {"mode": "cluster"}, "ingest": {"namespaces": ["east"], "serviceAccountName": "feeds"}},
+     ["east"]),
+])
+def test_ingest_workers_get_an_account_per_namespace(values: dict[str, Any], namespaces: list[str]) -> None:
+    docs = render("city", values)
+    account = values.get("ingest", {}).get("serviceAccountName", "citynerve-ingest")
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "citynerve-city-ingest"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == namespaces
+    assert all(r["rules"] == city_rbac.ingest_rules() for r in roles)
+    accounts = [d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == account]
+    assert sorted(a["metadata"]["namespace"] for a in accounts) == namespaces
+    assert one(docs, "ClusterRole", "citynerve-city-ingest")["rules"] == city_rbac.ingest_cluster_rules()
+    subjects = one(docs, "ClusterRoleBinding", "citynerve-city-ingest")["subjects"]
+    assert subjects == [{"kind": "ServiceAccount", "name": account, "namespace": ns} for ns in namespaces]
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--ingest-service-account={account}" in args
 
 
 # -- the city's configuration -----------------------------------------------------------------

@@ -67,7 +67,11 @@ def test_ingest_deployment_is_deterministic_and_owned() -> None:
     assert first["metadata"]["name"] == "pudong-pressure-ingest"
     owner = first["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("SensorFleet", "uid-1", True)
-    env = {e["name"]: e["value"] for e in first["spec"]["template"]["spec"]["containers"][0]["env"]}
+    pod = first["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"]
+           for e in pod["containers"][0]["env"]}
+    assert (env["POD_NAME"], env["POD_NAMESPACE"]) == ("metadata.name", "metadata.namespace")
+    assert pod["serviceAccountName"] == "citynerve-ingest"  # made by the city chart, per namespace
     assert json.loads(env["CITYNERVE_FLEET_CONFIG"])["count"] == 4200
     assert env["CITYNERVE_ENCRYPT_AT_REST"] == "false"
     selector = first["spec"]["selector"]["matchLabels"]

@@ -29,6 +29,7 @@ from citynerve.operators.conditions import rfc3339
 
 TERMINALS_PER_INGEST_REPLICA = 50_000
 MAX_INGEST_REPLICAS = 16
+INGEST_PORT = 8080  # the NGSI-LD batch endpoint of citynerve.workloads.ingest.worker
 _SEVERITY_ORDER = {"warning": 0, "alarm": 1, "critical": 2}
 _KPA_PER_METRE_OF_WATER = 9.80665
 
@@ -119,6 +120,7 @@ def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) ->
             "template": {
                 "metadata": {"labels": {**_labels("ingest"), **selector}},
                 "spec": {
+                    "serviceAccountName": options.ingest_service_account,
                     "containers": [
                         {
                             "name": "ingest",
@@ -139,7 +141,21 @@ def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) ->
                                     "name": "CITYNERVE_ENCRYPT_AT_REST",
                                     "value": "true" if classified else "false",
                                 },
+                                # Each worker reports under its own key of the fleet's report.
+                                {
+                                    "name": "POD_NAME",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                                },
+                                {
+                                    "name": "POD_NAMESPACE",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                                },
                             ],
+                            "ports": [{"name": "ngsi-ld", "containerPort": INGEST_PORT, "protocol": "TCP"}],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/healthz", "port": "ngsi-ld"},
+                                "periodSeconds": 10,
+                            },
                             "resources": {
                                 "requests": {"cpu": "100m", "memory": "128Mi"},
                                 "limits": {"memory": "512Mi"},

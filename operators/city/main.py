@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CITYNERVE_HUB_BOOTSTRAP_TOKEN_FILE"),
         help="the hub bootstrap token the agent joins with (default: $CITYNERVE_HUB_BOOTSTRAP_TOKEN_FILE)",
     )
+    parser.add_argument(
+        "--ingest-service-account",
+        default=CityOptions.ingest_service_account,
+        help="the ServiceAccount ingest workers run as, in each fleet's namespace (default: %(default)s)",
+    )
     return parser
 
 
@@ -82,6 +87,7 @@ def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Name
         mlflow_url=args.mlflow_url,
         workload_mode=args.workload_mode,
         resync_seconds=args.resync_seconds,
+        ingest_service_account=args.ingest_service_account,
     )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

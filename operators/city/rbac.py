@@ -85,3 +85,14 @@ def agent_release_rules(deployment: str, service_account: str) -> list[dict[str,
         {"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": [service_account],
          "verbs": ["get"]},
     ]
+
+
+# -- the ingest workers (citynerve.workloads.ingest.worker), one account per fleet namespace ------
+def ingest_rules() -> list[dict[str, Any]]:
+    """What an ingest worker does in its fleet's namespace: write its key of the fleet's report."""
+    return [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]}]
+
+
+def ingest_cluster_rules() -> list[dict[str, Any]]:
+    """The fleet's SensorType, read once at start (the catalogue is cluster-scoped)."""
+    return [{"apiGroups": [GROUP], "resources": ["sensortypes"], "verbs": ["get"]}]

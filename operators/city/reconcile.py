@@ -41,6 +41,7 @@ from citynerve.operators.city.status import (
     compute_incident_status,
     compute_model_status,
     compute_scenario_status,
+    merge_ingest_reports,
     missing_references,
 )
 from citynerve.operators.conditions import find_condition, status_patch
@@ -249,7 +250,7 @@ class CityReconciler:
             if _not_found(exc):
                 return None
             raise
-        return dict(config_map.data or {})
+        return merge_ingest_reports(config_map.data or {})
 
     # -- AnalyticsModel ---------------------------------------------------------------------------
     def reconcile_model(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:

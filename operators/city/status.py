@@ -7,6 +7,7 @@ have. The reconciler writes it only when it differs from the stored one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +33,46 @@ def _int(data: Mapping[str, Any], key: str) -> int | None:
         return max(0, int(str(data[key])))
     except (KeyError, ValueError):
         return None
+
+
+WORKER_KEY_PREFIX = "worker."  # one key per ingest worker (citynerve.workloads.ingest.worker)
+# A worker silent this long (its reports come every 15 s) was scaled down or is stuck.
+WORKER_STALE_SECONDS = 120.0
+
+
+def merge_ingest_reports(data: Mapping[str, str]) -> dict[str, Any] | None:
+    """One fleet report from the ingest-report ConfigMap, whose workers each write their own key.
+
+    Counters add up; the newest times win. A worker that stopped reporting (scaled down) keeps
+    its counters, and its terminals drop out of the online count as its report ages:
+    ``compute_fleet_status`` sees the newest reading, not a stale worker's claim.
+    Plain keys (one writer) are read as they are.
+    """
+    workers = []
+    for key, text in data.items():
+        if key.startswith(WORKER_KEY_PREFIX):
+            try:
+                workers.append(json.loads(text))
+            except ValueError:
+                continue
+    if not workers:
+        return dict(data) if data else None
+    newest = max(str(w.get("reportedAt") or "") for w in workers)
+    merged: dict[str, Any] = {"reportedAt": newest}
+    for key in ("acceptedReadings", "rejectedReadings", "quarantinedPayloads"):
+        merged[key] = sum(_int(w, key) or 0 for w in workers)
+    # A stale worker's terminals are not online; fresh workers' reports are within one interval.
+    merged["terminalsOnline"] = sum(_int(w, "terminalsOnline") or 0 for w in workers
+                                    if str(w.get("reportedAt") or "") == newest or _recent(w, newest))
+    last = [str(w["lastReadingTime"]) for w in workers if w.get("lastReadingTime")]
+    if last:
+        merged["lastReadingTime"] = max(last)
+    return merged
+
+
+def _recent(worker: Mapping[str, Any], newest: str, seconds: float = WORKER_STALE_SECONDS) -> bool:
+    reported, latest = parse_time(str(worker.get("reportedAt") or "")), parse_time(newest)
+    return bool(reported and latest and (latest - reported).total_seconds() <= seconds)
 
 
 def compute_fleet_status(

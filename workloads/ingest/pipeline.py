@@ -96,7 +96,11 @@ class IngestPipeline:
     """
 
     def __init__(
-        self, sensor_type: SensorType, window_s: float = 300.0, allowed_lateness_s: float = 0.0
+        self,
+        sensor_type: SensorType,
+        window_s: float = 300.0,
+        allowed_lateness_s: float = 0.0,
+        track_terminals: bool = False,
     ) -> None:
         self.sensor_type = sensor_type
         self.window_ms = int(window_s * 1000)
@@ -117,6 +121,8 @@ class IngestPipeline:
         self._baseline: tuple[FloatArray, FloatArray] | None = None
         self._decoder: NgsiDecoder | None = None
         self._metrics = IngestRecorder(sensor_type.name)
+        # Newest accepted reading per terminal (ms), for "terminals online"; off in the hot path.
+        self._last_seen: IntArray | None = np.zeros(0, dtype=np.int64) if track_terminals else None
 
     # ---- inputs -------------------------------------------------------------------------
     def ingest_ipc(self, data: bytes | pa.Buffer, now_ms: int) -> None:
@@ -192,6 +198,12 @@ class IngestPipeline:
             keep = ~dup
             group, ts, value = group[keep], ts[keep], value[keep]
         self.stats.accepted += int(value.shape[0])
+        if self._last_seen is not None and value.shape[0]:
+            if self._last_seen.shape[0] < len(self._names):
+                grown = np.zeros(len(self._names), dtype=np.int64)
+                grown[: self._last_seen.shape[0]] = self._last_seen
+                self._last_seen = grown
+            np.maximum.at(self._last_seen, group // self._n_props, ts)
 
         # ---- window
         if value.shape[0] == 0:
@@ -242,6 +254,18 @@ class IngestPipeline:
             maximum=np.concatenate([p[2].max[p[1]] for p in parts]),
             score=self._score(groups, mean),
         )
+
+    def terminals_seen_since(self, since_ms: int) -> int:
+        """Terminals with an accepted reading at or after ``since_ms`` (needs ``track_terminals``)."""
+        if self._last_seen is None:
+            raise ValueError("terminals are counted only by a pipeline made with track_terminals=True")
+        return int((self._last_seen >= since_ms).sum())
+
+    def newest_reading_ms(self) -> int | None:
+        """Time of the newest accepted reading (needs ``track_terminals``); None before the first."""
+        if self._last_seen is None or not self._last_seen.shape[0] or not self._last_seen.max():
+            return None
+        return int(self._last_seen.max())
 
     def fit_baseline(self, windows: WindowAggregates) -> None:
         """Learn each (sensor, property)'s usual window mean and spread; later windows get z-scores."""

@@ -65,7 +65,7 @@ class SensorType:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> SensorType:
-        """From a SensorType resource's spec (camelCase keys) or an equivalent plain dict."""
+        """From a plain dict (camelCase keys); a SensorType resource's spec goes through ``from_resource``."""
         try:
             props = tuple(
                 MeasuredProperty(
@@ -85,6 +85,23 @@ class SensorType:
             )
         except KeyError as err:
             raise ValueError(f"sensor type spec lacks field {err.args[0]!r}") from err
+
+    @classmethod
+    def from_resource(cls, name: str, spec: Mapping[str, Any]) -> SensorType:
+        """From a SensorType custom resource's spec, as the hub's catalogue publishes it."""
+        try:
+            props = tuple(
+                MeasuredProperty(
+                    name=str(p["name"]),
+                    unit=str(p["unitCode"]),
+                    minimum=float(p.get("minimum", "-inf")),
+                    maximum=float(p.get("maximum", "inf")),
+                )
+                for p in spec["properties"]
+            )
+            return cls(name=name, data_model=str(spec["dataModel"]["entityType"]), properties=props)
+        except KeyError as err:
+            raise ValueError(f"SensorType {name} lacks field {err.args[0]!r}") from err
 
 
 #: The terminal types the simulators produce, as a city's platform team would define them.

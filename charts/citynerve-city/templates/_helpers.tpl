@@ -105,3 +105,12 @@ seccompProfile:
 {{- define "citynerve-city.workNamespace" -}}
 {{- default .Release.Namespace .Values.operator.workNamespace }}
 {{- end }}
+
+{{/* Where ingest workers run (each gets their account): ingest.namespaces, else the watched ones. */}}
+{{- define "citynerve-city.ingestNamespaces" -}}
+{{- if .Values.ingest.namespaces }}
+{{- toJson .Values.ingest.namespaces }}
+{{- else }}
+{{- include "citynerve-city.watchNamespaces" . }}
+{{- end }}
+{{- end }}
