@@ -214,6 +214,18 @@ def test_decoder_reads_normalized_entities_with_their_own_times() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_fractional_seconds_and_offsets_parse_in_every_batch_shape() -> None:
+    # Fractional seconds take the general parser; with no entity missing a time (no nulls) the
+    # fast path's array is read-only, which once made this raise instead of parse.
+    stamps = ["2026-11-25T08:00:00.250Z", "2026-11-25T16:00:00+08:00"]
+    entities = [{"id": f"urn:ngsi-ld:WaterObserved:p{i}", "type": "WaterObserved", "dateObserved": stamp,
+                 "pressure": 40.0} for i, stamp in enumerate(stamps)]
+    decoded = NgsiDecoder(PRESSURE).decode(orjson.dumps(entities))
+    assert decoded.failures == []
+    assert decoded.batch.column(2).cast(pa.int64()).to_pylist() == [1795593600250, 1795593600000]
+
+
+@pytest.mark.timeout(10)
 def test_a_payload_that_is_not_json_is_one_failure() -> None:
     pipeline = IngestPipeline(PRESSURE)
     pipeline.ingest_ngsi(b"{not json", NOW_MS)

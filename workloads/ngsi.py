@@ -312,7 +312,9 @@ def _parse_times(stamps: list[str | None]) -> npt.NDArray[np.int64]:
     )
     retry = np.flatnonzero((out == _NO_TIME) & np.asarray(arr.is_valid().to_numpy(zero_copy_only=False)))
     if retry.size:
-        # fractional seconds or an explicit offset: the general (slower) ISO 8601 parser
+        # fractional seconds or an explicit offset: the general (slower) ISO 8601 parser. Arrow's
+        # array without nulls converts zero-copy, hence read-only: write into a copy.
+        out = out.copy()
         for i in retry:
             try:
                 stamp = pd.Timestamp(stamps[i])
