@@ -2,7 +2,8 @@
 
 The operator runs in-process (``InProcessOperator``) under a ServiceAccount of its own, bound
 by a Role in the test's namespace only, so its API writes can be counted in the audit log
-and namespace-scoped operation is proven with least privilege.
+and namespace-scoped operation is proven with least privilege. One test runs it as its own
+process through the CLI instead, to SIGKILL it mid-reconcile.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -25,7 +31,7 @@ import pytest
 import yaml
 from citynerve.models.registry import register_model_version
 from citynerve.operators.city import rbac
-from citynerve.operators.city.config import CityOptions, WorkloadMode
+from citynerve.operators.city.config import MANAGED_BY, CityOptions, WorkloadMode
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import free_port
@@ -37,6 +43,7 @@ CITY = "shanghai"
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 OPERATOR_SA = "citynerve-city-operator"
+INGEST_ACCOUNT = "citynerve-ingest"  # as the city chart names it
 
 
 # --- cluster set-up --------------------------------------------------------------------------------
@@ -120,10 +127,12 @@ def running_operator(
     namespaces: tuple[str, ...],
     mode: WorkloadMode,
     mlflow_url: str | None = None,
+    ingest_account: str | None = None,
 ) -> Iterator[InProcessOperator]:
     options = OperatorOptions(f"city-{CITY}", KubeTarget(kubeconfig, context), namespaces=namespaces)
     city = CityOptions(
-        city=CITY, mlflow_url=mlflow_url, workload_mode=mode, resync_seconds=4.0, model_cache_seconds=60.0
+        city=CITY, mlflow_url=mlflow_url, workload_mode=mode, resync_seconds=4.0, model_cache_seconds=60.0,
+        ingest_service_account=ingest_account,
     )
     operator = InProcessOperator(options, build_registry(options, city)).start()
     try:
@@ -449,7 +458,7 @@ def test_fleet_children_follow_spec_drift_and_deletion(
                 (get(federation, "sensorfleets", namespace, name) or {})
                 .get("status", {})
                 .get("terminalsOnline")
-                and get(federation, "sensorfleets", namespace, name)["status"]
+                and get(federation, "sensorfleets", namespace, name)["status"]  # type: ignore[index]
             ),
             20,
             what="fleet figures from the ingest report",
@@ -569,6 +578,116 @@ def test_bad_references_are_reported_not_retried_in_a_loop(
             20,
             what="the scenario past FleetNotFound",
         )
+
+
+def ingest_account(federation: Any, namespace: str, folder: Path) -> KubeTarget:
+    """The account the city chart makes for ingest workers in a fleet namespace; its kubeconfig."""
+    api = federation.api_client(CITY)
+    account = INGEST_ACCOUNT
+    client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": account}})
+    rbac_api = client.RbacAuthorizationV1Api(api)
+    rbac_api.create_namespaced_role(namespace, {"metadata": {"name": account}, "rules": rbac.ingest_rules()})
+    cluster_role = f"{account}-{namespace}"
+    rbac_api.create_cluster_role({"metadata": {"name": cluster_role}, "rules": rbac.ingest_cluster_rules()})
+    subjects = [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
+    rbac_api.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": account}, "subjects": subjects,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}})
+    rbac_api.create_cluster_role_binding({
+        "metadata": {"name": cluster_role}, "subjects": subjects,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role}})
+    return service_account_target(KubeTarget(federation.kubeconfig, CITY), namespace, account, folder)
+
+
+def ngsi_batch(terminals: int, sensor_type: str) -> bytes:
+    """One reading per terminal, as a gateway posts them: NGSI-LD entities of the fleet's type."""
+    spec = yaml.safe_load((ROOT / "samples" / "sensortypes" / f"{sensor_type}.yaml").read_text())["spec"]
+    entity_type = spec["dataModel"]["entityType"]
+    observed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 5))
+    return json.dumps([
+        {"id": f"urn:ngsi-ld:{entity_type}:gauge-{i}", "type": entity_type, "dateObserved": observed,
+         "pressure": 300.0 + i % 50, "batteryLevel": 80.0}
+        for i in range(terminals)
+    ]).encode()
+
+
+@pytest.mark.timeout(180)
+def test_ingest_deployment_command_runs_and_its_reports_reach_the_fleet_status(
+    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
+) -> None:
+    """The ingest Deployment's own command and environment, run as its account (kwok runs no
+    containers): terminals post NGSI-LD batches, the fleet's status shows them online."""
+    kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "local")
+    as_ingest = ingest_account(federation, namespace, tmp_path / "ingest")
+    federation.kubectl(CITY, "apply", "--server-side", "-f",
+                       str(ROOT / "samples" / "sensortypes" / "pipe-pressure-gauge.yaml"))
+    fleet = next(d for d in yaml.safe_load_all(sample("sensorfleets.yaml"))
+                 if d["metadata"]["name"] == "pudong-pressure")
+    worker = None
+    log = (tmp_path / "ingest-worker.log").open("wb")
+    try:
+        with running_operator(kubeconfig, "hub", (namespace,), "local", ingest_account=INGEST_ACCOUNT):
+            apply(federation, namespace, yaml.safe_dump(fleet))
+            made = wait_for(lambda: deployment(federation, namespace, "pudong-pressure-ingest"), 30,
+                            what="the ingest Deployment")
+            pod = client.ApiClient().sanitize_for_serialization(made.spec.template.spec)
+            container = pod["containers"][0]
+            assert pod["serviceAccountName"] == INGEST_ACCOUNT
+            env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+            env |= {"POD_NAME": "pudong-pressure-ingest-0", "POD_NAMESPACE": namespace}
+            port = free_port()
+            assert container["args"][:3] == ["python", "-m", "citynerve.workloads.ingest"]
+            command = [sys.executable, *container["args"][1:], "--address", "127.0.0.1",
+                       "--port", str(port), "--report-seconds", "1",
+                       "--kubeconfig", str(as_ingest.kubeconfig), "--context", str(as_ingest.context)]
+            worker = subprocess.Popen(command, env={**os.environ, **env}, stdout=log,
+                                      stderr=subprocess.STDOUT)
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _http_ok(base + "/healthz"), 30, what="the worker's health endpoint")
+
+            upsert = base + "/ngsi-ld/v1/entityOperations/upsert"
+            assert _post(upsert, ngsi_batch(40, "pipe-pressure-gauge")) == 204
+            assert _post(upsert, b'[{"type": 1}]') == 207  # one entity quarantined, the reply says so
+
+            def fleet_status() -> dict[str, Any]:
+                got = get(federation, "sensorfleets", namespace, "pudong-pressure") or {}
+                return dict(got.get("status") or {})
+
+            status = wait_for(lambda: fleet_status() if fleet_status().get("terminalsOnline") == 40 else None,
+                              30, what="40 terminals online in the fleet's status")
+            assert status["quarantinedPayloads"] == 1
+            assert status["qualityScore"] == 99  # 80 readings accepted, one entity quarantined: 80/81
+            assert condition({"status": status}, "DataFresh")["status"] == "True"
+            report = client.CoreV1Api(federation.api_client(CITY)).read_namespaced_config_map(
+                "pudong-pressure-ingest-report", namespace)
+            assert list(report.data) == ["worker.pudong-pressure-ingest-0"]
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        log.close()
+        rbac_api = client.RbacAuthorizationV1Api(federation.api_client(CITY))
+        name = f"{INGEST_ACCOUNT}-{namespace}"
+        with contextlib.suppress(client.ApiException):
+            rbac_api.delete_cluster_role_binding(name)
+        with contextlib.suppress(client.ApiException):
+            rbac_api.delete_cluster_role(name)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - the local worker
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _post(url: str, body: bytes) -> int:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the local worker
+        return int(response.status)
 
 
 @pytest.fixture
@@ -696,6 +815,182 @@ def test_kuberay_workload_survives_an_operator_restart_without_duplicates(
             what="Ready condition",
         )
         assert ready["reason"] in ("WorkloadPending", "WorkloadRunning"), ready
+
+
+def start_city_operator(kubeconfig: Path, namespace: str, log: Path) -> subprocess.Popen[bytes]:
+    """``citynerve operator city`` as its own process, the way the city chart runs it."""
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("citynerve")),
+                "operator",
+                "city",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--context",
+                "hub",
+                "--namespace",
+                namespace,
+                "--city",
+                CITY,
+                "--workload-mode",
+                "kuberay",
+                "--resync-seconds",
+                "4",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def kill_at_first_write(proc: subprocess.Popen[bytes], audit: AuditLog) -> threading.Thread:
+    """SIGKILL ``proc`` the moment the audit log shows a write of ``audit.username`` succeed.
+
+    A thread tailing the file reacts within milliseconds, while the rest of the burst of writes
+    the first one belongs to is still to come.
+    """
+
+    def succeeded_write(line: bytes) -> bool:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            return bool(
+                entry.get("user", {}).get("username") == audit.username
+                and entry.get("stage") == "ResponseComplete"
+                and entry.get("responseStatus", {}).get("code", 500) < 300
+            )
+        return False
+
+    def tail() -> None:
+        with audit.path.open("rb") as fh:
+            fh.seek(audit.offset)
+            pending = b""
+            while proc.poll() is None:
+                *lines, pending = (pending + fh.read()).split(b"\n")
+                if any(succeeded_write(line) for line in lines):
+                    proc.kill()
+                    return
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=tail, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.timeout(240)
+def test_kuberay_workload_survives_a_sigkill_mid_reconcile(
+    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, ray_operator: Any, tmp_path: Path
+) -> None:
+    kubeconfig, user = operator_kubeconfig(federation, namespace, tmp_path, "kuberay")
+    audit = AuditLog(city_cluster.audit_log, user)
+    api = federation.api_client(CITY)
+    core, apps, objects = client.CoreV1Api(api), client.AppsV1Api(api), custom(federation)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "citynerve-analytics"}})
+    fleets = [
+        d
+        for d in yaml.safe_load_all(sample("sensorfleets.yaml"))
+        if d["metadata"]["name"] in ("underpass-water-level", "rain-gauges")
+    ]
+    scenario = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Scenario",
+        "metadata": {"name": "huangpu-flood"},
+        "spec": {
+            "kind": "urban-flood",
+            "fleets": [{"name": f["metadata"]["name"]} for f in fleets],
+            "thresholds": [{"metric": "waterLevelMm", "unitCode": "MMT", "warning": 150, "alarm": 270}],
+        },
+    }
+
+    def rayjobs() -> list[dict[str, Any]]:  # terminating ones included: a replaced RayJob is churn
+        items: list[dict[str, Any]] = objects.list_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayjobs"
+        )["items"]
+        return items
+
+    def children() -> list[str]:
+        deployments = apps.list_namespaced_deployment(namespace).items
+        return sorted(
+            [f"Deployment/{d.metadata.name}" for d in deployments]
+            + [f"RayJob/{j['metadata']['name']}" for j in rayjobs()]
+        )
+
+    def scenario_status() -> dict[str, Any]:
+        status: dict[str, Any] = (get(federation, "scenarios", namespace, "huangpu-flood") or {}).get(
+            "status"
+        ) or {}
+        return status
+
+    log = tmp_path / "operator.log"
+    audit.mark()
+    first = start_city_operator(kubeconfig, namespace, log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        killer = kill_at_first_write(first, audit)
+        apply(federation, namespace, "---\n".join(yaml.safe_dump(d) for d in [*fleets, scenario]))
+        killer.join(60)
+        assert not killer.is_alive(), "the operator wrote nothing within 60 s"
+        assert first.wait(10) == -signal.SIGKILL, log.read_text()[-3000:]
+        time.sleep(1)  # a request in flight when it died lands or is aborted by the API server
+        at_kill, first_writes, jobs_at_kill = children(), audit.writes(), rayjobs()
+        with log.open("a") as out:
+            out.write(f"\n--- SIGKILL; children then: {at_kill}; its writes: {first_writes} ---\n")
+        # Mid-reconcile: a child landed, but the scenario's reconcile never recorded its workload.
+        # Seen at the kill: one or both ingest Deployments, with or without the RayJob, never the
+        # scenario's status (the full burst is 3 creates and 3 status patches).
+        assert at_kill, first_writes
+        assert "workload" not in scenario_status(), first_writes
+
+        audit.mark()
+        second = start_city_operator(kubeconfig, namespace, log)
+        workload = wait_for(lambda: scenario_status().get("workload"), 60, what="the workload in status")
+        expected = sorted(
+            [*(f"Deployment/{f['metadata']['name']}-ingest" for f in fleets), f"RayJob/{workload['name']}"]
+        )
+        wait_for(lambda: children() == expected, 30, what=f"exactly {expected}")
+        time.sleep(9)  # two resyncs: nothing is duplicated late either
+        assert children() == expected
+        second_writes = audit.writes()
+        assert not any(w.startswith("delete") for w in second_writes), second_writes
+        if jobs_at_kill:  # the RayJob the killed process made is adopted, not replaced
+            assert rayjobs()[0]["metadata"]["uid"] == jobs_at_kill[0]["metadata"]["uid"]
+        for fleet in fleets:
+            name = fleet["metadata"]["name"]
+            owner = deployment(federation, namespace, f"{name}-ingest").metadata.owner_references[0]
+            assert (owner.kind, owner.name, owner.controller) == ("SensorFleet", name, True)
+        # Events say when Ready flips; a restart re-reads status and has nothing to repeat.
+        events = [
+            (e.involved_object.kind, e.involved_object.name, e.reason)
+            for e in core.list_namespaced_event(namespace).items
+            if e.source and e.source.component == MANAGED_BY
+        ]
+        assert len(events) == len(set(events)), events
+        for obj in (
+            get(federation, "scenarios", namespace, "huangpu-flood"),
+            *(get(federation, "sensorfleets", namespace, f["metadata"]["name"]) for f in fleets),
+        ):
+            assert obj is not None
+            leftovers = [
+                k for k in obj["metadata"].get("annotations") or {} if "kopf" in k or "citynerve" in k
+            ]
+            assert (obj["metadata"].get("finalizers"), leftovers) == (None, []), obj["metadata"]
+        assert second.poll() is None, "the second operator process died"
+
+        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, "scenarios", "huangpu-flood")
+        wait_for(
+            lambda: get(federation, "scenarios", namespace, "huangpu-flood") is None,
+            10,
+            what="the scenario deleted at once",
+        )
+        wait_for(lambda: not rayjobs(), 60, what="its RayJob gone")
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 @pytest.mark.timeout(30)

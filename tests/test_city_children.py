@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,7 +72,9 @@ def test_ingest_deployment_is_deterministic_and_owned() -> None:
     env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"]
            for e in pod["containers"][0]["env"]}
     assert (env["POD_NAME"], env["POD_NAMESPACE"]) == ("metadata.name", "metadata.namespace")
-    assert pod["serviceAccountName"] == "citynerve-ingest"  # made by the city chart, per namespace
+    assert "serviceAccountName" not in pod  # the namespace's default unless the chart names one
+    chart = children.desired_ingest_deployment(fleet(), replace(OPTIONS, ingest_service_account="feeds"))
+    assert chart["spec"]["template"]["spec"]["serviceAccountName"] == "feeds"
     assert json.loads(env["CITYNERVE_FLEET_CONFIG"])["count"] == 4200
     assert env["CITYNERVE_ENCRYPT_AT_REST"] == "false"
     selector = first["spec"]["selector"]["matchLabels"]
@@ -133,6 +136,25 @@ def test_rayjob_carries_payload_replicas_and_owner() -> None:
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     env_line = job["spec"]["runtimeEnvYAML"].split("CITYNERVE_SCENARIO: ", 1)[1]
     assert json.loads(json.loads(env_line)) == payload
+
+
+def test_a_replace_keeps_what_other_controllers_put_in_the_metadata() -> None:
+    live = scenario(mode="live")
+    payload = children.scenario_payload(live, {"pudong-pressure": fleet()}, MODELS, "shanghai")
+    job = children.desired_rayjob(live, payload, OPTIONS)
+    # KubeRay drops a false shutdownAfterJobFinishes; stating it would be drift on every pass.
+    assert "shutdownAfterJobFinishes" not in job["spec"]
+    metadata = {**job["metadata"], "resourceVersion": "42", "finalizers": ["ray.io/rayjob-finalizer"],
+                "annotations": {"ray.io/note": "kept"},
+                "labels": {**job["metadata"]["labels"], "team": "ops"}}
+    observed = {**job, "spec": {**job["spec"], "entrypointNumCpus": 1}, "metadata": metadata}
+    body = children.replacement(job, observed)
+    assert body["spec"] == job["spec"]
+    assert body["metadata"]["resourceVersion"] == "42"
+    assert body["metadata"]["finalizers"] == ["ray.io/rayjob-finalizer"]
+    assert body["metadata"]["annotations"]["ray.io/note"] == "kept"
+    assert body["metadata"]["labels"] == {**job["metadata"]["labels"], "team": "ops"}
+    assert body["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
 
 
 def test_incident_manifest_is_a_valid_incident_with_a_stable_name() -> None:

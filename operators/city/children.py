@@ -120,7 +120,11 @@ def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) ->
             "template": {
                 "metadata": {"labels": {**_labels("ingest"), **selector}},
                 "spec": {
-                    "serviceAccountName": options.ingest_service_account,
+                    **(
+                        {"serviceAccountName": options.ingest_service_account}
+                        if options.ingest_service_account
+                        else {}
+                    ),
                     "containers": [
                         {
                             "name": "ingest",
@@ -242,9 +246,10 @@ def desired_rayjob(
             "runtimeEnvYAML": "env_vars:\n  CITYNERVE_SCENARIO: "
             + json.dumps(json.dumps(payload, sort_keys=True, separators=(",", ":")))
             + "\n",
-            # A drill ends; a live scenario scores until a new revision replaces it.
-            "shutdownAfterJobFinishes": drill,
-            **({"ttlSecondsAfterFinished": 3600} if drill else {}),
+            # A drill ends; a live scenario scores until a new revision replaces it. KubeRay
+            # drops a false shutdownAfterJobFinishes (omitempty), so false is left out: stating it
+            # would read as drift on every pass.
+            **({"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 3600} if drill else {}),
             "rayClusterSpec": {
                 "rayVersion": options.ray_version,
                 "headGroupSpec": {
@@ -305,6 +310,23 @@ def drifted(desired: Any, observed: Any) -> bool:
             return True
         return any(drifted(d, o) for d, o in zip(desired, observed, strict=True))
     return bool(desired != observed)
+
+
+def replacement(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any]:
+    """The body that replaces ``observed`` with ``desired`` and keeps what other controllers put
+    in its metadata: their finalizers (KubeRay stops a RayJob's Ray job through one), annotations
+    (the Deployment controller's revision) and labels."""
+    meta_o = observed.get("metadata") or {}
+    meta_d = desired["metadata"]
+    metadata = {
+        **meta_d,
+        "resourceVersion": meta_o["resourceVersion"],
+        "labels": {**(meta_o.get("labels") or {}), **(meta_d.get("labels") or {})},
+        "annotations": {**(meta_o.get("annotations") or {}), **(meta_d.get("annotations") or {})},
+    }
+    if meta_o.get("finalizers"):
+        metadata["finalizers"] = list(meta_o["finalizers"])
+    return {**desired, "metadata": metadata}
 
 
 def deployment_drifted(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> bool:

@@ -31,8 +31,9 @@ class CityOptions:
     mlflow_url: str | None = None
     workload_mode: WorkloadMode = "local"
     ingest_image: str = "ghcr.io/citynerve/ingest:0.1.0"
-    # The account ingest workers run as (the city chart makes it, with their report permissions).
-    ingest_service_account: str = "citynerve-ingest"
+    # The account ingest workers run as (the city chart makes it, with their report permissions);
+    # None: the namespace's default account, which may not write the report.
+    ingest_service_account: str | None = None
     analytics_image: str = "ghcr.io/citynerve/analytics:0.1.0"
     ray_version: str = "2.60.0"
     # Re-resolution of model aliases, freshness of fleet data, retries after errors.

@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ingest-service-account",
-        default=CityOptions.ingest_service_account,
-        help="the ServiceAccount ingest workers run as, in each fleet's namespace (default: %(default)s)",
+        default=None,
+        help="the ServiceAccount ingest workers run as in each fleet's namespace (the city chart makes "
+        "citynerve-ingest; default: the namespace's default account)",
     )
     return parser
 

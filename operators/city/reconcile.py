@@ -30,6 +30,7 @@ from citynerve.operators.city.children import (
     drifted,
     ingest_name,
     ingest_report_name,
+    replacement,
     scenario_payload,
     workload_revision,
 )
@@ -210,13 +211,7 @@ class CityReconciler:
                 )
                 log.warning(msg)
             elif deployment_drifted(desired, deployment):
-                body = {
-                    **desired,
-                    "metadata": {
-                        **desired["metadata"],
-                        "resourceVersion": deployment["metadata"]["resourceVersion"],
-                    },
-                }
+                body = replacement(desired, deployment)
                 deployment = self.api.sanitize_for_serialization(
                     self.apps.replace_namespaced_deployment(desired["metadata"]["name"], namespace, body)
                 )
@@ -352,15 +347,8 @@ class CityReconciler:
             if drifted(desired["spec"], observed.get("spec")) or drifted(
                 desired["metadata"]["labels"], observed["metadata"].get("labels") or {}
             ):
-                body = {
-                    **desired,
-                    "metadata": {
-                        **desired["metadata"],
-                        "resourceVersion": observed["metadata"]["resourceVersion"],
-                    },
-                }
                 observed = self.custom.replace_namespaced_custom_object(
-                    "ray.io", "v1", namespace, "rayjobs", job_name, body
+                    "ray.io", "v1", namespace, "rayjobs", job_name, replacement(desired, observed)
                 )
         return rayjob_observation(observed)
 
