@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 OPERATOR_SA = "citynerve-city-operator"
 INGEST_ACCOUNT = "citynerve-ingest"  # as the city chart names it
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 
 
 # --- cluster set-up --------------------------------------------------------------------------------
@@ -162,6 +163,7 @@ class AuditLog:
                 if (
                     entry.get("user", {}).get("username") == self.username
                     and entry.get("stage") == "ResponseComplete"
+                    and entry.get("verb") in WRITE_VERBS  # the log has ServiceAccounts' reads too
                 ):
                     ref = entry.get("objectRef", {})
                     resource = f"{ref.get('resource')}/{ref.get('subresource', '')}"
@@ -856,6 +858,7 @@ def kill_at_first_write(proc: subprocess.Popen[bytes], audit: AuditLog) -> threa
             return bool(
                 entry.get("user", {}).get("username") == audit.username
                 and entry.get("stage") == "ResponseComplete"
+                and entry.get("verb") in WRITE_VERBS
                 and entry.get("responseStatus", {}).get("code", 500) < 300
             )
         return False

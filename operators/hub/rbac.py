@@ -15,33 +15,37 @@ _READ = ["get", "list", "watch"]
 def cluster_rules() -> list[dict[str, Any]]:
     """RBAC PolicyRules (as manifests) for the hub operator."""
     return [
-        # The federation's own kinds: read all, write status (and a City's approval is the
-        # administrator's, so the operator never writes City specs).
+        # The federation's own kinds: watched (Kopf lists, then watches; nothing reads one by one).
         {"apiGroups": [GROUP], "resources": ["cities", "sensortypes", "federatedscenarios",
-                                             "modelpromotions"], "verbs": _READ},
-        # Kopf keeps its last-handled spec and progress in annotations on the objects it handles.
+                                             "modelpromotions"], "verbs": ["list", "watch"]},
+        # A city reads its own City: RBAC lets the hub grant only what it holds.
+        {"apiGroups": [GROUP], "resources": ["cities"], "verbs": ["get"]},
+        # Kopf keeps its last-handled spec in annotations, and a city's chart labels reach its
+        # City; a City's approval stays the administrator's (no update).
         {"apiGroups": [GROUP], "resources": ["cities", "federatedscenarios", "modelpromotions"],
          "verbs": ["patch"]},
-        {"apiGroups": [GROUP], "resources": ["cities/status", "sensortypes/status",
-                                             "federatedscenarios/status", "modelpromotions/status"],
-         "verbs": ["get", "patch", "update"]},
-        # Each approved city's namespace, Lease, report and work (ConfigMaps).
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": [*_READ, "create", "patch"]},
+        {"apiGroups": [GROUP], "resources": ["cities/status", "federatedscenarios/status",
+                                             "modelpromotions/status"], "verbs": ["patch"]},
+        # Each approved city's namespace (patch: its labels put right if they drift).
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "create", "patch"]},
+        # Its work (replaced when it changes), report and Lease; patch is granted to the city on
+        # its report and Lease, so the hub holds it too.
         {"apiGroups": [""], "resources": ["configmaps"],
          "verbs": [*_READ, "create", "update", "patch", "delete"]},
-        # update too: RBAC lets the hub grant a city `update` on its Lease only if it holds it.
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-         "verbs": [*_READ, "create", "update", "patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": [*_READ, "create", "patch"]},
         # The city's narrow RBAC: the hub holds every permission it grants, so no escalate.
         {"apiGroups": ["rbac.authorization.k8s.io"],
          "resources": ["roles", "rolebindings", "clusterroles", "clusterrolebindings"],
          "verbs": ["get", "create", "patch"]},
         # Approving a city's certificate request once the City is approved.
-        {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": _READ},
+        {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"],
+         "verbs": ["list", "watch"]},
         {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests/approval"],
-         "verbs": ["update", "patch"]},
+         "verbs": ["patch"]},
         {"apiGroups": ["certificates.k8s.io"], "resources": ["signers"],
          "resourceNames": ["kubernetes.io/kube-apiserver-client"], "verbs": ["approve"]},
+        # Promotions' steps, and Kopf's reports of a failing handler.
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": _READ},
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+         "verbs": ["list", "watch"]},
     ]

@@ -33,9 +33,16 @@ apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
-  # Writes are what reconcile budgets are measured in; reads would drown them.
+  # Writes are what reconcile budgets are measured in.
   - level: Metadata
     verbs: ["create", "update", "patch", "delete", "deletecollection"]
+  # Reads by the platform's own ServiceAccounts, so tests can check that each permission a
+  # chart grants is used; the control plane's own controllers would drown them.
+  - level: None
+    userGroups: ["system:serviceaccounts:kube-system"]
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+    verbs: ["get", "list", "watch"]
   - level: None
 """
 
