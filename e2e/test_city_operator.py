@@ -281,13 +281,17 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
         apply(federation, namespace, sample("sensorfleets.yaml"))
         apply(federation, namespace, sample("analyticsmodels.yaml"))
         for fleet in fleets:
-            wait_for(
-                lambda f=fleet: (
-                    condition(get(federation, "sensorfleets", namespace, f)).get("status") == "True"
-                ),
-                30,
-                what=f"SensorFleet {fleet} Ready",
-            )
+            try:
+                wait_for(
+                    lambda f=fleet: (
+                        condition(get(federation, "sensorfleets", namespace, f)).get("status") == "True"
+                    ),
+                    30,
+                    what=f"SensorFleet {fleet} Ready",
+                )
+            except AssertionError as exc:  # say why: the condition's reason and message
+                seen = condition(get(federation, "sensorfleets", namespace, fleet))
+                raise AssertionError(f"{exc}; Ready is {seen}") from exc
             owner = deployment(federation, namespace, f"{fleet}-ingest").metadata.owner_references[0]
             assert (owner.kind, owner.name, owner.controller) == ("SensorFleet", fleet, True)
         for model in ("burst-detector", "flood-forecaster", "crowd-detector"):
@@ -385,6 +389,23 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
         assert "duty-desk:Dispatched" in status["notifiedRoutes"]
         assert all(valid for _, valid in webhook.states())
         assert webhook.states().count(("Detected", True)) == 1
+
+        # The Scenario counts its open Incidents (from the operator's index, not a listing).
+        def open_counts() -> tuple[int, int] | None:
+            items = custom(federation).list_namespaced_custom_object(GROUP, VERSION, namespace, "incidents")
+            opened = sum(1 for i in items["items"] if i["spec"].get("state") != "Resolved")
+            shown = (get(federation, "scenarios", namespace, "pudong-burst-drill") or {}).get("status", {})
+            return (opened, shown.get("openIncidents")) if shown.get("openIncidents") == opened else None
+
+        opened, _ = wait_for(open_counts, 20, what="openIncidents equal to the open Incidents")
+        assert opened >= 1
+        resolved = [*transitions, {"state": "Resolved", "time": "2099-01-01T01:00:00Z", "actor": "crew"}]
+        custom(federation).patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, "incidents", name,
+            {"spec": {"state": "Resolved", "transitions": resolved}},
+        )
+        wait_for(lambda: ("Resolved", True) in webhook.states(), 20, what="the Resolved alert")
+        wait_for(open_counts, 20, what="openIncidents without the resolved Incident")
 
         # Settled: nothing changes, so the operator writes nothing (resync runs every 4 s).
         writes = audit.quiet_writes(9)

@@ -139,6 +139,13 @@ def new_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
         settings.networking.connect_timeout = 10
         settings.execution.max_workers = options.max_workers
         settings.queueing.error_delays = [1, 2, 5, 10, 30]
+        # A per-object worker leaves soon after its last event (the handlers are level-triggered:
+        # nothing is lost by exiting early), so idle objects hold no task or queue. No
+        # worker_limit: with indices, Kopf's first workers wait for every object to be indexed,
+        # and the objects queued behind a limit never would be (a deadlock past the limit).
+        settings.queueing.idle_timeout = 0.5
+        # The initial listing in pages: one response of every object is one huge transient buffer.
+        settings.watching.chunk_size = 500
         # A namespaced operator may hold only a Role: it must not try to list CRDs or namespaces.
         settings.scanning.disabled = not options.clusterwide
         if options.peering:

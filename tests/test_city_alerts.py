@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from citynerve.operators.city import alerts
+from citynerve.operators.city.status import compute_incident_status
 
 pytestmark = pytest.mark.timeout(10)
 ROUTES = [
@@ -55,3 +58,22 @@ def test_alert_body_is_canonical_json() -> None:
     body = alerts.alert_body(incident, "Detected", "shanghai")
     assert body == alerts.alert_body(incident, "Detected", "shanghai")
     assert b'"state":"Detected"' in body
+
+
+def test_a_resync_reconciles_only_incidents_with_something_to_do() -> None:
+    now = datetime(2026, 7, 12, 5, 0, tzinfo=UTC)
+    incident: dict[str, Any] = {
+        "metadata": {"name": "i", "generation": 1},
+        "spec": {"severity": "alarm", "state": "Detected", "detectedAt": "2026-07-12T04:15:00Z",
+                 "transitions": [{"state": "Detected", "time": "2026-07-12T04:15:00Z", "actor": "x"}]},
+        "status": None,
+    }
+    assert alerts.incident_needs_reconcile(incident, ROUTES, now)  # alerts due, no status yet
+    notified = ["all:Detected", "water:Detected"]
+    incident["status"] = compute_incident_status(incident, notified, None, now)
+    assert not alerts.incident_needs_reconcile(incident, ROUTES, now)  # all delivered, nothing to write
+    assert not alerts.incident_needs_reconcile(incident, ROUTES, now + timedelta(hours=5))  # time alone
+    moved = {**incident, "spec": {**incident["spec"], "state": "Dispatched"}}
+    assert alerts.incident_needs_reconcile(moved, ROUTES, now)  # a new state to deliver
+    failed = {**incident, "status": compute_incident_status(incident, [], ("WebhookFailed", "down"), now)}
+    assert alerts.incident_needs_reconcile(failed, ROUTES, now)  # a failed delivery is retried

@@ -13,11 +13,13 @@ import hmac
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
 from citynerve.operators.city.children import severity_at_least
-from citynerve.operators.city.status import state_index
+from citynerve.operators.city.status import compute_incident_status, state_index
+from citynerve.operators.conditions import status_patch
 
 SIGNATURE_HEADER = "X-CityNerve-Signature"
 DELIVERY_HEADER = "X-CityNerve-Delivery"
@@ -106,3 +108,14 @@ def post_alert(url: str, key: bytes, body: bytes, delivery_id: str, timeout: flo
         },
     )
     response.raise_for_status()
+
+
+def incident_needs_reconcile(
+    incident: Mapping[str, Any], routes: Sequence[Mapping[str, Any]], now: datetime
+) -> bool:
+    """Whether a listed Incident has an alert due or a status that differs from its computed one (pure)."""
+    notified = list((incident.get("status") or {}).get("notifiedRoutes") or [])
+    if deliveries_due(incident["spec"], routes, notified):
+        return True
+    desired = compute_incident_status(incident, notified, None, now)
+    return status_patch(incident.get("status"), desired) is not None
