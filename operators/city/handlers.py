@@ -49,9 +49,8 @@ def build_registry(
             rec.reconcile_scenario(namespace, name)
 
     @kopf.on.event(GROUP, VERSION, "sensorfleets", registry=registry)
-    def sensorfleet_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
+    def sensorfleet_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
         namespace = _namespaced(namespace)
-        rec.attach_index(kwargs["open_incidents"])
         if type == "DELETED":
             rec.forget("SensorFleet", namespace, name)
         else:
@@ -59,9 +58,8 @@ def build_registry(
         scenarios(namespace, fleet=name)
 
     @kopf.on.event(GROUP, VERSION, "analyticsmodels", registry=registry)
-    def analyticsmodel_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
+    def analyticsmodel_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
         namespace = _namespaced(namespace)
-        rec.attach_index(kwargs["open_incidents"])
         if type == "DELETED":
             rec.forget("AnalyticsModel", namespace, name)
         else:
@@ -69,29 +67,19 @@ def build_registry(
         scenarios(namespace, model=name)
 
     @kopf.on.event(GROUP, VERSION, "scenarios", registry=registry)
-    def scenario_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
+    def scenario_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
         namespace = _namespaced(namespace)
-        rec.attach_index(kwargs["open_incidents"])
         rec.reconcile_scenario(namespace, name)  # a deleted scenario's workloads are stopped
         if type == "DELETED":
             rec.forget("Scenario", namespace, name)
 
-    # An Incident leaves the index when it stops matching ``when`` (Kopf keeps a value that the
-    # function merely stops returning, so openness is a filter, not a None result).
-    @kopf.index(GROUP, VERSION, "incidents", id="open_incidents", registry=registry,
-                when=lambda spec, **_: spec.get("state") != "Resolved")
-    def open_incidents(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, str]:
-        """Open Incidents by (namespace, scenario): what a Scenario's status counts."""
-        return {(namespace, spec.get("scenarioRef", {}).get("name")): name}
-
     @kopf.on.event(GROUP, VERSION, "incidents", registry=registry)
-    def incident_event(type: str, name: str, namespace: str | None, spec: kopf.Spec, **kwargs: Any) -> None:
+    def incident_event(type: str, name: str, namespace: str | None, spec: kopf.Spec, **_: Any) -> None:
         namespace = _namespaced(namespace)
-        rec.attach_index(kwargs["open_incidents"])
+        scenario = rec.open_incidents.observe(namespace, name, spec, deleted=type == "DELETED")
         if type != "DELETED":
             rec.reconcile_incident(namespace, name)
-        scenario = spec.get("scenarioRef", {}).get("name")
-        if scenario and rec.open_count_changed(namespace, scenario):  # its count of open incidents
+        if rec.open_count_changed(namespace, scenario):  # its count of open incidents
             rec.reconcile_scenario(namespace, scenario)
 
     @kopf.on.event(
@@ -101,15 +89,13 @@ def build_registry(
         registry=registry,
         labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: "ingest", LABEL_FLEET: kopf.PRESENT},
     )
-    def deployment_event(labels: kopf.Labels, namespace: str | None, **kwargs: Any) -> None:
+    def deployment_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
         namespace = _namespaced(namespace)
-        rec.attach_index(kwargs["open_incidents"])
         rec.reconcile_fleet(namespace, labels[LABEL_FLEET])  # drift corrected, deletion undone
 
     @kopf.on.event("", "v1", "configmaps", registry=registry, labels={LABEL_INGEST_REPORT: kopf.PRESENT})
-    def configmap_event(labels: kopf.Labels, namespace: str | None, **kwargs: Any) -> None:
+    def configmap_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
         namespace = _namespaced(namespace)
-        rec.attach_index(kwargs["open_incidents"])
         rec.reconcile_fleet(namespace, labels[LABEL_INGEST_REPORT])
 
     if city.workload_mode == "kuberay":
@@ -121,17 +107,18 @@ def build_registry(
             registry=registry,
             labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_SCENARIO: kopf.PRESENT},
         )
-        def rayjob_event(labels: kopf.Labels, namespace: str | None, **kwargs: Any) -> None:
+        def rayjob_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
             namespace = _namespaced(namespace)
-            rec.attach_index(kwargs["open_incidents"])
             rec.reconcile_scenario(namespace, labels[LABEL_SCENARIO])
 
     @kopf.on.startup(registry=registry)
     def operator_startup(**_: Any) -> None:
+        # Before any resource handler runs (Kopf starts watching after startup): every Scenario's
+        # first reconcile counts all of its open Incidents, so a restart writes no partial count.
+        rec.load_open_incidents()
+
         def loop() -> None:
             while not stop.wait(city.resync_seconds):
-                if not rec.indexed:  # no resource handler has run yet: the index may not be filled
-                    continue
                 try:
                     rec.resync()
                 except Exception:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,11 +95,9 @@ class CityReconciler:
         # that at no memory per watched object (10,000 Incidents need no 10,000 locks).
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._models: dict[tuple[str, str], _CachedResolution] = {}
-        # Open Incidents per (namespace, scenario): Kopf's index, attached at startup and filled
-        # before any handler runs. A Scenario's count comes from it, never from listing Incidents.
-        self.open_incidents: Mapping[tuple[str, str], Collection[str]] = {}
+        # A Scenario's open Incidents come from this index, never from listing Incidents.
+        self.open_incidents = OpenIncidents()
         self._open_counted: dict[tuple[str, str], int] = {}
-        self.indexed = False
         self.reconciles = 0
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -117,17 +115,18 @@ class CityReconciler:
         elif kind == "Scenario":
             self._open_counted.pop((namespace, name), None)
 
-    def attach_index(self, open_incidents: Mapping[tuple[str, str], Collection[str]]) -> None:
-        """Kopf's index of open Incidents: a live view, filled before any resource handler runs."""
-        self.open_incidents = open_incidents
-        self.indexed = True
-
-    def open_incident_count(self, namespace: str, scenario: str) -> int:
-        return len(self.open_incidents.get((namespace, scenario), ()))
+    def load_open_incidents(self) -> None:
+        """Fill the open-Incident index from one paged listing of every watched namespace."""
+        namespaces: list[str | None] = list(self.options.namespaces) or [None]
+        for namespace in namespaces:
+            mark = self.open_incidents.mark()
+            self.open_incidents.replace(
+                namespace, [open_incident_entry(i) for i in self.iter_objects("Incident", namespace)], mark
+            )
 
     def open_count_changed(self, namespace: str, scenario: str) -> bool:
         """Whether the Scenario's open Incidents differ from what its last reconcile counted."""
-        return self._open_counted.get((namespace, scenario)) != self.open_incident_count(namespace, scenario)
+        return self._open_counted.get((namespace, scenario)) != self.open_incidents.count(namespace, scenario)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -310,7 +309,7 @@ class CityReconciler:
     # -- Scenario ---------------------------------------------------------------------------------
     def reconcile_scenario(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
         with self._serialised("Scenario", namespace, name):
-            open_incidents = self.open_incident_count(namespace, name)
+            open_incidents = self.open_incidents.count(namespace, name)
             self._open_counted[(namespace, name)] = open_incidents
             scenario = listed if listed is not None else self.get("Scenario", namespace, name)
             if scenario is None:
@@ -492,7 +491,9 @@ class CityReconciler:
                         reconcile(meta["namespace"], meta["name"], item)
                     except Exception:
                         log.exception("resync of %s %s/%s failed", kind, meta["namespace"], meta["name"])
+            mark, listed = self.open_incidents.mark(), []
             for item in self.iter_objects("Incident", namespace):
+                listed.append(open_incident_entry(item))
                 meta = item["metadata"]
                 scenario = (meta["namespace"], item["spec"]["scenarioRef"]["name"])
                 if meta.get("deletionTimestamp") or not alerts.incident_needs_reconcile(
@@ -503,6 +504,7 @@ class CityReconciler:
                     self.reconcile_incident(meta["namespace"], meta["name"], item)
                 except Exception:
                     log.exception("resync of Incident %s/%s failed", meta["namespace"], meta["name"])
+            self.open_incidents.replace(namespace, listed, mark)  # catches deletions no event reported
         if self.local is not None and self.local.started:
             watched = set(self.options.namespaces)
             self.local.sweep(existing, lambda ns: not watched or ns in watched)
@@ -522,6 +524,64 @@ class CityReconciler:
             token = (result.get("metadata") or {}).get("continue")
             if not token:
                 return
+
+
+class OpenIncidents:
+    """Open Incidents by (namespace, scenario): kept from Incident events, rebuilt from listings.
+
+    A few bytes per open Incident, so a Scenario's count never needs a listing of Incidents. A
+    rebuild from a listing is applied only if no event arrived while it was being listed (an
+    event is always at least as new as the listing); otherwise the next listing tries again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str], set[str]] = {}
+        self._events = 0
+
+    def observe(self, namespace: str, name: str, spec: Mapping[str, Any], *, deleted: bool) -> str:
+        """Record an Incident event; returns the name of the Scenario it belongs to."""
+        scenario = str(spec.get("scenarioRef", {}).get("name") or "")
+        with self._lock:
+            self._events += 1
+            names = self._open.setdefault((namespace, scenario), set())
+            if deleted or spec.get("state") == "Resolved":
+                names.discard(name)
+                if not names:
+                    del self._open[(namespace, scenario)]
+            else:
+                names.add(name)
+        return scenario
+
+    def count(self, namespace: str, scenario: str) -> int:
+        with self._lock:
+            return len(self._open.get((namespace, scenario), ()))
+
+    def mark(self) -> int:
+        """Taken before a listing starts; ``replace`` compares it."""
+        with self._lock:
+            return self._events
+
+    def replace(self, namespace: str | None, entries: list[tuple[str, str, str] | None], mark: int) -> bool:
+        """Replace what is known of ``namespace`` (None: all) with a listing's open entries."""
+        rebuilt: dict[tuple[str, str], set[str]] = {}
+        for entry in entries:
+            if entry is not None:
+                rebuilt.setdefault(entry[:2], set()).add(entry[2])
+        with self._lock:
+            if self._events != mark:
+                return False
+            kept = {k: v for k, v in self._open.items() if namespace is not None and k[0] != namespace}
+            self._open = {**kept, **rebuilt}
+            return True
+
+
+def open_incident_entry(incident: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(namespace, scenario, name) of an open Incident; None for a resolved or deleted one (pure)."""
+    meta, spec = incident["metadata"], incident["spec"]
+    if spec.get("state") == "Resolved" or meta.get("deletionTimestamp"):
+        return None
+    return meta["namespace"], str(spec.get("scenarioRef", {}).get("name") or ""), meta["name"]
 
 
 class _DeliveryError(Exception):
