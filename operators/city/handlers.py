@@ -1,17 +1,19 @@
-"""The city operator's Kopf handlers: thin, named ``<kind>_<event>``, each one a call into the reconciler.
+"""The city operator's Kopf handlers: thin, named ``<kind>_<event>``, each one queues a key to reconcile.
 
-Every handler watches events (``kopf.on.event``), so Kopf keeps no progress or last-handled
-annotations and adds no finalizer: the only writes are the reconciler's, and only when
-something differs. Nothing here needs external cleanup that Kubernetes' owner references do
-not do, except local Ray actors, which die with the operator's process and are swept by the
-resync when their Scenario is gone.
+The handlers run on Kopf's event loop and only put ``(kind, namespace, name)`` on a work queue;
+worker threads reconcile each key from a fresh read (``workqueue``). Every handler watches
+events (``kopf.on.event``), so Kopf keeps no progress or last-handled annotations and adds no
+finalizer: the only writes are the reconciler's, and only when something differs. Nothing here
+needs external cleanup that Kubernetes' owner references do not do, except local Ray actors,
+which die with the operator's process and are swept by the resync when their Scenario is gone.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from collections.abc import Hashable
+from typing import Any, cast
 
 import kopf
 from citynerve.operators.api import GROUP, VERSION
@@ -25,6 +27,7 @@ from citynerve.operators.city.config import (
     CityOptions,
 )
 from citynerve.operators.city.reconcile import CityReconciler
+from citynerve.operators.city.workqueue import WorkQueue, start_workers
 from citynerve.operators.runtime import OperatorOptions, new_registry
 
 log = logging.getLogger(__name__)
@@ -41,46 +44,52 @@ def build_registry(
     """A registry with the runtime's login and settings plus the city handlers."""
     registry = new_registry(options)
     rec = reconciler or CityReconciler(options, city)
+    queue = WorkQueue()
     stop = threading.Event()
 
-    def scenarios(namespace: str, **refs: str | None) -> None:
-        """Reconcile the scenarios that reference a fleet or a model."""
-        for name in rec.scenarios_referencing(namespace, **refs):
-            rec.reconcile_scenario(namespace, name)
-
-    @kopf.on.event(GROUP, VERSION, "sensorfleets", registry=registry)
-    def sensorfleet_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
-        namespace = _namespaced(namespace)
-        if type == "DELETED":
-            rec.forget("SensorFleet", namespace, name)
-        else:
+    def reconcile(key: Hashable) -> None:
+        """What a worker does with a key: reconcile the object, then what depends on it."""
+        kind, namespace, name = cast("tuple[str, str, str]", key)
+        if kind == "SensorFleet":
             rec.reconcile_fleet(namespace, name)
-        scenarios(namespace, fleet=name)
+            for scenario in rec.scenarios_referencing(namespace, fleet=name):
+                queue.add(("Scenario", namespace, scenario))
+        elif kind == "AnalyticsModel":
+            rec.reconcile_model(namespace, name)
+            for scenario in rec.scenarios_referencing(namespace, model=name):
+                queue.add(("Scenario", namespace, scenario))
+        elif kind == "Scenario":
+            rec.reconcile_scenario(namespace, name)  # a deleted scenario's workloads are stopped
+        elif kind == "Incident":
+            rec.reconcile_incident(namespace, name)
+
+    # The handlers run on Kopf's event loop and only queue keys: they never block it.
+    @kopf.on.event(GROUP, VERSION, "sensorfleets", registry=registry)
+    async def sensorfleet_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            rec.forget("SensorFleet", _namespaced(namespace), name)
+        queue.add(("SensorFleet", _namespaced(namespace), name))
 
     @kopf.on.event(GROUP, VERSION, "analyticsmodels", registry=registry)
-    def analyticsmodel_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
-        namespace = _namespaced(namespace)
+    async def analyticsmodel_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
         if type == "DELETED":
-            rec.forget("AnalyticsModel", namespace, name)
-        else:
-            rec.reconcile_model(namespace, name)
-        scenarios(namespace, model=name)
+            rec.forget("AnalyticsModel", _namespaced(namespace), name)
+        queue.add(("AnalyticsModel", _namespaced(namespace), name))
 
     @kopf.on.event(GROUP, VERSION, "scenarios", registry=registry)
-    def scenario_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
-        namespace = _namespaced(namespace)
-        rec.reconcile_scenario(namespace, name)  # a deleted scenario's workloads are stopped
+    async def scenario_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
         if type == "DELETED":
-            rec.forget("Scenario", namespace, name)
+            rec.forget("Scenario", _namespaced(namespace), name)
+        queue.add(("Scenario", _namespaced(namespace), name))
 
     @kopf.on.event(GROUP, VERSION, "incidents", registry=registry)
-    def incident_event(type: str, name: str, namespace: str | None, spec: kopf.Spec, **_: Any) -> None:
+    async def incident_event(type: str, name: str, namespace: str | None, spec: kopf.Spec, **_: Any) -> None:
         namespace = _namespaced(namespace)
         scenario = rec.open_incidents.observe(namespace, name, spec, deleted=type == "DELETED")
         if type != "DELETED":
-            rec.reconcile_incident(namespace, name)
+            queue.add(("Incident", namespace, name))
         if rec.open_count_changed(namespace, scenario):  # its count of open incidents
-            rec.reconcile_scenario(namespace, scenario)
+            queue.add(("Scenario", namespace, scenario))
 
     @kopf.on.event(
         "apps",
@@ -89,14 +98,13 @@ def build_registry(
         registry=registry,
         labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: "ingest", LABEL_FLEET: kopf.PRESENT},
     )
-    def deployment_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-        namespace = _namespaced(namespace)
-        rec.reconcile_fleet(namespace, labels[LABEL_FLEET])  # drift corrected, deletion undone
+    async def deployment_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+        # Its fleet's reconcile corrects drift and undoes a deletion.
+        queue.add(("SensorFleet", _namespaced(namespace), labels[LABEL_FLEET]))
 
     @kopf.on.event("", "v1", "configmaps", registry=registry, labels={LABEL_INGEST_REPORT: kopf.PRESENT})
-    def configmap_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-        namespace = _namespaced(namespace)
-        rec.reconcile_fleet(namespace, labels[LABEL_INGEST_REPORT])
+    async def configmap_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+        queue.add(("SensorFleet", _namespaced(namespace), labels[LABEL_INGEST_REPORT]))
 
     if city.workload_mode == "kuberay":
 
@@ -107,15 +115,15 @@ def build_registry(
             registry=registry,
             labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_SCENARIO: kopf.PRESENT},
         )
-        def rayjob_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-            namespace = _namespaced(namespace)
-            rec.reconcile_scenario(namespace, labels[LABEL_SCENARIO])
+        async def rayjob_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+            queue.add(("Scenario", _namespaced(namespace), labels[LABEL_SCENARIO]))
 
     @kopf.on.startup(registry=registry)
     def operator_startup(**_: Any) -> None:
         # Before any resource handler runs (Kopf starts watching after startup): every Scenario's
         # first reconcile counts all of its open Incidents, so a restart writes no partial count.
         rec.load_open_incidents()
+        start_workers(queue, reconcile, options.max_workers, f"reconcile-{options.name}")
 
         def loop() -> None:
             while not stop.wait(city.resync_seconds):
@@ -130,5 +138,6 @@ def build_registry(
     @kopf.on.cleanup(registry=registry)
     def operator_cleanup(**_: Any) -> None:
         stop.set()
+        queue.close()
 
     return registry

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
 from citynerve.observability import reconcile_span, record_incident_transitions, webhook_span
-from citynerve.operators.api import GROUP, VERSION
+from citynerve.operators.api import API_VERSION
 from citynerve.operators.city import alerts
 from citynerve.operators.city.children import (
     deployment_drifted,
@@ -46,7 +46,8 @@ from citynerve.operators.city.status import (
     merge_ingest_reports,
     missing_references,
 )
-from citynerve.operators.conditions import find_condition, status_patch
+from citynerve.operators.conditions import find_condition, rfc3339, status_patch
+from citynerve.operators.kube import KubeRest, object_path
 from citynerve.operators.runtime import OperatorOptions
 from kubernetes import client
 
@@ -86,10 +87,8 @@ class CityReconciler:
         self.city = city
         configuration = options.target.client_configuration()
         configuration.connection_pool_maxsize = max(8, options.max_workers + 4)
-        self.api = client.ApiClient(configuration)
-        self.custom = client.CustomObjectsApi(self.api)
-        self.apps = client.AppsV1Api(self.api)
-        self.core = client.CoreV1Api(self.api)
+        # Plain JSON by path: the typed API classes would cost more memory than 10,000 watched objects.
+        self.kube = KubeRest(client.ApiClient(configuration), options.request_timeout)
         self.local = LocalRayWorkloads(city.city, options.target) if city.workload_mode == "local" else None
         # Reconciles of one object are serialised; a fixed set of locks striped by key keeps
         # that at no memory per watched object (10,000 Incidents need no 10,000 locks).
@@ -129,23 +128,15 @@ class CityReconciler:
         return self._open_counted.get((namespace, scenario)) != self.open_incidents.count(namespace, scenario)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURALS[kind], name
-            )
-        except client.ApiException as exc:
-            if _not_found(exc):
-                return None
-            raise
-        return None if obj["metadata"].get("deletionTimestamp") else obj
+        obj = self.kube.get(object_path(API_VERSION, PLURALS[kind], namespace, name))
+        return None if obj is None or obj["metadata"].get("deletionTimestamp") else obj
 
     def list_objects(self, kind: str, namespace: str | None) -> list[dict[str, Any]]:
-        if namespace is None:
-            result = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURALS[kind])
-        else:
-            result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind])
-        items: list[dict[str, Any]] = result.get("items", [])
-        return items
+        return list(self.iter_objects(kind, namespace))
+
+    def iter_objects(self, kind: str, namespace: str | None) -> Iterator[dict[str, Any]]:
+        """Every object of ``kind`` in ``namespace`` (None: all), listed in pages."""
+        return self.kube.list(object_path(API_VERSION, PLURALS[kind], namespace))
 
     def write_status(self, kind: str, obj: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
         """Patch the status only where it differs; post an Event when Ready flips. True if written."""
@@ -155,8 +146,9 @@ class CityReconciler:
         meta = obj["metadata"]
         log.debug("status of %s %s/%s changes: %s", kind, meta["namespace"], meta["name"], patch)
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], {"status": patch}
+            self.kube.merge_patch(
+                object_path(API_VERSION, PLURALS[kind], meta["namespace"], meta["name"], "status"),
+                {"status": patch},
             )
         except client.ApiException as exc:
             if _not_found(exc):
@@ -187,7 +179,7 @@ class CityReconciler:
         event = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
+                "apiVersion": API_VERSION,
                 "kind": kind,
                 "name": meta["name"],
                 "namespace": meta["namespace"],
@@ -197,12 +189,12 @@ class CityReconciler:
             "message": message[:1024],
             "type": event_type,
             "source": {"component": MANAGED_BY},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
+            "firstTimestamp": rfc3339(now),
+            "lastTimestamp": rfc3339(now),
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
+            self.kube.create(object_path("v1", "events", meta["namespace"]), event)
         except client.ApiException as exc:  # an Event is worth a log line, never a failed reconcile
             log.warning(
                 "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason
@@ -228,41 +220,27 @@ class CityReconciler:
                 )
                 log.warning(msg)
             elif deployment_drifted(desired, deployment):
-                body = replacement(desired, deployment)
-                deployment = self.api.sanitize_for_serialization(
-                    self.apps.replace_namespaced_deployment(desired["metadata"]["name"], namespace, body)
+                deployment = self.kube.replace(
+                    object_path("apps/v1", "deployments", namespace, desired["metadata"]["name"]),
+                    replacement(desired, deployment),
                 )
             report = self._read_report(namespace, ingest_report_name(name))
             self.write_status("SensorFleet", fleet, compute_fleet_status(fleet, deployment, report, _now()))
 
     def _read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            found = self.apps.read_namespaced_deployment(name, namespace)
-        except client.ApiException as exc:
-            if _not_found(exc):
-                return None
-            raise
-        result: dict[str, Any] = self.api.sanitize_for_serialization(found)
-        return result
+        return self.kube.get(object_path("apps/v1", "deployments", namespace, name))
 
     def _create_deployment(self, namespace: str, desired: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            created = self.apps.create_namespaced_deployment(namespace, desired)
+            return self.kube.create(object_path("apps/v1", "deployments", namespace), desired)
         except client.ApiException as exc:
             if exc.status == 409:  # made by a concurrent reconcile; the next pass compares it
                 return self._read_deployment(namespace, desired["metadata"]["name"])
             raise
-        result: dict[str, Any] = self.api.sanitize_for_serialization(created)
-        return result
 
     def _read_report(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            config_map = self.core.read_namespaced_config_map(name, namespace)
-        except client.ApiException as exc:
-            if _not_found(exc):
-                return None
-            raise
-        return merge_ingest_reports(config_map.data or {})
+        config_map = self.kube.get(object_path("v1", "configmaps", namespace, name))
+        return None if config_map is None else merge_ingest_reports(config_map.get("data") or {})
 
     # -- AnalyticsModel ---------------------------------------------------------------------------
     def reconcile_model(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
@@ -340,30 +318,19 @@ class CityReconciler:
     def _ensure_rayjob(self, scenario: Mapping[str, Any], payload: Mapping[str, Any]) -> WorkloadObservation:
         desired = desired_rayjob(scenario, payload, self.city)
         namespace, job_name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-        try:
-            observed: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                "ray.io", "v1", namespace, "rayjobs", job_name
-            )
-        except client.ApiException as exc:
-            if not _not_found(exc):
-                raise
+        path = object_path("ray.io/v1", "rayjobs", namespace, job_name)
+        observed = self.kube.get(path)
+        if observed is None:
             try:
-                observed = self.custom.create_namespaced_custom_object(
-                    "ray.io", "v1", namespace, "rayjobs", desired
-                )
-            except client.ApiException as create_exc:
-                if create_exc.status != 409:
+                observed = self.kube.create(object_path("ray.io/v1", "rayjobs", namespace), desired)
+            except client.ApiException as exc:
+                if exc.status != 409:
                     raise
-                observed = self.custom.get_namespaced_custom_object(
-                    "ray.io", "v1", namespace, "rayjobs", job_name
-                )
-        else:
-            if drifted(desired["spec"], observed.get("spec")) or drifted(
-                desired["metadata"]["labels"], observed["metadata"].get("labels") or {}
-            ):
-                observed = self.custom.replace_namespaced_custom_object(
-                    "ray.io", "v1", namespace, "rayjobs", job_name, replacement(desired, observed)
-                )
+                observed = self.kube.request("GET", path)  # made by a concurrent reconcile
+        elif drifted(desired["spec"], observed.get("spec")) or drifted(
+            desired["metadata"]["labels"], observed["metadata"].get("labels") or {}
+        ):
+            observed = self.kube.replace(path, replacement(desired, observed))
         return rayjob_observation(observed)
 
     def _stop_workloads(self, namespace: str, scenario: str, keep: str | None) -> None:
@@ -372,21 +339,10 @@ class CityReconciler:
                 self.local.stop(namespace, scenario, keep_revision=keep)
             return
         selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_SCENARIO}={scenario}"
-        jobs = self.custom.list_namespaced_custom_object(
-            "ray.io", "v1", namespace, "rayjobs", label_selector=selector
-        )
-        for job in jobs.get("items", []):
-            if (
-                keep is None
-                or job["metadata"].get("labels", {}).get("citynerve.io/workload-revision") != keep
-            ):
-                try:
-                    self.custom.delete_namespaced_custom_object(
-                        "ray.io", "v1", namespace, "rayjobs", job["metadata"]["name"]
-                    )
-                except client.ApiException as exc:
-                    if not _not_found(exc):
-                        raise
+        for job in self.kube.list(object_path("ray.io/v1", "rayjobs", namespace), labelSelector=selector):
+            revision = job["metadata"].get("labels", {}).get("citynerve.io/workload-revision")
+            if keep is None or revision != keep:
+                self.kube.delete(object_path("ray.io/v1", "rayjobs", namespace, job["metadata"]["name"]))
 
     def scenarios_referencing(
         self,
@@ -437,14 +393,14 @@ class CityReconciler:
         namespace = incident["metadata"]["namespace"]
         ref = route["secretRef"]
         try:
-            secret = self.core.read_namespaced_secret(ref["name"], namespace)
+            secret = self.kube.request("GET", object_path("v1", "secrets", namespace, ref["name"]))
         except client.ApiException as exc:
             raise _DeliveryError(
                 "SecretNotFound" if _not_found(exc) else "SecretUnreadable",
                 f"alert route {route['name']}: Secret {ref['name']} in {namespace} could not "
                 f"be read ({exc.status} {exc.reason}); create it with key {ref['key']}",
             ) from exc
-        encoded = (secret.data or {}).get(ref["key"])
+        encoded = (secret.get("data") or {}).get(ref["key"])
         if encoded is None:
             raise _DeliveryError(
                 "SecretKeyNotFound",
@@ -508,22 +464,6 @@ class CityReconciler:
         if self.local is not None and self.local.started:
             watched = set(self.options.namespaces)
             self.local.sweep(existing, lambda ns: not watched or ns in watched)
-
-    def iter_objects(self, kind: str, namespace: str | None, page: int = 500) -> Iterator[dict[str, Any]]:
-        """Every object of ``kind``, listed in pages so a large kind is never one huge response."""
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": page, "_continue": token} if token else {"limit": page}
-            if namespace is None:
-                result = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURALS[kind], **kwargs)
-            else:
-                result = self.custom.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURALS[kind], **kwargs
-                )
-            yield from result.get("items", [])
-            token = (result.get("metadata") or {}).get("continue")
-            if not token:
-                return
 
 
 class OpenIncidents:
