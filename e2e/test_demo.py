@@ -20,7 +20,8 @@ def test_the_quick_demo_tells_the_story_and_cleans_up(tmp_path: Path) -> None:
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-6000:] + proc.stderr[-6000:]
-    for expected in ("Joined, Reachable, Ready", "SensorTypes present in chengdu", "promotion Promoted",
+    for expected in ("Joined, Reachable, Ready", "SensorTypes present in chengdu", "terminals online across",
+                     "promotion Promoted",
                      "duty officer: Resolved", "Reachable=False",
                      "roll-up caught up", "INCIDENTS", "PROMOTIONS", "FEDERATION (hub view)"):
         assert expected in out, f"{expected!r} missing from the demo's output:\n{out[-4000:]}"

@@ -19,6 +19,7 @@ from citynerve.operators.city.status import compute_fleet_status, merge_ingest_r
 from citynerve.workloads.ingest.sensor_type import SensorType
 from citynerve.workloads.ingest.worker import UPSERT_PATH, FleetConfig, IngestWorker, _handler
 from citynerve.workloads.ngsi import to_ngsi_entities
+from citynerve.workloads.sim.gateway import gateway_batch
 from citynerve.workloads.sim.readings import Readings
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,3 +119,13 @@ def test_the_operator_adds_up_its_workers_and_forgets_a_silent_one() -> None:
     assert figures == (150, 100, 10)
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
+
+
+def test_a_gateway_batch_brings_every_terminal_online_and_its_broken_entities_to_quarantine() -> None:
+    worker = IngestWorker(CONFIG, GAUGE)
+    now = int(time.time() * 1000)
+    body = gateway_batch(GAUGE, 40, now - 2000, np.random.default_rng(7), malformed=3, prefix="pudong-")
+    assert worker.ingest(body, now) == {"accepted": 40 * len(GAUGE.properties), "quarantined": 3}
+    report = worker.report(now)
+    assert (report["terminalsOnline"], report["quarantinedPayloads"]) == (40, 3)
+    assert report["quarantineReasons"] == {"undecodable": 1, "out-of-range": 2}

@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 import secrets
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -21,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from citynerve.operators import helm
 from citynerve.operators.city.alerts import SIGNATURE_HEADER, verify_signature
@@ -41,11 +44,20 @@ from citynerve.operators.runtime import (
     scratch_dir,
     service_account_target,
 )
+from citynerve.workloads.ingest.worker import (
+    FleetConfig,
+    IngestWorker,
+    ReportWriter,
+    RunningWorker,
+    load_sensor_type,
+)
+from citynerve.workloads.sim.gateway import gateway_batch
 from kubernetes import client
 
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 WORK_NS = "citynerve"
+log = logging.getLogger(__name__)
 CITIES = ("shanghai", "chengdu")
 BURST_NODE = "123"
 DUTY_OFFICER = "duty-officer/demo"
@@ -135,6 +147,8 @@ class Story:
         self.operators: list[InProcessOperator] = []
         self.agents: dict[str, CityAgent] = {}
         self.map_server: Any = None
+        self.ingest: list[tuple[str, RunningWorker, int]] = []  # (city, worker, terminals)
+        self.gateways_stop = threading.Event()
         self.timeout_s = 8 if quick else 20
         self.cut_s = 15 if quick else 60
 
@@ -193,7 +207,11 @@ class Story:
         for city in CITIES:
             options = OperatorOptions(name=f"city-{city}", target=self.admin(city))
             city_options = CityOptions(
-                city=city, mlflow_url=self.mlflow.url, resync_seconds=5.0, model_cache_seconds=30.0
+                city=city,
+                mlflow_url=self.mlflow.url,
+                resync_seconds=5.0,
+                model_cache_seconds=30.0,
+                ingest_service_account="citynerve-ingest",  # as the city chart starts it
             )
             self.operators.append(
                 InProcessOperator(options, build_city_registry(options, city_options)).start()
@@ -285,6 +303,71 @@ class Story:
                     if exc.status != 409:
                         raise
             print(f"    {city}: {len(load(SAMPLES / 'city' / 'sensorfleets.yaml'))} fleets")
+        done()
+
+    def start_terminals(self) -> None:
+        done = self.step(
+            "Terminals report: each fleet's ingest worker (its Deployment's own command, hosted here "
+            "since kwok runs no containers) takes a gateway batch from every terminal every 15 s",
+            "ingest",
+        )
+        gateway_seconds = 15.0
+        for city in CITIES:
+            account = service_account_target(
+                self.admin(city), WORK_NS, "citynerve-ingest", self.scratch / f"ingest-{city}"
+            )
+            apps = client.AppsV1Api(self.api(city))
+            for fleet in load(SAMPLES / "city" / "sensorfleets.yaml"):
+                name = fleet["metadata"]["name"]
+                deployment = wait(
+                    partial(apps.read_namespaced_deployment, f"{name}-ingest", WORK_NS),
+                    60,
+                    f"{city}'s ingest Deployment of {name}",
+                )
+                env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env if e.value}
+                config = FleetConfig.parse(env["CITYNERVE_FLEET_CONFIG"])
+                writer = ReportWriter(
+                    WORK_NS, config.report_config_map, config.fleet, f"{name}-ingest-demo",
+                    str(account.kubeconfig), account.context,
+                )
+                worker = IngestWorker(config, load_sensor_type(config.sensor_type, writer))
+                running = RunningWorker(worker, writer, report_seconds=5.0)
+                self.ingest.append((city, running, int(fleet["spec"]["count"])))
+        rng = np.random.default_rng(2026)
+
+        def gateways() -> None:
+            while True:
+                now = int(time.time() * 1000)
+                for city, running, terminals in self.ingest:
+                    # One broken payload per thousand terminals: quarantined and counted, not lost.
+                    body = gateway_batch(running.worker.pipeline.sensor_type, terminals, now - 2000, rng,
+                                         malformed=max(1, terminals // 1000), prefix=f"{city}-")
+                    request = urllib.request.Request(  # noqa: S310 - the local worker
+                        running.url, body, {"Content-Type": "application/json"}, method="POST"
+                    )
+                    try:
+                        with urllib.request.urlopen(request, timeout=30):  # noqa: S310
+                            pass
+                    except OSError as exc:
+                        log.warning("gateway of %s: %s", running.worker.config.fleet, exc)
+                if self.gateways_stop.wait(gateway_seconds):
+                    return
+
+        threading.Thread(target=gateways, name="field-gateways", daemon=True).start()
+        expected = {city: sum(t for c, _, t in self.ingest if c == city) for city in CITIES}
+        for city in CITIES:
+
+            def online(c: str = city) -> bool:
+                body = self.custom("hub").get_cluster_custom_object(GROUP, VERSION, "cities", c)
+                return bool((body.get("status") or {}).get("sensorsOnlineTotal") == expected[c])
+
+            wait(online, 90, f"{city}'s terminals online on the hub")
+            quarantined = sum(
+                r.worker.pipeline.stats.quarantined_total for c, r, _ in self.ingest if c == city
+            )
+            print(f"    {city}: {expected[city]} terminals online across "
+                  f"{sum(1 for c, _, _ in self.ingest if c == city)} fleets (seen on the hub); "
+                  f"{quarantined} malformed entities quarantined so far")
         done()
 
     def train_and_promote(self) -> None:
@@ -641,6 +724,7 @@ class Story:
         self.start_operators()
         self.apply_catalogue()
         self.prepare_cities()
+        self.start_terminals()
         self.train_and_promote()
         self.federated_scenarios()
         self.follow_incidents()
@@ -656,6 +740,9 @@ class Story:
     def teardown(self) -> None:
         if self.map_server is not None:
             self.map_server.shutdown()
+        self.gateways_stop.set()
+        for _, running, _ in self.ingest:
+            running.stop()
         for agent in self.agents.values():
             agent.stop()
         for operator in reversed(self.operators):

@@ -108,11 +108,14 @@ class ReportWriter:
                  kubeconfig: str | None = None, context: str | None = None) -> None:
         from kubernetes import client, config  # noqa: PLC0415 - only the reporting worker needs it
 
+        # A configuration of its own: workers of several clusters may share a process (the demo).
+        configuration = client.Configuration()
         if kubeconfig or os.environ.get("KUBECONFIG"):
-            config.load_kube_config(config_file=kubeconfig, context=context)
+            config.load_kube_config(config_file=kubeconfig, context=context,
+                                    client_configuration=configuration)
         else:
-            config.load_incluster_config()
-        self.core = client.CoreV1Api()
+            config.load_incluster_config(client_configuration=configuration)
+        self.core = client.CoreV1Api(client.ApiClient(configuration))
         self.namespace, self.name, self.fleet = namespace, name, fleet
         self.key = f"{WORKER_KEY_PREFIX}{worker}"
         self._last: str | None = None
@@ -138,6 +141,47 @@ class ReportWriter:
                 return False
         self._last = text
         return True
+
+
+class RunningWorker:
+    """A worker serving its endpoint and reporting every ``report_seconds``, on threads of its own."""
+
+    def __init__(self, worker: IngestWorker, writer: ReportWriter, address: str = "127.0.0.1",
+                 port: int = 0, report_seconds: float = 15.0) -> None:
+        self.worker, self.writer = worker, writer
+        self.report_seconds = report_seconds
+        self.server = ThreadingHTTPServer((address, port), _handler(worker))
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self.server.serve_forever, name="ingest-http", daemon=True),
+                         threading.Thread(target=self._report, name="ingest-report", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}{UPSERT_PATH}"
+
+    def _report(self) -> None:
+        while True:
+            try:
+                self.writer.write(self.worker.report())
+            except Exception as exc:  # noqa: BLE001 - an API server away is worth a line, not a traceback per beat
+                log.warning("could not write the ingest report of %s; trying again: %s",
+                            self.worker.config.fleet, str(exc).splitlines()[0] if str(exc) else repr(exc))
+            if self._stop.wait(self.report_seconds):
+                return
+
+    def stop(self) -> None:
+        """A last report, then the endpoint closes."""
+        self._stop.set()
+        self._threads[1].join(10)
+        try:
+            self.writer.write(self.worker.report())
+        except Exception:
+            log.exception("could not write the last ingest report of %s", self.worker.config.fleet)
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _handler(worker: IngestWorker) -> type[BaseHTTPRequestHandler]:
@@ -181,7 +225,7 @@ def _handler(worker: IngestWorker) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _load_sensor_type(name: str, writer: ReportWriter | None) -> SensorType:
+def load_sensor_type(name: str, writer: ReportWriter | None) -> SensorType:
     """The fleet's SensorType from the API (the hub's catalogue), else the built-in one."""
     if writer is not None:
         from kubernetes import client  # noqa: PLC0415
@@ -229,27 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         config = FleetConfig.parse(os.environ.get(args.config_env, ""))
         writer = ReportWriter(_namespace(args.namespace), config.report_config_map, config.fleet, args.worker,
                               args.kubeconfig, args.context)
-        worker = IngestWorker(config, _load_sensor_type(config.sensor_type, writer))
+        worker = IngestWorker(config, load_sensor_type(config.sensor_type, writer))
     except ValueError as exc:
         log.error("%s", exc)  # noqa: TRY400 - a configuration error, not a crash to trace
         return 2
-    server = ThreadingHTTPServer((args.address, args.port), _handler(worker))
+    running = RunningWorker(worker, writer, args.address, args.port, args.report_seconds)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    log.info("fleet %s (%s): listening on %s:%d, POST %s", config.fleet, config.sensor_type, args.address,
-             server.server_address[1], UPSERT_PATH)
-    try:
-        while True:
-            try:
-                writer.write(worker.report())
-            except Exception:
-                log.exception("could not write the ingest report; trying again")
-            if stop.wait(args.report_seconds):
-                break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        writer.write(worker.report())
-        server.shutdown()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("fleet %s (%s): listening on %s, reporting to ConfigMap %s", config.fleet, config.sensor_type,
+             running.url, config.report_config_map)
+    stop.wait()
+    running.stop()
     return 0
