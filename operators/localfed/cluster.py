@@ -217,6 +217,11 @@ class LocalCluster:
                 str(toolchain.binary("kwok")), "--kubeconfig", str(self.kubeconfig),
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                # Heartbeats through a node Lease, as a kubelet sends them. Without one, kwok
+                # refreshes the Node's status only every ~55 s, past the controller-manager's
+                # 50 s grace: the Node went NotReady for 5 s each minute, and with it every
+                # Deployment's availability (fleets flapped Ready, operators wrote status).
+                "--node-lease-duration-seconds", "40",
                 "--server-address", f"127.0.0.1:{p.kwok}",
             ]
         msg = f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}"
