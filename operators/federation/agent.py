@@ -38,6 +38,7 @@ from typing import Any
 import urllib3
 from citynerve.observability import record_incident_counts, record_propagation
 from citynerve.operators.city.rbac import IDENTITY_SECRET
+from citynerve.operators.conditions import rfc3339
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.placement import (
     AGENT_LEASE,
@@ -48,7 +49,7 @@ from citynerve.operators.federation.placement import (
     city_namespace,
     manifest_of,
 )
-from citynerve.operators.hub.status import LABELS_KEY, OFFBOARDED_KEY, REPORT_KEY, format_time
+from citynerve.operators.hub.status import LABELS_KEY, OFFBOARDED_KEY, REPORT_KEY
 from citynerve.operators.kube import Kube
 from citynerve.operators.runtime import KubeTarget, scratch_dir, token_kubeconfig
 from kubernetes import client, watch
@@ -272,7 +273,7 @@ class CityAgent:
     def _leave(self) -> None:
         """Tell the hub this city left; the city's side is cleaned up by garbage collection."""
         assert self.hub_api is not None
-        moment = format_time(dt.datetime.now(dt.UTC))
+        moment = rfc3339(dt.datetime.now(dt.UTC))
         text = json.dumps({"objects": {}, "incidents": [], OFFBOARDED_KEY: moment}, sort_keys=True)
         client.CoreV1Api(self.hub_api).patch_namespaced_config_map(
             REPORT_CONFIGMAP, city_namespace(self.config.city), {"data": {REPORT_KEY: text}})
@@ -508,7 +509,7 @@ class CityAgent:
         if status == self._last_status:
             return
         assert self.hub_api is not None
-        body = {"status": {**status, "lastHeartbeat": format_time(dt.datetime.now(dt.UTC))}}
+        body = {"status": {**status, "lastHeartbeat": rfc3339(dt.datetime.now(dt.UTC))}}
         client.CustomObjectsApi(self.hub_api).patch_cluster_custom_object_status(
             GROUP, VERSION, "cities", self.config.city, body)
         self._last_status = status

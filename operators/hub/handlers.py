@@ -16,6 +16,7 @@ from typing import Any
 
 import kopf
 from citynerve.observability import propagation_stamp, reconcile_span, record_city_health
+from citynerve.operators.conditions import parse_time
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.placement import (
     AGENT_LEASE,
@@ -32,7 +33,6 @@ from citynerve.operators.hub.status import (
     city_conditions,
     city_label_changes,
     federated_scenario_status,
-    parse_time,
     read_report,
     status_changes,
 )

@@ -5,8 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
+from citynerve.operators.conditions import (
+    ConditionStatus,
+    make_condition,
+    parse_time,
+    rfc3339,
+    set_conditions,
+)
 from citynerve.operators.federation.placement import OFFBOARDED_REASON, placed_cities, work_name
 
 REPORT_KEY = "report.json"
@@ -16,16 +23,6 @@ OFFBOARDED_KEY = "offboardedAt"
 # On a City: the label keys its agent set last, so a label dropped from the chart is removed.
 CITY_LABELS_ANNOTATION = "citynerve.io/labels-from-city"
 RESERVED_LABEL_PREFIX = "citynerve.io/"
-
-
-def parse_time(value: str | None) -> dt.datetime | None:
-    if not value:
-        return None
-    return dt.datetime.fromisoformat(value)
-
-
-def format_time(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merge_condition(
@@ -38,20 +35,8 @@ def merge_condition(
     generation: int | None = None,
 ) -> list[dict[str, Any]]:
     """Conditions with one set; lastTransitionTime moves only when the status changes."""
-    conditions = [dict(c) for c in existing]
-    for cond in conditions:
-        if cond.get("type") == type_:
-            if cond.get("status") != status:
-                cond["lastTransitionTime"] = format_time(now)
-            cond.update(status=status, reason=reason, message=message)
-            if generation is not None:
-                cond["observedGeneration"] = generation
-            return conditions
-    new: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": message,
-           "lastTransitionTime": format_time(now)}
-    if generation is not None:
-        new["observedGeneration"] = generation
-    return [*conditions, new]
+    desired = make_condition(type_, cast("ConditionStatus", status), reason, message, generation)
+    return set_conditions(existing, [desired], rfc3339(now))
 
 
 def read_report(report_cm: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -108,7 +93,7 @@ def city_conditions(
                      f"No heartbeat from {name} for {age} s (timeout {timeout} s); its last applied "
                      "work keeps running there, and nothing is deleted.")
     else:
-        reachable = ("True", "HeartbeatReceived", f"{name}'s agent checked in at {format_time(renewed)}.")
+        reachable = ("True", "HeartbeatReceived", f"{name}'s agent checked in at {rfc3339(renewed)}.")
     conditions = merge_condition(conditions, "Reachable", *reachable, now, generation)
 
     applied = report.get("objects", {})
