@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Hashable
@@ -63,3 +64,39 @@ def test_workers_never_reconcile_one_key_twice_at_once_and_survive_failures() ->
     assert overlaps == []
     assert {("k", i) for i in range(7)} | {"boom"} <= set(seen)
     assert not any(thread.is_alive() for thread in threads)
+
+
+def test_a_failed_reconcile_is_retried_after_a_growing_delay() -> None:
+    queue = WorkQueue()
+    attempts: list[float] = []
+    succeeded = threading.Event()
+
+    def process(key: Hashable) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise RuntimeError("the API server is away")
+        succeeded.set()
+
+    threads = start_workers(queue, process, 2, "retry")
+    queue.add("fleet")
+    assert succeeded.wait(8)
+    queue.close()
+    for thread in threads:
+        thread.join(2)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(attempts) == 3
+    assert gaps[0] >= 0.9, gaps  # 1 s
+    assert gaps[1] >= 1.9, gaps  # then 2 s
+
+
+def test_a_delayed_key_waits_its_turn_and_a_closed_queue_drops_it() -> None:
+    queue = WorkQueue()
+    queue.add_after("later", 0.2)
+    queue.add("now")
+    started = time.monotonic()
+    assert queue.get() == "now"
+    assert queue.get() == "later"
+    assert time.monotonic() - started >= 0.19
+    queue.add_after("never", 0.1)
+    queue.close()
+    assert queue.get() is None
