@@ -128,7 +128,7 @@ def build_registry(
         def loop() -> None:
             while not stop.wait(city.resync_seconds):
                 try:
-                    rec.resync()
+                    rec.resync(queue.add)
                 except Exception:
                     log.exception("periodic resync failed; trying again in %.0f s", city.resync_seconds)
 

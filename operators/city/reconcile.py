@@ -2,8 +2,9 @@
 
 Each ``reconcile_*`` reads the object and what it owns, builds the desired children and status
 with the pure functions of ``children`` and ``status``, and writes only what differs: a no-op
-reconcile makes no API write. Reconciles of one object are serialised by a lock, because an
-object is reconciled from its own events, its children's events and the periodic resync.
+reconcile makes no API write. Every reconcile comes from the operator's work queue (events,
+children's events and the periodic resync all queue keys), which gives one object to one
+worker at a time.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import base64
 import logging
 import threading
 import time
-import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,7 +51,6 @@ from citynerve.operators.runtime import OperatorOptions
 from kubernetes import client
 
 log = logging.getLogger(__name__)
-LOCK_STRIPES = 64
 # Steps on the way to Ready are not worth an Event; arriving, failing and recovering are.
 TRANSIENT_REASONS = {"DeploymentMissing", "DeploymentProgressing", "WorkloadPending"}
 PLURALS = {
@@ -90,24 +88,12 @@ class CityReconciler:
         # Plain JSON by path: the typed API classes would cost more memory than 10,000 watched objects.
         self.kube = KubeRest(client.ApiClient(configuration), options.request_timeout)
         self.local = LocalRayWorkloads(city.city, options.target) if city.workload_mode == "local" else None
-        # Reconciles of one object are serialised; a fixed set of locks striped by key keeps
-        # that at no memory per watched object (10,000 Incidents need no 10,000 locks).
-        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._models: dict[tuple[str, str], _CachedResolution] = {}
         # A Scenario's open Incidents come from this index, never from listing Incidents.
         self.open_incidents = OpenIncidents()
         self._open_counted: dict[tuple[str, str], int] = {}
-        self.reconciles = 0
 
     # -- plumbing ---------------------------------------------------------------------------------
-    @contextmanager
-    def _serialised(self, kind: str, namespace: str, name: str,
-                    annotations: Mapping[str, str] | None = None) -> Iterator[None]:
-        lock = self._locks[zlib.crc32(f"{kind}/{namespace}/{name}".encode()) % LOCK_STRIPES]
-        with lock, reconcile_span(kind, namespace, name, annotations):
-            self.reconciles += 1
-            yield
-
     def forget(self, kind: str, namespace: str, name: str) -> None:
         if kind == "AnalyticsModel":
             self._models.pop((namespace, name), None)
@@ -201,9 +187,9 @@ class CityReconciler:
             )
 
     # -- SensorFleet ------------------------------------------------------------------------------
-    def reconcile_fleet(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
-        with self._serialised("SensorFleet", namespace, name):
-            fleet = listed if listed is not None else self.get("SensorFleet", namespace, name)
+    def reconcile_fleet(self, namespace: str, name: str) -> None:
+        with reconcile_span("SensorFleet", namespace, name):
+            fleet = self.get("SensorFleet", namespace, name)
             if fleet is None:
                 return
             desired = desired_ingest_deployment(fleet, self.city)
@@ -243,9 +229,9 @@ class CityReconciler:
         return None if config_map is None else merge_ingest_reports(config_map.get("data") or {})
 
     # -- AnalyticsModel ---------------------------------------------------------------------------
-    def reconcile_model(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
-        with self._serialised("AnalyticsModel", namespace, name):
-            model = listed if listed is not None else self.get("AnalyticsModel", namespace, name)
+    def reconcile_model(self, namespace: str, name: str) -> None:
+        with reconcile_span("AnalyticsModel", namespace, name):
+            model = self.get("AnalyticsModel", namespace, name)
             if model is None:
                 return
             resolved, error = self._resolve(namespace, name, model["spec"])
@@ -285,11 +271,11 @@ class CityReconciler:
         return resolved, error
 
     # -- Scenario ---------------------------------------------------------------------------------
-    def reconcile_scenario(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
-        with self._serialised("Scenario", namespace, name):
+    def reconcile_scenario(self, namespace: str, name: str) -> None:
+        with reconcile_span("Scenario", namespace, name):
             open_incidents = self.open_incidents.count(namespace, name)
             self._open_counted[(namespace, name)] = open_incidents
-            scenario = listed if listed is not None else self.get("Scenario", namespace, name)
+            scenario = self.get("Scenario", namespace, name)
             if scenario is None:
                 self._stop_workloads(namespace, name, keep=None)
                 return
@@ -362,16 +348,14 @@ class CityReconciler:
         return names
 
     # -- Incident ---------------------------------------------------------------------------------
-    def reconcile_incident(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> None:
-        seen = listed if listed is not None else self.get("Incident", namespace, name)
-        annotations = (seen or {}).get("metadata", {}).get("annotations")
+    def reconcile_incident(self, namespace: str, name: str) -> None:
+        # Alerts are side effects: they are decided on a fresh read, and the work queue gives one
+        # Incident to one worker at a time, so nothing posts again what a reconcile just posted.
+        incident = self.get("Incident", namespace, name)
+        if incident is None:
+            return
         # An Incident is reconciled inside the trace of the detection that raised it.
-        with self._serialised("Incident", namespace, name, annotations):
-            # Alerts are side effects: decide them on a fresh read under the lock, so a resync
-            # holding an older copy never posts again what the previous reconcile just posted.
-            incident = self.get("Incident", namespace, name) if listed is not None else seen
-            if incident is None:
-                return
+        with reconcile_span("Incident", namespace, name, incident["metadata"].get("annotations")):
             record_incident_transitions(incident)
             scenario = self.get("Scenario", namespace, incident["spec"]["scenarioRef"]["name"])
             routes = list((scenario or {}).get("spec", {}).get("alertRoutes") or [])
@@ -419,47 +403,35 @@ class CityReconciler:
             ) from exc
 
     # -- periodic resync --------------------------------------------------------------------------
-    def resync(self) -> None:
-        """Reconcile what can change without an event: moved aliases, stale data, failed deliveries, orphans.
+    def resync(self, enqueue: Callable[[tuple[str, str, str]], None]) -> None:
+        """Queue what changes without an event (moved aliases, stale data, failed deliveries); sweep orphans.
 
-        Fleets, models and scenarios are few and are reconciled from the listing. Incidents can
-        be many: one listing in pages, and only those with an alert due or a status to correct
-        are reconciled (each then re-read under its lock), so a quiet pass over 10,000 Incidents
-        costs a few list requests and no per-object reads.
+        Fleets, models and scenarios are few and are all queued. Incidents can be many: one
+        listing in pages, and only those with an alert due or a status to correct (decided on
+        the listed copy) are queued, so a quiet pass over 10,000 Incidents costs a few list
+        requests and no per-object reads. The listing also rebuilds the open-Incident index.
         """
         namespaces: list[str | None] = list(self.options.namespaces) or [None]
         existing: set[tuple[str, str]] = set()
         for namespace in namespaces:
             routes: dict[tuple[str, str], list[dict[str, Any]]] = {}
-            for kind, reconcile in (
-                ("SensorFleet", self.reconcile_fleet),
-                ("AnalyticsModel", self.reconcile_model),
-                ("Scenario", self.reconcile_scenario),
-            ):
-                for item in self.list_objects(kind, namespace):
+            for kind in ("SensorFleet", "AnalyticsModel", "Scenario"):
+                for item in self.iter_objects(kind, namespace):
                     meta = item["metadata"]
-                    if meta.get("deletionTimestamp"):
-                        continue
                     if kind == "Scenario":
                         existing.add((meta["namespace"], meta["name"]))
                         routes[(meta["namespace"], meta["name"])] = item["spec"].get("alertRoutes") or []
-                    try:
-                        reconcile(meta["namespace"], meta["name"], item)
-                    except Exception:
-                        log.exception("resync of %s %s/%s failed", kind, meta["namespace"], meta["name"])
+                    if not meta.get("deletionTimestamp"):
+                        enqueue((kind, meta["namespace"], meta["name"]))
             mark, listed = self.open_incidents.mark(), []
             for item in self.iter_objects("Incident", namespace):
                 listed.append(open_incident_entry(item))
                 meta = item["metadata"]
                 scenario = (meta["namespace"], item["spec"]["scenarioRef"]["name"])
-                if meta.get("deletionTimestamp") or not alerts.incident_needs_reconcile(
+                if not meta.get("deletionTimestamp") and alerts.incident_needs_reconcile(
                     item, routes.get(scenario, []), _now()
                 ):
-                    continue
-                try:
-                    self.reconcile_incident(meta["namespace"], meta["name"], item)
-                except Exception:
-                    log.exception("resync of Incident %s/%s failed", meta["namespace"], meta["name"])
+                    enqueue(("Incident", meta["namespace"], meta["name"]))
             self.open_incidents.replace(namespace, listed, mark)  # catches deletions no event reported
         if self.local is not None and self.local.started:
             watched = set(self.options.namespaces)
