@@ -207,6 +207,20 @@ def test_scenario_ready_follows_the_workload() -> None:
     assert find_condition(unmet, "Ready")["message"] == "SensorFleet x not found"  # type: ignore[index]
 
 
+def test_scenario_shows_refused_alert_routes_apart_from_ready() -> None:
+    routes = [{"name": "desk", "url": "http://169.254.169.254/", "secretRef": {"name": "s", "key": "k"}}]
+    running = WorkloadObservation("ray.io/v1", "RayJob", "burst-abc", "Running", ready_replicas=2)
+    message = "alert route desk (http://169.254.169.254) is refused"
+    refused = compute_scenario_status(scenario(alertRoutes=routes), None, running, 0, NOW, [message])
+    accepted = find_condition(refused, "AlertRoutesAccepted")
+    assert accepted is not None
+    assert (accepted["status"], accepted["reason"]) == ("False", "RouteRefused")
+    assert "alert route desk" in accepted["message"]
+    assert find_condition(refused, "Ready")["status"] == "True"  # type: ignore[index]  # the workload still runs
+    fine = compute_scenario_status(scenario(alertRoutes=routes), None, running, 0, NOW)
+    assert find_condition(fine, "AlertRoutesAccepted")["status"] == "True"  # type: ignore[index]
+
+
 def test_incident_response_times_are_measured_from_transitions() -> None:
     incident = {
         "metadata": {"name": "i", "generation": 3},
@@ -221,9 +235,20 @@ def test_incident_response_times_are_measured_from_transitions() -> None:
             ],
         },
     }
-    status = compute_incident_status(incident, ["water:OnSite"], None, NOW)
+    status = compute_incident_status(incident, ["water:OnSite"], [], NOW)
     assert (status["dispatchSeconds"], status["responseSeconds"]) == (130, 2260)
     assert "resolutionSeconds" not in status
     assert status["notifiedRoutes"] == ["water:OnSite"]
-    failed = compute_incident_status(incident, [], ("WebhookFailed", "route water failed"), NOW)
-    assert find_condition(failed, "Notified")["reason"] == "WebhookFailed"  # type: ignore[index]
+    assert "deliveryRetries" not in status
+    retries = [
+        {"route": "desk", "state": "OnSite", "attempts": 2, "reason": "Redirected",
+         "message": "route desk moved"},
+        {"route": "water", "state": "OnSite", "attempts": 1, "reason": "ReceiverTimeout",
+         "message": "route water slow"},
+    ]
+    failed = compute_incident_status(incident, [], retries, NOW)
+    notified = find_condition(failed, "Notified")
+    assert notified is not None
+    assert (notified["status"], notified["reason"]) == ("False", "Redirected")
+    assert notified["message"] == "route desk moved; route water slow"  # every failing route named
+    assert failed["deliveryRetries"] == retries

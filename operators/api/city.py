@@ -241,8 +241,8 @@ class AlertRoute(CrdModel):
         json_schema_extra={"format": "uri"},
     )
     secret_ref: SecretKeyReference = Field(
-        description="Secret key holding the HMAC-SHA256 key; the signature is sent in the "
-        "`X-CityNerve-Signature` header.",
+        description="Secret key holding the HMAC-SHA256 key; each delivery is signed over its timestamp, "
+        "delivery id and body in the `X-CityNerve-Signature` header (`t=<unix seconds>,v1=<hex>`).",
     )
     min_severity: Severity = Field(
         default="alarm", description="Lowest incident severity posted to this route."
@@ -479,6 +479,22 @@ class IncidentSpec(CrdModel):
     )
 
 
+class DeliveryRetry(CrdModel):
+    """A failed alert delivery to one route and when it is tried again."""
+
+    route: str = Field(description="Name of the alert route.", pattern=DNS_LABEL, max_length=63)
+    state: IncidentState = Field(description="The incident state the failed delivery carried.")
+    attempts: int = Field(ge=1, description="Failed attempts so far; each doubles the wait before the next.")
+    reason: str = Field(
+        description="Why the last attempt failed (CamelCase): ReceiverTimeout, ReceiverUnreachable, "
+        "Redirected, ReceiverRefused, RouteRefused, SecretNotFound …",
+        max_length=128,
+    )
+    message: str = Field(default="", description="What failed and what to do about it.", max_length=4096)
+    last_attempt_time: datetime = Field(description="When the last attempt failed.")
+    next_attempt_time: datetime = Field(description="When the route is tried again (not before).")
+
+
 class IncidentStatus(StatusBase):
     """Measured response times and notifications."""
 
@@ -496,4 +512,11 @@ class IncidentStatus(StatusBase):
         max_length=16,
         description="Alert routes the incident was delivered to.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    delivery_retries: list[DeliveryRetry] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Alert deliveries that failed, one per route, each retried after a backoff that "
+        "doubles per attempt; gone once delivered.",
+        json_schema_extra=list_map("route"),
     )

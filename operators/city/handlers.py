@@ -31,6 +31,8 @@ from citynerve.operators.city.workqueue import WorkQueue, start_workers
 from citynerve.operators.runtime import OperatorOptions, new_registry
 
 log = logging.getLogger(__name__)
+# Status times have whole seconds: waking a little after a retry's time finds it due.
+RETRY_MARGIN_SECONDS = 0.5
 
 
 def _namespaced(namespace: str | None) -> str:
@@ -61,7 +63,9 @@ def build_registry(
         elif kind == "Scenario":
             rec.reconcile_scenario(namespace, name)  # a deleted scenario's workloads are stopped
         elif kind == "Incident":
-            rec.reconcile_incident(namespace, name)
+            retry_in = rec.reconcile_incident(namespace, name)
+            if retry_in is not None:  # a failed delivery's next attempt (kept in status for restarts)
+                queue.add_after(key, retry_in + RETRY_MARGIN_SECONDS)
 
     # The handlers run on Kopf's event loop and only queue keys: they never block it.
     @kopf.on.event(GROUP, VERSION, "sensorfleets", registry=registry)

@@ -306,7 +306,12 @@ def compute_scenario_status(
     workload: WorkloadObservation | None,
     open_incidents: int,
     now: datetime,
+    refused_routes: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """Status of a Scenario: its workload's readiness, and whether its alert routes are allowed.
+
+    ``refused_routes`` are the messages of routes the city's alert policy refuses (one per route).
+    """
     generation = _generation(scenario)
     replicas = int(scenario["spec"].get("replicas", 1))
     fields: dict[str, Any] = {"openIncidents": open_incidents}
@@ -354,7 +359,31 @@ def compute_scenario_status(
             f"{workload.kind} {workload.name} {verb}",
             generation,
         )
-    return with_conditions(scenario.get("status"), fields, [ready], generation, rfc3339(now))
+    routes = len(scenario["spec"].get("alertRoutes") or [])
+    if refused_routes:
+        accepted = make_condition(
+            "AlertRoutesAccepted", "False", "RouteRefused", _joined(refused_routes), generation
+        )
+    else:
+        accepted = make_condition(
+            "AlertRoutesAccepted",
+            "True",
+            "RoutesAccepted",
+            f"every alert route ({routes}) is allowed by the city's alert policy"
+            if routes
+            else "no alert routes",
+            generation,
+        )
+    return with_conditions(scenario.get("status"), fields, [ready, accepted], generation, rfc3339(now))
+
+
+MAX_CONDITION_MESSAGE = 4096
+
+
+def _joined(messages: Sequence[str]) -> str:
+    """Several messages in one condition message, bounded."""
+    text = "; ".join(messages)
+    return text if len(text) <= MAX_CONDITION_MESSAGE else text[: MAX_CONDITION_MESSAGE - 1] + "…"
 
 
 # --- Incident ----------------------------------------------------------------------------------
@@ -369,10 +398,11 @@ def _seconds_between(start: datetime | None, end: datetime | None) -> int | None
 def compute_incident_status(
     incident: Mapping[str, Any],
     notified: Sequence[str],
-    delivery_error: tuple[str, str] | None,
+    retries: Sequence[Mapping[str, Any]],
     now: datetime,
 ) -> dict[str, Any]:
-    """Response times measured from the recorded transitions, and where the incident was delivered."""
+    """Response times measured from the recorded transitions, where the incident was delivered,
+    and the deliveries waiting for a retry (``status.deliveryRetries`` entries, sorted by route)."""
     spec = incident["spec"]
     generation = _generation(incident)
     detected = parse_time(spec.get("detectedAt"))
@@ -382,9 +412,13 @@ def compute_incident_status(
         "responseSeconds": _seconds_between(detected, entered.get("OnSite")),
         "resolutionSeconds": _seconds_between(detected, entered.get("Resolved")),
         "notifiedRoutes": sorted(notified) or None,
+        "deliveryRetries": list(retries) or None,
     }
-    if delivery_error is not None:
-        condition = make_condition("Notified", "False", delivery_error[0], delivery_error[1], generation)
+    if retries:
+        condition = make_condition(
+            "Notified", "False", str(retries[0]["reason"]), _joined([str(r["message"]) for r in retries]),
+            generation,
+        )
     else:
         condition = make_condition(
             "Notified",
