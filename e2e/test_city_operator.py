@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import itertools
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,8 @@ import pytest
 import yaml
 from citynerve.models.registry import register_model_version
 from citynerve.operators.city import rbac
-from citynerve.operators.city.config import MANAGED_BY, AlertPolicy, CityOptions, WorkloadMode
+from citynerve.operators.city.config import MANAGED_BY, CityOptions, WorkloadMode
 from citynerve.operators.city.handlers import build_registry
-from citynerve.operators.city.signing import ReplayGuard, verify_alert
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import free_port
 from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
@@ -43,7 +43,6 @@ CITY = "shanghai"
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 OPERATOR_SA = "citynerve-city-operator"
-INGEST_ACCOUNT = "citynerve-ingest"  # as the city chart names it
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 
 
@@ -128,14 +127,10 @@ def running_operator(
     namespaces: tuple[str, ...],
     mode: WorkloadMode,
     mlflow_url: str | None = None,
-    ingest_account: str | None = None,
-    **alert_options: float,
 ) -> Iterator[InProcessOperator]:
-    """The city operator in this process; the tests' alert receivers listen on 127.0.0.1."""
     options = OperatorOptions(f"city-{CITY}", KubeTarget(kubeconfig, context), namespaces=namespaces)
     city = CityOptions(
         city=CITY, mlflow_url=mlflow_url, workload_mode=mode, resync_seconds=4.0, model_cache_seconds=60.0,
-        ingest_service_account=ingest_account, alert_policy=AlertPolicy(allow_loopback=True), **alert_options,
     )
     operator = InProcessOperator(options, build_registry(options, city)).start()
     try:
@@ -170,6 +165,20 @@ class AuditLog:
                     ref = entry.get("objectRef", {})
                     resource = f"{ref.get('resource')}/{ref.get('subresource', '')}"
                     out.append(f"{entry['verb']} {resource} {ref.get('name')}")
+        return out
+
+    def requests(self) -> set[tuple[str, str, str]]:
+        """(API group, resource, verb) of every request the user made since the mark, allowed or not."""
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            lines = fh.read().splitlines()
+        out = set()
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                ref = entry.get("objectRef") or {}
+                if entry.get("user", {}).get("username") == self.username and ref.get("resource"):
+                    out.add((ref.get("apiGroup", ""), ref["resource"], entry["verb"]))
         return out
 
     def quiet_writes(self, seconds: float) -> list[str]:
@@ -223,39 +232,26 @@ def deployment(federation: Any, namespace: str, name: str) -> Any:
 
 
 class Webhook:
-    """A local alert receiver that checks each delivery with the shipped verifier.
+    """A local alert receiver that verifies each delivery's HMAC-SHA256 signature."""
 
-    It keeps every request as it arrived (``raw``: headers, body, monotonic time) so a test can
-    replay one. ``delay`` makes it slow; ``answer`` (with ``location``) answers every request so.
-    """
-
-    def __init__(self, key: bytes, *, delay: float = 0.0, answer: int | None = None,
-                 location: str | None = None) -> None:
+    def __init__(self, key: bytes) -> None:
         self.key = key
-        self.seen = ReplayGuard()
         self.received: list[dict[str, Any]] = []
-        self.raw: list[tuple[dict[str, str], bytes, float]] = []
         webhook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                webhook.raw.append((dict(self.headers.items()), body, time.monotonic()))
-                verdict = verify_alert(webhook.key, self.headers, body, seen=webhook.seen)
-                webhook.received.append(
-                    {"valid": bool(verdict), "reason": verdict.reason, **json.loads(body)}
-                )
-                time.sleep(delay)
-                with contextlib.suppress(OSError):  # a slow receiver's caller may have gone
-                    self.send_response(answer or (204 if verdict else 401))
-                    if location:
-                        self.send_header("Location", location)
-                    self.end_headers()
+                expected = "sha256=" + hmac.new(webhook.key, body, hashlib.sha256).hexdigest()
+                valid = hmac.compare_digest(expected, self.headers.get("X-CityNerve-Signature", ""))
+                webhook.received.append({"valid": valid, **json.loads(body)})
+                self.send_response(204 if valid else 401)
+                self.end_headers()
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = HTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -429,127 +425,6 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
     webhook.close()
 
 
-def _replay(url: str, headers: dict[str, str], body: bytes) -> int:
-    """POST a captured request again, as an attacker who saw it would; the HTTP status of the answer."""
-    request = urllib.request.Request(url, body, headers, method="POST")  # noqa: S310 - a local receiver
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
-@pytest.mark.timeout(120)
-def test_alerts_are_replay_proof_backed_off_never_redirected_and_refused_where_they_must_not_go(
-    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
-) -> None:
-    """Incidents applied directly (no drill): the operator's deliveries, as receivers see them."""
-    key = b"harbour-duty-desk-key"
-    client.CoreV1Api(federation.api_client(CITY)).create_namespaced_secret(
-        namespace,
-        {"metadata": {"name": "drill-webhook"}, "data": {"hmac-key": base64.b64encode(key).decode()}},
-    )
-    timeout, base, cap = 1.0, 2.0, 8.0
-    desk = Webhook(key)
-    slow = Webhook(key, delay=timeout + 2)  # answers after the operator has given up on it
-    landing = Webhook(key)
-    moved = Webhook(key, answer=302, location=landing.url)
-    receivers = (desk, slow, landing, moved)
-
-    def routes(**urls: str) -> list[dict[str, Any]]:
-        return [{"name": name.replace("_", "-"), "url": url, "minSeverity": "warning",
-                 "secretRef": {"name": "drill-webhook", "key": "hmac-key"}} for name, url in urls.items()]
-
-    scenarios = {
-        "harbour-burst": routes(duty_desk=desk.url, slow_desk=slow.url, moved_desk=moved.url),
-        "metadata-burst": routes(metadata="http://169.254.169.254/latest/meta-data/"),
-    }
-
-    def incident_status(name: str) -> dict[str, Any]:
-        return dict((get(federation, "incidents", namespace, name) or {}).get("status") or {})
-
-    def retry(name: str, route: str) -> dict[str, Any] | None:
-        retries = incident_status(name).get("deliveryRetries") or []
-        return next((r for r in retries if r["route"] == route), None)
-
-    kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "local")
-    try:
-        with running_operator(kubeconfig, "hub", (namespace,), "local", webhook_timeout_seconds=timeout,
-                              alert_retry_seconds=base, alert_retry_max_seconds=cap):
-            for name, alert_routes in scenarios.items():
-                apply(federation, namespace, json.dumps({
-                    "apiVersion": f"{GROUP}/{VERSION}", "kind": "Scenario", "metadata": {"name": name},
-                    "spec": {"kind": "water-burst", "fleets": [{"name": "harbour-pressure"}],
-                             "alertRoutes": alert_routes}}))
-            # (d) A route to the metadata address is refused on its Scenario at once.
-            accepted = wait_for(
-                lambda: condition(get(federation, "scenarios", namespace, "metadata-burst"),
-                                  "AlertRoutesAccepted") or None,
-                30, what="AlertRoutesAccepted on the Scenario")
-            assert (accepted["status"], accepted["reason"]) == ("False", "RouteRefused"), accepted
-            assert "alert route metadata" in accepted["message"]
-            assert "169.254.169.254" in accepted["message"]
-            harbour = wait_for(
-                lambda: condition(get(federation, "scenarios", namespace, "harbour-burst"),
-                                  "AlertRoutesAccepted") or None,
-                30, what="AlertRoutesAccepted on the other Scenario")
-            assert harbour["status"] == "True", harbour  # loopback receivers: this operator allows them
-
-            for name in scenarios:
-                apply(federation, namespace, json.dumps({
-                    "apiVersion": f"{GROUP}/{VERSION}", "kind": "Incident", "metadata": {"name": f"{name}-1"},
-                    "spec": {"scenarioRef": {"name": name}, "kind": "water-burst", "severity": "alarm",
-                             "location": {"latitude": "31.2397", "longitude": "121.4998"},
-                             "detectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}))
-
-            # (a) A delivery captured from the operator, replayed, fails the shipped verifier.
-            wait_for(lambda: desk.received, 20, what="the duty desk's alert")
-            headers, body, _ = desk.raw[0]
-            assert desk.received[0]["valid"], desk.received[0]
-            signed = {k: v for k, v in headers.items() if k.lower().startswith("x-citynerve-")}
-            assert _replay(desk.url, {**signed, "Content-Type": "application/json"}, body) == 401
-            assert desk.received[-1]["reason"] == "Replayed"
-            later = verify_alert(key, signed, body, now=time.time() + 301, seen=ReplayGuard())
-            assert later.reason == "TimestampOutOfTolerance"  # and to a receiver that forgot it, too late
-            assert len(desk.received) == 2  # delivered once
-
-            # (c) A 302 is a failure with its reason on the Incident; the redirect is not followed.
-            redirected = wait_for(lambda: retry("harbour-burst-1", "moved-desk"), 20, what="the 302's retry")
-            assert redirected["reason"] == "Redirected", redirected
-            notified = condition({"status": incident_status("harbour-burst-1")}, "Notified")
-            assert (notified["status"], notified["reason"]) == ("False", "Redirected"), notified
-            assert "moved-desk" in notified["message"]
-            assert "never followed" in notified["message"]
-            assert "duty-desk:Detected" in incident_status("harbour-burst-1")["notifiedRoutes"]
-
-            # (d) ... and on the Incident, never delivered.
-            refused = wait_for(lambda: retry("metadata-burst-1", "metadata"), 20, what="the refused route")
-            assert refused["reason"] == "RouteRefused", refused
-            shown = condition({"status": incident_status("metadata-burst-1")}, "Notified")
-            assert (shown["reason"], "alert route metadata" in shown["message"]) == ("RouteRefused", True)
-
-            # (b) A receiver slower than the timeout sees one delivery per backoff step: 2, 4, 8, 8 s.
-            wait_for(lambda: slow.raw, 20, what="the slow receiver's first delivery")
-            time.sleep(16)
-            arrivals = [at for _, _, at in slow.raw]
-            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-            # Each attempt waits out the timeout, then its backoff (status times are whole seconds).
-            floors = [timeout + min(cap, base * 2**k) - 1.0 for k in range(len(gaps))]
-            assert 2 <= len(arrivals) <= 4, gaps
-            assert all(gap >= floor for gap, floor in zip(gaps, floors, strict=True)), (gaps, floors)
-            ids = {v for h, _, _ in slow.raw for k, v in h.items() if k.lower() == "x-citynerve-delivery"}
-            assert len(ids) == 1, ids  # every retry carries the same delivery id (the idempotency key)
-            assert [r["reason"] for r in slow.received][1:] == ["Replayed"] * (len(arrivals) - 1)
-            timed_out = retry("harbour-burst-1", "slow-desk")
-            assert timed_out is not None
-            assert timed_out["reason"] == "ReceiverTimeout"
-            assert timed_out["attempts"] >= len(arrivals) - 1, (timed_out, len(arrivals))
-            assert landing.raw == []  # the redirect's target was never called
-    finally:
-        for receiver in receivers:
-            receiver.close()
-
-
 @pytest.mark.timeout(90)
 def test_fleet_children_follow_spec_drift_and_deletion(
     federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
@@ -596,12 +471,26 @@ def test_fleet_children_follow_spec_drift_and_deletion(
             what="the ingestion Deployment recreated",
         )
 
-        # The ingestion workers' report reaches the status.
+        # The workers' identity is kept in line too: a widened Role is narrowed, a deleted one made again.
+        rbac_api = client.RbacAuthorizationV1Api(federation.api_client(CITY))
+        role = rbac_api.read_namespaced_role(child, namespace)
+        assert [r.resource_names for r in role.rules] == [[f"{name}-ingest-report"]]
+        rbac_api.patch_namespaced_role(child, namespace, {"rules": [
+            {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "patch"]}]})
+        wait_for(lambda: [r.resources for r in rbac_api.read_namespaced_role(child, namespace).rules]
+                 == [["configmaps"]], 20, what="the widened Role narrowed again")
+        rbac_api.delete_namespaced_role_binding(child, namespace)
+        wait_for(lambda: [b for b in rbac_api.list_namespaced_role_binding(namespace).items
+                          if b.metadata.name == child], 20, what="the deleted RoleBinding made again")
+
+        # The ingestion workers' report (made by the operator, written by them) reaches the status.
+        report = core.read_namespaced_config_map(f"{name}-ingest-report", namespace)
+        assert [(o.kind, o.name) for o in report.metadata.owner_references] == [("SensorFleet", name)]
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        core.create_namespaced_config_map(
+        core.patch_namespaced_config_map(
+            f"{name}-ingest-report",
             namespace,
             {
-                "metadata": {"name": f"{name}-ingest-report", "labels": {"citynerve.io/ingest-report": name}},
                 "data": {
                     "reportedAt": now,
                     "lastReadingTime": now,
@@ -638,6 +527,28 @@ def test_fleet_children_follow_spec_drift_and_deletion(
             30,
             what="ingestion Deployment collected",
         )
+        wait_for(lambda: not fleet_children(federation, namespace), 30,
+                 what="the workers' account, Role, RoleBinding and report collected")
+
+
+def fleet_children(federation: Any, namespace: str) -> list[str]:
+    """The ServiceAccounts, Roles, RoleBindings and ConfigMaps the operator made in ``namespace``."""
+    api = federation.api_client(CITY)
+    core, rbac_api = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+    listed = [
+        ("ServiceAccount", core.list_namespaced_service_account(namespace, label_selector=selector).items),
+        ("Role", rbac_api.list_namespaced_role(namespace, label_selector=selector).items),
+        ("RoleBinding", rbac_api.list_namespaced_role_binding(namespace, label_selector=selector).items),
+        ("ConfigMap", core.list_namespaced_config_map(namespace, label_selector=selector).items),
+    ]
+    return sorted(f"{kind}/{item.metadata.name}" for kind, items in listed for item in items)
+
+
+def fleet_identity_children(fleet: str) -> list[str]:
+    account = f"{fleet}-ingest"
+    return [f"ConfigMap/{fleet}-ingest-report", f"Role/{account}", f"RoleBinding/{account}",
+            f"ServiceAccount/{account}"]
 
 
 @pytest.mark.timeout(90)
@@ -739,23 +650,24 @@ def test_bad_references_are_reported_not_retried_in_a_loop(
         )
 
 
-def ingest_account(federation: Any, namespace: str, folder: Path) -> KubeTarget:
-    """The account the city chart makes for ingest workers in a fleet namespace; its kubeconfig."""
-    api = federation.api_client(CITY)
-    account = INGEST_ACCOUNT
-    client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": account}})
-    rbac_api = client.RbacAuthorizationV1Api(api)
-    rbac_api.create_namespaced_role(namespace, {"metadata": {"name": account}, "rules": rbac.ingest_rules()})
-    cluster_role = f"{account}-{namespace}"
-    rbac_api.create_cluster_role({"metadata": {"name": cluster_role}, "rules": rbac.ingest_cluster_rules()})
-    subjects = [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
-    rbac_api.create_namespaced_role_binding(namespace, {
-        "metadata": {"name": account}, "subjects": subjects,
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}})
+@contextlib.contextmanager
+def ingest_catalogue_access(federation: Any, namespace: str) -> Iterator[str]:
+    """What the city chart grants an ingest namespace: its accounts may read SensorTypes.
+
+    Yields the ClusterRole's name; each fleet's own account and Role come from the operator.
+    """
+    rbac_api = client.RbacAuthorizationV1Api(federation.api_client(CITY))
+    name = f"citynerve-ingest-{namespace}"
+    rbac_api.create_cluster_role({"metadata": {"name": name}, "rules": rbac.ingest_cluster_rules()})
     rbac_api.create_cluster_role_binding({
-        "metadata": {"name": cluster_role}, "subjects": subjects,
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role}})
-    return service_account_target(KubeTarget(federation.kubeconfig, CITY), namespace, account, folder)
+        "metadata": {"name": name}, "subjects": rbac.ingest_cluster_subjects([namespace]),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})
+    try:
+        yield name
+    finally:
+        for delete in (rbac_api.delete_cluster_role_binding, rbac_api.delete_cluster_role):
+            with contextlib.suppress(client.ApiException):
+                delete(name)
 
 
 def ngsi_batch(terminals: int, sensor_type: str) -> bytes:
@@ -774,10 +686,10 @@ def ngsi_batch(terminals: int, sensor_type: str) -> bytes:
 def test_ingest_deployment_command_runs_and_its_reports_reach_the_fleet_status(
     federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
 ) -> None:
-    """The ingest Deployment's own command and environment, run as its account (kwok runs no
-    containers): terminals post NGSI-LD batches, the fleet's status shows them online."""
+    """The ingest Deployment's own command and environment, run as the fleet's own account (kwok
+    runs no containers): terminals post NGSI-LD batches, the fleet's status shows them online.
+    That account uses all it holds: a patch of its report, and a read of its SensorType."""
     kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "local")
-    as_ingest = ingest_account(federation, namespace, tmp_path / "ingest")
     federation.kubectl(CITY, "apply", "--server-side", "-f",
                        str(ROOT / "samples" / "sensortypes" / "pipe-pressure-gauge.yaml"))
     fleet = next(d for d in yaml.safe_load_all(sample("sensorfleets.yaml"))
@@ -785,13 +697,18 @@ def test_ingest_deployment_command_runs_and_its_reports_reach_the_fleet_status(
     worker = None
     log = (tmp_path / "ingest-worker.log").open("wb")
     try:
-        with running_operator(kubeconfig, "hub", (namespace,), "local", ingest_account=INGEST_ACCOUNT):
+        with ingest_catalogue_access(federation, namespace), \
+                running_operator(kubeconfig, "hub", (namespace,), "local"):
             apply(federation, namespace, yaml.safe_dump(fleet))
             made = wait_for(lambda: deployment(federation, namespace, "pudong-pressure-ingest"), 30,
                             what="the ingest Deployment")
             pod = client.ApiClient().sanitize_for_serialization(made.spec.template.spec)
             container = pod["containers"][0]
-            assert pod["serviceAccountName"] == INGEST_ACCOUNT
+            assert pod["serviceAccountName"] == "pudong-pressure-ingest"  # the fleet's own
+            as_ingest = service_account_target(KubeTarget(federation.kubeconfig, CITY), namespace,
+                                               pod["serviceAccountName"], tmp_path / "ingest")
+            audit = AuditLog(city_cluster.audit_log,
+                             f"system:serviceaccount:{namespace}:{pod['serviceAccountName']}")
             env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
             env |= {"POD_NAME": "pudong-pressure-ingest-0", "POD_NAMESPACE": namespace}
             port = free_port()
@@ -822,17 +739,20 @@ def test_ingest_deployment_command_runs_and_its_reports_reach_the_fleet_status(
             assert list(report.data) == ["worker.pudong-pressure-ingest-0"]
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(15) == 0
+            # Least privilege the other way round: the account used every permission it holds.
+            role = client.RbacAuthorizationV1Api(federation.api_client(CITY)).read_namespaced_role(
+                pod["serviceAccountName"], namespace)
+            holds = {(g, r, v) for rule in client.ApiClient().sanitize_for_serialization(role.rules)
+                     for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+            holds |= {(g, r, v) for rule in rbac.ingest_cluster_rules() for g in rule["apiGroups"]
+                      for r in rule["resources"] for v in rule["verbs"]}
+            assert holds == {("", "configmaps", "patch"), (GROUP, "sensortypes", "get")}
+            assert holds <= audit.requests(), audit.requests()
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
             worker.wait()
         log.close()
-        rbac_api = client.RbacAuthorizationV1Api(federation.api_client(CITY))
-        name = f"{INGEST_ACCOUNT}-{namespace}"
-        with contextlib.suppress(client.ApiException):
-            rbac_api.delete_cluster_role_binding(name)
-        with contextlib.suppress(client.ApiException):
-            rbac_api.delete_cluster_role(name)
 
 
 def _http_ok(url: str) -> bool:
@@ -1072,6 +992,7 @@ def test_kuberay_workload_survives_a_sigkill_mid_reconcile(
         return sorted(
             [f"Deployment/{d.metadata.name}" for d in deployments]
             + [f"RayJob/{j['metadata']['name']}" for j in rayjobs()]
+            + fleet_children(federation, namespace)
         )
 
     def scenario_status() -> dict[str, Any]:
@@ -1095,8 +1016,9 @@ def test_kuberay_workload_survives_a_sigkill_mid_reconcile(
         with log.open("a") as out:
             out.write(f"\n--- SIGKILL; children then: {at_kill}; its writes: {first_writes} ---\n")
         # Mid-reconcile: a child landed, but the scenario's reconcile never recorded its workload.
-        # Seen at the kill: one or both ingest Deployments, with or without the RayJob, never the
-        # scenario's status (the full burst is 3 creates and 3 status patches).
+        # Seen at the kill: some of the fleets' children (account, Role, RoleBinding, report,
+        # Deployment: made in that order), with or without the RayJob, never the scenario's status
+        # (the full burst is 11 creates and 3 status patches).
         assert at_kill, first_writes
         assert "workload" not in scenario_status(), first_writes
 
@@ -1104,7 +1026,11 @@ def test_kuberay_workload_survives_a_sigkill_mid_reconcile(
         second = start_city_operator(kubeconfig, namespace, log)
         workload = wait_for(lambda: scenario_status().get("workload"), 60, what="the workload in status")
         expected = sorted(
-            [*(f"Deployment/{f['metadata']['name']}-ingest" for f in fleets), f"RayJob/{workload['name']}"]
+            [
+                *(f"Deployment/{f['metadata']['name']}-ingest" for f in fleets),
+                *(c for f in fleets for c in fleet_identity_children(f["metadata"]["name"])),
+                f"RayJob/{workload['name']}",
+            ]
         )
         wait_for(lambda: children() == expected, 30, what=f"exactly {expected}")
         time.sleep(9)  # two resyncs: nothing is duplicated late either

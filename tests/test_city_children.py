@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,13 +71,68 @@ def test_ingest_deployment_is_deterministic_and_owned() -> None:
     env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"]
            for e in pod["containers"][0]["env"]}
     assert (env["POD_NAME"], env["POD_NAMESPACE"]) == ("metadata.name", "metadata.namespace")
-    assert "serviceAccountName" not in pod  # the namespace's default unless the chart names one
-    chart = children.desired_ingest_deployment(fleet(), replace(OPTIONS, ingest_service_account="feeds"))
-    assert chart["spec"]["template"]["spec"]["serviceAccountName"] == "feeds"
+    assert pod["serviceAccountName"] == children.desired_ingest_service_account(fleet())["metadata"]["name"]
     assert json.loads(env["CITYNERVE_FLEET_CONFIG"])["count"] == 4200
     assert env["CITYNERVE_ENCRYPT_AT_REST"] == "false"
     selector = first["spec"]["selector"]["matchLabels"]
     assert selector.items() <= first["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_each_fleet_gets_an_ingest_identity_that_may_patch_its_own_report_only() -> None:
+    account, role, binding = children.ingest_identity(fleet())
+    assert children.ingest_identity(fleet()) == [account, role, binding]
+    for child in (account, role, binding, children.desired_ingest_report(fleet())):
+        meta = child["metadata"]
+        assert meta["namespace"] == "city"
+        assert meta["labels"]["citynerve.io/sensorfleet"] == "pudong-pressure"
+        owner = meta["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "SensorFleet", "pudong-pressure", "uid-1", True)
+    assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "pudong-pressure-ingest")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": ["pudong-pressure-ingest-report"], "verbs": ["patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pudong-pressure-ingest",
+                                    "namespace": "city"}]
+    report = children.desired_ingest_report(fleet())
+    config = children.fleet_config(fleet()["spec"], "pudong-pressure")
+    assert report["metadata"]["name"] == config["reportConfigMap"]
+    assert report["metadata"]["labels"]["citynerve.io/ingest-report"] == "pudong-pressure"
+    assert "data" not in report  # the workers' keys; the operator never writes them
+    other = children.ingest_identity(fleet("pudong-flow"))[1]
+    assert other["rules"][0]["resourceNames"] == ["pudong-flow-ingest-report"]
+
+
+def test_a_child_in_line_needs_no_patch_and_a_drifted_one_only_what_differs() -> None:
+    role = children.desired_ingest_role(fleet())
+    observed = copy.deepcopy(role)
+    observed["metadata"] |= {"resourceVersion": "9", "uid": "r-1"}
+    observed["metadata"]["labels"]["team"] = "water"  # another's label is kept
+    assert children.child_patch(role, observed) is None
+    observed["rules"][0]["verbs"] = ["patch", "update"]
+    assert children.child_patch(role, observed) == {"rules": role["rules"]}
+    report = children.desired_ingest_report(fleet())
+    made_by_workers = {"metadata": {"name": report["metadata"]["name"], "labels": {
+        "citynerve.io/ingest-report": "pudong-pressure"}}, "data": {"worker.a": "{}"}}
+    assert children.child_conflict(report, made_by_workers) is None  # adopted
+    assert children.child_patch(report, made_by_workers) == {"metadata": {
+        "labels": report["metadata"]["labels"], "ownerReferences": report["metadata"]["ownerReferences"]}}
+
+
+def test_a_child_of_someone_else_or_bound_elsewhere_is_left_alone() -> None:
+    binding = children.desired_ingest_role_binding(fleet())
+    foreign = copy.deepcopy(binding)
+    foreign["metadata"]["ownerReferences"] = [{"kind": "SensorFleet", "name": "old", "uid": "uid-0",
+                                               "controller": True}]
+    conflict = children.child_conflict(binding, foreign)
+    assert conflict is not None
+    assert "RoleBinding pudong-pressure-ingest" in conflict
+    assert "SensorFleet old" in conflict
+    rebound = copy.deepcopy(binding)
+    rebound["roleRef"]["name"] = "admin"
+    assert "binds another role" in str(children.child_conflict(binding, rebound))
+    assert children.child_conflict(binding, copy.deepcopy(binding)) is None
 
 
 @pytest.mark.parametrize(("count", "replicas"), [(0, 1), (4200, 1), (50_001, 2), (10**8, 16)])

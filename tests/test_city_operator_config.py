@@ -55,12 +55,23 @@ def test_rbac_rules_cover_every_kind_and_child() -> None:
         "rayjobs",
         "secrets",
         "configmaps",
+        "serviceaccounts",
+        "roles",
+        "rolebindings",
         "events",
     } <= resources
     secrets = next(rule for rule in rules if "secrets" in rule["resources"])
     assert secrets["verbs"] == ["get"]  # HMAC keys are read one by one, never listed
     assert "rayjobs" not in {r for rule in rbac.role_rules("local") for r in rule["resources"]}
     assert len(rbac.cluster_rules()) > len(rbac.role_rules())
+    # The operator holds what it grants each fleet's ingest workers (RBAC's escalation check)
+    # and nothing that would let it grant more: no bind, no escalate.
+    granted = {(g, r, v) for rule in rbac.ingest_rules("f-ingest-report") for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    held = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"] if "resourceNames" not in rule}
+    assert granted <= held
+    assert not {v for rule in rules for v in rule["verbs"]} & {"bind", "escalate", "impersonate", "*"}
 
 
 def test_registry_has_thin_event_handlers_named_by_kind(tmp_path: Path) -> None:

@@ -19,12 +19,14 @@ from citynerve.operators.api import API_VERSION
 from citynerve.operators.city.config import (
     LABEL_COMPONENT,
     LABEL_FLEET,
+    LABEL_INGEST_REPORT,
     LABEL_MANAGED_BY,
     LABEL_REVISION,
     LABEL_SCENARIO,
     MANAGED_BY,
     CityOptions,
 )
+from citynerve.operators.city.rbac import ingest_rules
 from citynerve.operators.conditions import rfc3339
 
 TERMINALS_PER_INGEST_REPLICA = 50_000
@@ -78,6 +80,118 @@ def ingest_report_name(fleet: str) -> str:
     return _dns_name(fleet, "ingest-report", 253)
 
 
+def ingest_account_name(fleet: str) -> str:
+    """The ServiceAccount, Role and RoleBinding of a fleet's ingest workers (one name, three kinds)."""
+    return ingest_name(fleet)
+
+
+def _fleet_child_metadata(fleet: Mapping[str, Any], name: str, **labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": fleet["metadata"]["namespace"],
+        "labels": _labels("ingest", **{LABEL_FLEET: fleet["metadata"]["name"]}, **labels),
+        "ownerReferences": [owner_reference(fleet)],
+    }
+
+
+def desired_ingest_service_account(fleet: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity a fleet's ingest workers run as: theirs alone, so RBAC can name their report."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _fleet_child_metadata(fleet, ingest_account_name(fleet["metadata"]["name"])),
+        # The workers call the API server with it: their report (and the SensorType, through the chart).
+        "automountServiceAccountToken": True,
+    }
+
+
+def desired_ingest_role(fleet: Mapping[str, Any]) -> dict[str, Any]:
+    """What the fleet's workers may do in its namespace: patch their fleet's report, nothing else."""
+    name = fleet["metadata"]["name"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _fleet_child_metadata(fleet, ingest_account_name(name)),
+        "rules": ingest_rules(ingest_report_name(name)),
+    }
+
+
+def desired_ingest_role_binding(fleet: Mapping[str, Any]) -> dict[str, Any]:
+    name = fleet["metadata"]["name"]
+    account = ingest_account_name(name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _fleet_child_metadata(fleet, account),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": account, "namespace": fleet["metadata"]["namespace"]}
+        ],
+    }
+
+
+def desired_ingest_report(fleet: Mapping[str, Any]) -> dict[str, Any]:
+    """The fleet's report ConfigMap, made by the operator so its workers need only `patch` it.
+
+    Its data are the workers' (one key each): the operator states no data, and never changes it.
+    """
+    name = fleet["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _fleet_child_metadata(fleet, ingest_report_name(name), **{LABEL_INGEST_REPORT: name}),
+    }
+
+
+def ingest_identity(fleet: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What a fleet's workers need before they start, in the order they are made."""
+    return [
+        desired_ingest_service_account(fleet),
+        desired_ingest_role(fleet),
+        desired_ingest_role_binding(fleet),
+    ]
+
+
+def child_conflict(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> str | None:
+    """Why ``observed`` (found under ``desired``'s name) is not ours to update, or None.
+
+    An object controlled by something else is left alone, and so is a RoleBinding to another
+    role (its roleRef cannot change). One with no controller is adopted: a report ConfigMap
+    made by the workers of an earlier release is.
+    """
+    meta = observed.get("metadata") or {}
+    owner = desired["metadata"]["ownerReferences"][0]
+    controller = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+    what = f"{desired['kind']} {desired['metadata']['name']}"
+    if controller is not None and controller.get("uid") != owner["uid"]:
+        return (f"{what} exists and is controlled by {controller.get('kind')} {controller.get('name')}, "
+                f"not {owner['kind']} {owner['name']}; delete or rename it")
+    if "roleRef" in desired and observed.get("roleRef") != desired["roleRef"]:
+        return f"{what} exists and binds another role; delete it so the operator can make its own"
+    return None
+
+
+def child_patch(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that brings a child made from ``desired`` back in line, or None.
+
+    Labels and owner references, and every field ``desired`` states besides metadata (rules,
+    subjects, ...); what it leaves out (a report's data) is not the operator's.
+    """
+    meta_d, meta_o = desired["metadata"], observed.get("metadata") or {}
+    patch: dict[str, Any] = {
+        key: value for key, value in desired.items()
+        if key not in ("apiVersion", "kind", "metadata") and drifted(value, observed.get(key))
+    }
+    metadata = {}
+    if drifted(meta_d["labels"], meta_o.get("labels") or {}):
+        metadata["labels"] = meta_d["labels"]
+    if drifted(meta_d["ownerReferences"], meta_o.get("ownerReferences") or []):
+        metadata["ownerReferences"] = meta_d["ownerReferences"]
+    if metadata:
+        patch["metadata"] = metadata
+    return patch or None
+
+
 def ingest_replicas(count: int) -> int:
     return max(1, min(MAX_INGEST_REPLICAS, math.ceil(count / TERMINALS_PER_INGEST_REPLICA)))
 
@@ -99,7 +213,8 @@ def fleet_config(spec: Mapping[str, Any], fleet: str) -> dict[str, Any]:
 
 def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) -> dict[str, Any]:
     """The ingestion Deployment of a SensorFleet: its configuration travels in the pod template,
-    so a spec change rolls the workers in one write."""
+    so a spec change rolls the workers in one write. The workers run as the fleet's own account
+    (``desired_ingest_service_account``)."""
     name = fleet["metadata"]["name"]
     spec = fleet["spec"]
     selector = {LABEL_FLEET: name, LABEL_COMPONENT: "ingest"}
@@ -120,11 +235,7 @@ def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) ->
             "template": {
                 "metadata": {"labels": {**_labels("ingest"), **selector}},
                 "spec": {
-                    **(
-                        {"serviceAccountName": options.ingest_service_account}
-                        if options.ingest_service_account
-                        else {}
-                    ),
+                    "serviceAccountName": ingest_account_name(name),
                     "containers": [
                         {
                             "name": "ingest",

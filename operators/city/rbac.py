@@ -3,10 +3,19 @@
 Namespace-scoped operation binds these rules with a Role in each watched namespace;
 cluster-wide operation binds the same rules with a ClusterRole. The Helm chart is generated
 from (and checked against) ``role_rules``.
+
+Who holds what in a city:
+
+- the operator (and its agent, under the same account): ``role_rules``/``cluster_rules`` and
+  the ``agent_*`` rules;
+- each SensorFleet's ingest workers: an identity of their own that the operator makes beside
+  the fleet (``children.desired_ingest_*``): ``ingest_rules`` of that fleet's report only, and
+  ``ingest_cluster_rules`` (the catalogue) through the chart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from citynerve.operators.api import GROUP
@@ -14,6 +23,7 @@ from citynerve.operators.api import GROUP
 _READ = ["get", "list", "watch"]
 IDENTITY_SECRET = "citynerve-hub-identity"  # noqa: S105 - the agent's key Secret's name, not a secret
 _WRITE = ["create", "update", "patch", "delete"]
+_CHILD = ["get", "create", "patch"]  # children read one by one and kept in line with a merge patch
 
 
 def role_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
@@ -32,9 +42,18 @@ def role_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
             "verbs": ["get", "patch", "update"],
         },
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*_READ, *_WRITE]},
-        # Ingest reports are read, never written; alert routes' HMAC keys are read one by one.
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": _READ},
+        # Each fleet's report ConfigMap is made (or adopted) by the operator, so its workers need
+        # no `create`, which RBAC cannot narrow to a name. `patch` is also what the operator
+        # grants each fleet's workers on their report: RBAC lets it grant only what it holds.
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*_READ, "create", "patch"]},
+        # Alert routes' HMAC keys are read one by one.
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        # Each fleet's ingest identity (ServiceAccount, Role, RoleBinding), made and kept in line
+        # by the operator; never deleted by it (owner references take them with the fleet). The
+        # API server refuses a Role or RoleBinding granting more than the operator holds, so it
+        # needs neither `bind` nor `escalate`.
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": _CHILD},
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": _CHILD},
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
     if workload_mode == "kuberay":
@@ -87,12 +106,25 @@ def agent_release_rules(deployment: str, service_account: str) -> list[dict[str,
     ]
 
 
-# -- the ingest workers (citynerve.workloads.ingest.worker), one account per fleet namespace ------
-def ingest_rules() -> list[dict[str, Any]]:
-    """What an ingest worker does in its fleet's namespace: write its key of the fleet's report."""
-    return [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]}]
+# -- the ingest workers (citynerve.workloads.ingest.worker): one identity per SensorFleet -------
+def ingest_rules(report_config_map: str) -> list[dict[str, Any]]:
+    """What one fleet's ingest workers may do in its namespace (the Role the operator makes for
+    the fleet): write their keys into that fleet's report ConfigMap, which the operator made."""
+    return [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [report_config_map],
+             "verbs": ["patch"]}]
 
 
 def ingest_cluster_rules() -> list[dict[str, Any]]:
     """The fleet's SensorType, read once at start (the catalogue is cluster-scoped)."""
     return [{"apiGroups": [GROUP], "resources": ["sensortypes"], "verbs": ["get"]}]
+
+
+def ingest_cluster_subjects(namespaces: Sequence[str]) -> list[dict[str, Any]]:
+    """Who the chart binds ``ingest_cluster_rules`` to: the ServiceAccounts of each ingest namespace.
+
+    Per-fleet accounts are named only when a fleet appears, and a cluster-scoped read can be
+    granted only by a ClusterRoleBinding, which the operator has no business making; so the
+    chart grants the (public, read-only) catalogue to every account of those namespaces.
+    """
+    return [{"kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": f"system:serviceaccounts:{ns}"}
+            for ns in namespaces]

@@ -18,17 +18,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
 from citynerve.observability import reconcile_span, record_incident_transitions, webhook_span
 from citynerve.operators.api import API_VERSION
 from citynerve.operators.city import alerts
 from citynerve.operators.city.children import (
+    child_conflict,
+    child_patch,
     deployment_drifted,
     desired_ingest_deployment,
+    desired_ingest_report,
     desired_rayjob,
     drifted,
+    ingest_identity,
     ingest_name,
-    ingest_report_name,
     replacement,
     scenario_payload,
     workload_revision,
@@ -57,6 +61,13 @@ PLURALS = {
     "AnalyticsModel": "analyticsmodels",
     "Scenario": "scenarios",
     "Incident": "incidents",
+}
+# The plain children of a fleet besides its Deployment: (apiVersion, plural) by kind.
+CHILD_PATHS = {
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "ConfigMap": ("v1", "configmaps"),
 }
 
 
@@ -91,13 +102,16 @@ class CityReconciler:
         # A Scenario's open Incidents come from this index, never from listing Incidents.
         self.open_incidents = OpenIncidents()
         self._open_counted: dict[tuple[str, str], int] = {}
-        # Alerts never go to the API server this operator talks to (nor to kubernetes.default*).
-        self.api_servers = alerts.api_server_endpoints(str(configuration.host))
+        # When each fleet's ingest identity was last found in place (fleet uid, monotonic time):
+        # a fleet is reconciled at every report its workers write, its identity once a resync.
+        self._identities: dict[tuple[str, str], tuple[str, float]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
     def forget(self, kind: str, namespace: str, name: str) -> None:
         if kind == "AnalyticsModel":
             self._models.pop((namespace, name), None)
+        elif kind == "SensorFleet":
+            self._identities.pop((namespace, name), None)
         elif kind == "Scenario":
             self._open_counted.pop((namespace, name), None)
 
@@ -193,6 +207,9 @@ class CityReconciler:
             fleet = self.get("SensorFleet", namespace, name)
             if fleet is None:
                 return
+            # Before the workers: the account they run as, and the one ConfigMap it may write.
+            self._ensure_ingest_identity(fleet)
+            report = self._ensure_child(fleet, desired_ingest_report(fleet))
             desired = desired_ingest_deployment(fleet, self.city)
             deployment = self._read_deployment(namespace, desired["metadata"]["name"])
             if deployment is None:
@@ -211,8 +228,43 @@ class CityReconciler:
                     object_path("apps/v1", "deployments", namespace, desired["metadata"]["name"]),
                     replacement(desired, deployment),
                 )
-            report = self._read_report(namespace, ingest_report_name(name))
-            self.write_status("SensorFleet", fleet, compute_fleet_status(fleet, deployment, report, _now()))
+            merged = merge_ingest_reports((report or {}).get("data") or {})
+            self.write_status("SensorFleet", fleet, compute_fleet_status(fleet, deployment, merged, _now()))
+
+    def _ensure_ingest_identity(self, fleet: Mapping[str, Any]) -> None:
+        """The fleet's ServiceAccount, Role and RoleBinding, checked at most once per resync period."""
+        meta = fleet["metadata"]
+        key, uid = (meta["namespace"], meta["name"]), meta["uid"]
+        checked = self._identities.get(key)
+        if checked and checked[0] == uid and time.monotonic() - checked[1] < self.city.resync_seconds:
+            return
+        for desired in ingest_identity(fleet):
+            self._ensure_child(fleet, desired)
+        self._identities[key] = (uid, time.monotonic())
+
+    def _ensure_child(self, fleet: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create ``desired`` or bring the object of its name back in line with it; the object seen.
+
+        One read, and a write only when something differs; an object of that name that is not
+        the fleet's is left alone and logged, as a foreign Deployment is.
+        """
+        api_version, plural = CHILD_PATHS[desired["kind"]]
+        namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        path = object_path(api_version, plural, namespace, name)
+        observed = self.kube.get(path)
+        if observed is None:
+            try:
+                return self.kube.create(object_path(api_version, plural, namespace), desired)
+            except client.ApiException as exc:
+                if exc.status != 409:  # 409: made by a concurrent reconcile; compared next pass
+                    raise
+                return self.kube.get(path)
+        conflict = child_conflict(desired, observed)
+        if conflict is not None:
+            log.warning("SensorFleet %s/%s: %s", namespace, fleet["metadata"]["name"], conflict)
+            return observed
+        patch = child_patch(desired, observed)
+        return observed if patch is None else self.kube.merge_patch(path, patch)
 
     def _read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.kube.get(object_path("apps/v1", "deployments", namespace, name))
@@ -224,10 +276,6 @@ class CityReconciler:
             if exc.status == 409:  # made by a concurrent reconcile; the next pass compares it
                 return self._read_deployment(namespace, desired["metadata"]["name"])
             raise
-
-    def _read_report(self, namespace: str, name: str) -> dict[str, Any] | None:
-        config_map = self.kube.get(object_path("v1", "configmaps", namespace, name))
-        return None if config_map is None else merge_ingest_reports(config_map.get("data") or {})
 
     # -- AnalyticsModel ---------------------------------------------------------------------------
     def reconcile_model(self, namespace: str, name: str) -> None:
@@ -296,15 +344,10 @@ class CityReconciler:
                 self._stop_workloads(namespace, name, keep=revision)
             else:
                 self._stop_workloads(namespace, name, keep=None)
-            refused = [
-                check.refusal
-                for route in scenario["spec"].get("alertRoutes") or []
-                if (check := alerts.check_route(route, self.city.alert_policy, self.api_servers)).refusal
-            ]
             self.write_status(
                 "Scenario",
                 scenario,
-                compute_scenario_status(scenario, unmet, workload, open_incidents, _now(), refused),
+                compute_scenario_status(scenario, unmet, workload, open_incidents, _now()),
             )
 
     def _ensure_rayjob(self, scenario: Mapping[str, Any], payload: Mapping[str, Any]) -> WorkloadObservation:
@@ -354,79 +397,63 @@ class CityReconciler:
         return names
 
     # -- Incident ---------------------------------------------------------------------------------
-    def reconcile_incident(self, namespace: str, name: str) -> float | None:
-        """Deliver the alerts due and record failures; returns the seconds until a retry is due, if any."""
+    def reconcile_incident(self, namespace: str, name: str) -> None:
         # Alerts are side effects: they are decided on a fresh read, and the work queue gives one
         # Incident to one worker at a time, so nothing posts again what a reconcile just posted.
         incident = self.get("Incident", namespace, name)
         if incident is None:
-            return None
+            return
         # An Incident is reconciled inside the trace of the detection that raised it.
         with reconcile_span("Incident", namespace, name, incident["metadata"].get("annotations")):
             record_incident_transitions(incident)
             scenario = self.get("Scenario", namespace, incident["spec"]["scenarioRef"]["name"])
             routes = list((scenario or {}).get("spec", {}).get("alertRoutes") or [])
             notified = list((incident.get("status") or {}).get("notifiedRoutes") or [])
-            retries = alerts.stored_retries(incident, routes)
-            for delivery in alerts.deliveries_due(incident["spec"], routes, notified, retries, _now()):
+            delivery_error: tuple[str, str] | None = None
+            for delivery in alerts.deliveries_due(incident["spec"], routes, notified):
                 try:
                     self._deliver(incident, delivery)
-                except alerts.AlertDeliveryError as exc:
-                    # Timed after the attempt: a slow receiver's next attempt is a full backoff later.
-                    retries = alerts.record_failure(
-                        retries, delivery, exc, _now(),
-                        self.city.alert_retry_seconds, self.city.alert_retry_max_seconds,
-                    )
-                    log.warning("%s/%s: %s", namespace, name, retries[delivery.route_name].message)
+                except _DeliveryError as exc:
+                    delivery_error = (exc.reason, str(exc))
                     continue
-                retries = {k: v for k, v in retries.items() if k != delivery.route_name}
                 notified = alerts.record_delivery(notified, delivery)
-            now = _now()
             self.write_status(
-                "Incident", incident,
-                compute_incident_status(incident, notified, alerts.retries_status(retries), now),
+                "Incident", incident, compute_incident_status(incident, notified, delivery_error, _now())
             )
-            return alerts.seconds_to_next_retry(retries.values(), now)
 
     def _deliver(self, incident: Mapping[str, Any], delivery: alerts.Delivery) -> None:
-        """One signed delivery to one route, to an address the alert policy allows."""
         route = delivery.route
         namespace = incident["metadata"]["namespace"]
-        check = alerts.check_route(route, self.city.alert_policy, self.api_servers)
-        if check.refusal is not None:
-            raise alerts.AlertDeliveryError("RouteRefused", check.refusal)
-        if check.unresolved is not None:
-            raise alerts.AlertDeliveryError(
-                "ReceiverUnreachable",
-                f"alert route {route['name']} ({alerts.display_url(route['url'])}): {check.unresolved}; "
-                "check the route's url",
-            )
         ref = route["secretRef"]
         try:
             secret = self.kube.request("GET", object_path("v1", "secrets", namespace, ref["name"]))
         except client.ApiException as exc:
-            raise alerts.AlertDeliveryError(
+            raise _DeliveryError(
                 "SecretNotFound" if _not_found(exc) else "SecretUnreadable",
                 f"alert route {route['name']}: Secret {ref['name']} in {namespace} could not "
                 f"be read ({exc.status} {exc.reason}); create it with key {ref['key']}",
             ) from exc
         encoded = (secret.get("data") or {}).get(ref["key"])
         if encoded is None:
-            raise alerts.AlertDeliveryError(
+            raise _DeliveryError(
                 "SecretKeyNotFound",
                 f"alert route {route['name']}: Secret {ref['name']} has no key {ref['key']}",
             )
         body = alerts.alert_body(incident, delivery.state, self.city.city)
-        with webhook_span(route["name"], route["url"], delivery.state) as headers:
-            alerts.post_alert(
-                route["name"], route["url"], check.addresses, base64.b64decode(encoded), body,
-                delivery.delivery_id(str(incident["metadata"].get("uid"))),
-                self.city.webhook_timeout_seconds, headers,
-            )
+        delivery_id = f"{incident['metadata'].get('uid')}/{delivery.route_name}/{delivery.state}"
+        try:
+            with webhook_span(route["name"], route["url"], delivery.state) as headers:
+                alerts.post_alert(route["url"], base64.b64decode(encoded), body, delivery_id,
+                                  self.city.webhook_timeout_seconds, headers)
+        except httpx.HTTPError as exc:
+            raise _DeliveryError(
+                "WebhookFailed",
+                f"alert route {route['name']} ({route['url']}) failed: {exc}; retrying on the next pass",
+            ) from exc
 
     # -- periodic resync --------------------------------------------------------------------------
     def resync(self, enqueue: Callable[[tuple[str, str, str]], None]) -> None:
-        """Queue what changes without an event (moved aliases, stale data, retries due); sweep orphans.
+        """Queue what changes without an event (moved aliases, stale data, failed deliveries); sweep orphans.
 
         Fleets, models and scenarios are few and are all queued. Incidents can be many: one
         listing in pages, and only those with an alert due or a status to correct (decided on
@@ -516,6 +543,12 @@ def open_incident_entry(incident: Mapping[str, Any]) -> tuple[str, str, str] | N
     if spec.get("state") == "Resolved" or meta.get("deletionTimestamp"):
         return None
     return meta["namespace"], str(spec.get("scenarioRef", {}).get("name") or ""), meta["name"]
+
+
+class _DeliveryError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def rayjob_observation(job: Mapping[str, Any]) -> WorkloadObservation:

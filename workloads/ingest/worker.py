@@ -7,6 +7,9 @@ endpoint its terminals and gateways post to, runs every payload through ``Ingest
 reports its counters into the fleet's ingest-report ConfigMap under a key of its own
 (``worker.<pod>``), so replicas never overwrite each other. The city operator reads that
 ConfigMap into the SensorFleet's status: terminals online, freshness, quality, quarantine.
+
+The worker runs as its fleet's own ServiceAccount, which may patch that one ConfigMap and
+nothing else: the city operator makes the ConfigMap (and the account) before the workers.
 """
 
 from __future__ import annotations
@@ -101,8 +104,16 @@ class IngestWorker:
         return report
 
 
+class ReportNotFoundError(Exception):
+    """The fleet's report ConfigMap is not there (yet): the city operator makes it."""
+
+
 class ReportWriter:
-    """Merges this worker's key into the fleet's report ConfigMap; writes only on change."""
+    """Merges this worker's key into the fleet's report ConfigMap; writes only on change.
+
+    A patch is all the worker may do: creating a ConfigMap is the operator's, since RBAC cannot
+    narrow `create` to one name.
+    """
 
     def __init__(self, namespace: str, name: str, fleet: str, worker: str,
                  kubeconfig: str | None = None, context: str | None = None) -> None:
@@ -132,13 +143,9 @@ class ReportWriter:
         except client.ApiException as exc:
             if exc.status != 404:
                 raise
-            try:
-                self.core.create_namespaced_config_map(self.namespace, {**body, "metadata": {
-                    "name": self.name, "labels": {REPORT_LABEL: self.fleet}}})
-            except client.ApiException as again:
-                if again.status != 409:  # another replica made it first: patch next time
-                    raise
-                return False
+            msg = (f"ConfigMap {self.namespace}/{self.name} does not exist; the city operator makes it "
+                   f"with SensorFleet {self.fleet}")
+            raise ReportNotFoundError(msg) from exc
         self._last = text
         return True
 
