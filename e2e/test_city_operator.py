@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import hmac
+import itertools
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ import pytest
 import yaml
 from citynerve.models.registry import register_model_version
 from citynerve.operators.city import rbac
-from citynerve.operators.city.config import MANAGED_BY, CityOptions, WorkloadMode
+from citynerve.operators.city.config import MANAGED_BY, AlertPolicy, CityOptions, WorkloadMode
 from citynerve.operators.city.handlers import build_registry
+from citynerve.operators.city.signing import ReplayGuard, verify_alert
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import free_port
 from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
@@ -127,10 +127,13 @@ def running_operator(
     namespaces: tuple[str, ...],
     mode: WorkloadMode,
     mlflow_url: str | None = None,
+    **alert_options: float,
 ) -> Iterator[InProcessOperator]:
+    """The city operator in this process; the tests' alert receivers listen on 127.0.0.1."""
     options = OperatorOptions(f"city-{CITY}", KubeTarget(kubeconfig, context), namespaces=namespaces)
     city = CityOptions(
         city=CITY, mlflow_url=mlflow_url, workload_mode=mode, resync_seconds=4.0, model_cache_seconds=60.0,
+        alert_policy=AlertPolicy(allow_loopback=True), **alert_options,
     )
     operator = InProcessOperator(options, build_registry(options, city)).start()
     try:
@@ -232,26 +235,39 @@ def deployment(federation: Any, namespace: str, name: str) -> Any:
 
 
 class Webhook:
-    """A local alert receiver that verifies each delivery's HMAC-SHA256 signature."""
+    """A local alert receiver that checks each delivery with the shipped verifier.
 
-    def __init__(self, key: bytes) -> None:
+    It keeps every request as it arrived (``raw``: headers, body, monotonic time) so a test can
+    replay one. ``delay`` makes it slow; ``answer`` (with ``location``) answers every request so.
+    """
+
+    def __init__(self, key: bytes, *, delay: float = 0.0, answer: int | None = None,
+                 location: str | None = None) -> None:
         self.key = key
+        self.seen = ReplayGuard()
         self.received: list[dict[str, Any]] = []
+        self.raw: list[tuple[dict[str, str], bytes, float]] = []
         webhook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                expected = "sha256=" + hmac.new(webhook.key, body, hashlib.sha256).hexdigest()
-                valid = hmac.compare_digest(expected, self.headers.get("X-CityNerve-Signature", ""))
-                webhook.received.append({"valid": valid, **json.loads(body)})
-                self.send_response(204 if valid else 401)
-                self.end_headers()
+                webhook.raw.append((dict(self.headers.items()), body, time.monotonic()))
+                verdict = verify_alert(webhook.key, self.headers, body, seen=webhook.seen)
+                webhook.received.append(
+                    {"valid": bool(verdict), "reason": verdict.reason, **json.loads(body)}
+                )
+                time.sleep(delay)
+                with contextlib.suppress(OSError):  # a slow receiver's caller may have gone
+                    self.send_response(answer or (204 if verdict else 401))
+                    if location:
+                        self.send_header("Location", location)
+                    self.end_headers()
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = HTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -423,6 +439,127 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
         assert writes == [], writes
         assert operator.alive
     webhook.close()
+
+
+def _replay(url: str, headers: dict[str, str], body: bytes) -> int:
+    """POST a captured request again, as an attacker who saw it would; the HTTP status of the answer."""
+    request = urllib.request.Request(url, body, headers, method="POST")  # noqa: S310 - a local receiver
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.timeout(120)
+def test_alerts_are_replay_proof_backed_off_never_redirected_and_refused_where_they_must_not_go(
+    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
+) -> None:
+    """Incidents applied directly (no drill): the operator's deliveries, as receivers see them."""
+    key = b"harbour-duty-desk-key"
+    client.CoreV1Api(federation.api_client(CITY)).create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "drill-webhook"}, "data": {"hmac-key": base64.b64encode(key).decode()}},
+    )
+    timeout, base, cap = 1.0, 2.0, 8.0
+    desk = Webhook(key)
+    slow = Webhook(key, delay=timeout + 2)  # answers after the operator has given up on it
+    landing = Webhook(key)
+    moved = Webhook(key, answer=302, location=landing.url)
+    receivers = (desk, slow, landing, moved)
+
+    def routes(**urls: str) -> list[dict[str, Any]]:
+        return [{"name": name.replace("_", "-"), "url": url, "minSeverity": "warning",
+                 "secretRef": {"name": "drill-webhook", "key": "hmac-key"}} for name, url in urls.items()]
+
+    scenarios = {
+        "harbour-burst": routes(duty_desk=desk.url, slow_desk=slow.url, moved_desk=moved.url),
+        "metadata-burst": routes(metadata="http://169.254.169.254/latest/meta-data/"),
+    }
+
+    def incident_status(name: str) -> dict[str, Any]:
+        return dict((get(federation, "incidents", namespace, name) or {}).get("status") or {})
+
+    def retry(name: str, route: str) -> dict[str, Any] | None:
+        retries = incident_status(name).get("deliveryRetries") or []
+        return next((r for r in retries if r["route"] == route), None)
+
+    kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "local")
+    try:
+        with running_operator(kubeconfig, "hub", (namespace,), "local", webhook_timeout_seconds=timeout,
+                              alert_retry_seconds=base, alert_retry_max_seconds=cap):
+            for name, alert_routes in scenarios.items():
+                apply(federation, namespace, json.dumps({
+                    "apiVersion": f"{GROUP}/{VERSION}", "kind": "Scenario", "metadata": {"name": name},
+                    "spec": {"kind": "water-burst", "fleets": [{"name": "harbour-pressure"}],
+                             "alertRoutes": alert_routes}}))
+            # (d) A route to the metadata address is refused on its Scenario at once.
+            accepted = wait_for(
+                lambda: condition(get(federation, "scenarios", namespace, "metadata-burst"),
+                                  "AlertRoutesAccepted") or None,
+                30, what="AlertRoutesAccepted on the Scenario")
+            assert (accepted["status"], accepted["reason"]) == ("False", "RouteRefused"), accepted
+            assert "alert route metadata" in accepted["message"]
+            assert "169.254.169.254" in accepted["message"]
+            harbour = wait_for(
+                lambda: condition(get(federation, "scenarios", namespace, "harbour-burst"),
+                                  "AlertRoutesAccepted") or None,
+                30, what="AlertRoutesAccepted on the other Scenario")
+            assert harbour["status"] == "True", harbour  # loopback receivers: this operator allows them
+
+            for name in scenarios:
+                apply(federation, namespace, json.dumps({
+                    "apiVersion": f"{GROUP}/{VERSION}", "kind": "Incident", "metadata": {"name": f"{name}-1"},
+                    "spec": {"scenarioRef": {"name": name}, "kind": "water-burst", "severity": "alarm",
+                             "location": {"latitude": "31.2397", "longitude": "121.4998"},
+                             "detectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}))
+
+            # (a) A delivery captured from the operator, replayed, fails the shipped verifier.
+            wait_for(lambda: desk.received, 20, what="the duty desk's alert")
+            headers, body, _ = desk.raw[0]
+            assert desk.received[0]["valid"], desk.received[0]
+            signed = {k: v for k, v in headers.items() if k.lower().startswith("x-citynerve-")}
+            assert _replay(desk.url, {**signed, "Content-Type": "application/json"}, body) == 401
+            assert desk.received[-1]["reason"] == "Replayed"
+            later = verify_alert(key, signed, body, now=time.time() + 301, seen=ReplayGuard())
+            assert later.reason == "TimestampOutOfTolerance"  # and to a receiver that forgot it, too late
+            assert len(desk.received) == 2  # delivered once
+
+            # (c) A 302 is a failure with its reason on the Incident; the redirect is not followed.
+            redirected = wait_for(lambda: retry("harbour-burst-1", "moved-desk"), 20, what="the 302's retry")
+            assert redirected["reason"] == "Redirected", redirected
+            notified = condition({"status": incident_status("harbour-burst-1")}, "Notified")
+            assert (notified["status"], notified["reason"]) == ("False", "Redirected"), notified
+            assert "moved-desk" in notified["message"]
+            assert "never followed" in notified["message"]
+            assert "duty-desk:Detected" in incident_status("harbour-burst-1")["notifiedRoutes"]
+
+            # (d) ... and on the Incident, never delivered.
+            refused = wait_for(lambda: retry("metadata-burst-1", "metadata"), 20, what="the refused route")
+            assert refused["reason"] == "RouteRefused", refused
+            shown = condition({"status": incident_status("metadata-burst-1")}, "Notified")
+            assert (shown["reason"], "alert route metadata" in shown["message"]) == ("RouteRefused", True)
+
+            # (b) A receiver slower than the timeout sees one delivery per backoff step: 2, 4, 8, 8 s.
+            wait_for(lambda: slow.raw, 20, what="the slow receiver's first delivery")
+            time.sleep(16)
+            arrivals = [at for _, _, at in slow.raw]
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            # Each attempt waits out the timeout, then its backoff (status times are whole seconds).
+            floors = [timeout + min(cap, base * 2**k) - 1.0 for k in range(len(gaps))]
+            assert 2 <= len(arrivals) <= 4, gaps
+            assert all(gap >= floor for gap, floor in zip(gaps, floors, strict=True)), (gaps, floors)
+            ids = {v for h, _, _ in slow.raw for k, v in h.items() if k.lower() == "x-citynerve-delivery"}
+            assert len(ids) == 1, ids  # every retry carries the same delivery id (the idempotency key)
+            assert [r["reason"] for r in slow.received][1:] == ["Replayed"] * (len(arrivals) - 1)
+            timed_out = retry("harbour-burst-1", "slow-desk")
+            assert timed_out is not None
+            assert timed_out["reason"] == "ReceiverTimeout"
+            assert timed_out["attempts"] >= len(arrivals) - 1, (timed_out, len(arrivals))
+            assert landing.raw == []  # the redirect's target was never called
+    finally:
+        for receiver in receivers:
+            receiver.close()
 
 
 @pytest.mark.timeout(90)

@@ -16,7 +16,9 @@ import pytest
 import yaml
 from citynerve.operators import cli, helm
 from citynerve.operators.api import crdgen
+from citynerve.operators.city import main as city_main
 from citynerve.operators.city import rbac as city_rbac
+from citynerve.operators.city.config import AlertPolicy
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.embedded import join_request
 from citynerve.operators.hub import rbac as hub_rbac
@@ -67,6 +69,7 @@ def test_helm_lint_strict(chart: str, values: Path | None) -> None:
     ("city", {"workload": {"mode": "slurm"}}, "/workload/mode"),
     ("city", {"city": {"labels": {"tier": 3}}}, "/city/labels/tier"),
     ("city", {"hub": {"url": "http://plain.example.org"}}, "/hub/url"),
+    ("city", {"alerts": {"allowLoopback": "yes"}}, "/alerts/allowLoopback"),
 ])
 def test_schema_refuses_wrong_types_and_unknown_keys_naming_them(
         chart: str, values: dict[str, Any], named: str, tmp_path: Path) -> None:
@@ -165,6 +168,20 @@ def test_city_role_per_watched_namespace_is_role_rules(workload_mode: str) -> No
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=north", "--namespace=south"]
     assert f"--workload-mode={workload_mode}" in args
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("alerts", "policy"), [
+    ({}, AlertPolicy()),
+    ({"allowLoopback": True}, AlertPolicy(allow_loopback=True)),
+    ({"allowPrivateNetworks": False, "allowLinkLocal": True},
+     AlertPolicy(allow_private_networks=False, allow_link_local=True)),
+])
+def test_city_alert_policy_values_reach_the_operator(alerts: dict[str, Any], policy: AlertPolicy) -> None:
+    docs = render("city", {"alerts": alerts})
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["operator", "city"]
+    assert city_main.parse_options(args[2:])[1].alert_policy == policy
 
 
 @pytest.mark.timeout(60)

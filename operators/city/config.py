@@ -24,6 +24,22 @@ CITY_CENTRES: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
+class AlertPolicy:
+    """Which addresses an alert route may deliver to (the city chart's ``alerts`` values).
+
+    Loopback is refused by default: a route to 127.0.0.1 reaches the operator's own pod.
+    Private networks are allowed by default, since receivers live in the city's network.
+    Link-local and cloud-metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254,
+    100.100.100.200 …) are refused unless ``allow_link_local`` is set on its own; the
+    cluster's API server, unspecified, multicast and reserved addresses are always refused.
+    """
+
+    allow_loopback: bool = False
+    allow_private_networks: bool = True
+    allow_link_local: bool = False
+
+
+@dataclass(frozen=True)
 class CityOptions:
     """City-specific settings of the operator."""
 
@@ -38,6 +54,10 @@ class CityOptions:
     # How long a resolved model is trusted before it is downloaded and verified again.
     model_cache_seconds: float = 30.0
     webhook_timeout_seconds: float = 5.0
+    # A failed alert delivery is retried per (incident, route) after 5, 10, 20 … s, at most this apart.
+    alert_retry_seconds: float = 5.0
+    alert_retry_max_seconds: float = 300.0
+    alert_policy: AlertPolicy = AlertPolicy()
 
     @property
     def centre(self) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from citynerve.observability import configure_telemetry
-from citynerve.operators.city.config import CityOptions
+from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.federation.agent import CityAgent, agent_config
 from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal, scratch_dir
@@ -61,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CITYNERVE_HUB_BOOTSTRAP_TOKEN_FILE"),
         help="the hub bootstrap token the agent joins with (default: $CITYNERVE_HUB_BOOTSTRAP_TOKEN_FILE)",
     )
+    alerts = parser.add_argument_group("alert routes", "which addresses alert webhooks may be delivered to")
+    alerts.add_argument(
+        "--alerts-allow-loopback",
+        action="store_true",
+        help="deliver to loopback addresses (127.0.0.0/8, ::1), e.g. a receiver on this machine",
+    )
+    alerts.add_argument(
+        "--alerts-allow-private-networks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="deliver to private-network addresses (10/8, 172.16/12, 192.168/16, fc00::/7 …) "
+        "(default: %(default)s)",
+    )
+    alerts.add_argument(
+        "--alerts-allow-link-local",
+        action="store_true",
+        help="deliver to link-local and cloud-metadata addresses (169.254.0.0/16, fe80::/10, "
+        "fd00:ec2::254, 100.100.100.200); never needed by a real receiver",
+    )
     return parser
 
 
@@ -82,6 +101,11 @@ def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Name
         mlflow_url=args.mlflow_url,
         workload_mode=args.workload_mode,
         resync_seconds=args.resync_seconds,
+        alert_policy=AlertPolicy(
+            allow_loopback=args.alerts_allow_loopback,
+            allow_private_networks=args.alerts_allow_private_networks,
+            allow_link_local=args.alerts_allow_link_local,
+        ),
     )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

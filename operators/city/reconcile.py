@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
 from citynerve.observability import reconcile_span, record_incident_transitions, webhook_span
 from citynerve.operators.api import API_VERSION
@@ -102,6 +101,8 @@ class CityReconciler:
         # A Scenario's open Incidents come from this index, never from listing Incidents.
         self.open_incidents = OpenIncidents()
         self._open_counted: dict[tuple[str, str], int] = {}
+        # Alerts never go to the API server this operator talks to (nor to kubernetes.default*).
+        self.api_servers = alerts.api_server_endpoints(str(configuration.host))
         # When each fleet's ingest identity was last found in place (fleet uid, monotonic time):
         # a fleet is reconciled at every report its workers write, its identity once a resync.
         self._identities: dict[tuple[str, str], tuple[str, float]] = {}
@@ -344,10 +345,15 @@ class CityReconciler:
                 self._stop_workloads(namespace, name, keep=revision)
             else:
                 self._stop_workloads(namespace, name, keep=None)
+            refused = [
+                check.refusal
+                for route in scenario["spec"].get("alertRoutes") or []
+                if (check := alerts.check_route(route, self.city.alert_policy, self.api_servers)).refusal
+            ]
             self.write_status(
                 "Scenario",
                 scenario,
-                compute_scenario_status(scenario, unmet, workload, open_incidents, _now()),
+                compute_scenario_status(scenario, unmet, workload, open_incidents, _now(), refused),
             )
 
     def _ensure_rayjob(self, scenario: Mapping[str, Any], payload: Mapping[str, Any]) -> WorkloadObservation:
@@ -397,63 +403,79 @@ class CityReconciler:
         return names
 
     # -- Incident ---------------------------------------------------------------------------------
-    def reconcile_incident(self, namespace: str, name: str) -> None:
+    def reconcile_incident(self, namespace: str, name: str) -> float | None:
+        """Deliver the alerts due and record failures; returns the seconds until a retry is due, if any."""
         # Alerts are side effects: they are decided on a fresh read, and the work queue gives one
         # Incident to one worker at a time, so nothing posts again what a reconcile just posted.
         incident = self.get("Incident", namespace, name)
         if incident is None:
-            return
+            return None
         # An Incident is reconciled inside the trace of the detection that raised it.
         with reconcile_span("Incident", namespace, name, incident["metadata"].get("annotations")):
             record_incident_transitions(incident)
             scenario = self.get("Scenario", namespace, incident["spec"]["scenarioRef"]["name"])
             routes = list((scenario or {}).get("spec", {}).get("alertRoutes") or [])
             notified = list((incident.get("status") or {}).get("notifiedRoutes") or [])
-            delivery_error: tuple[str, str] | None = None
-            for delivery in alerts.deliveries_due(incident["spec"], routes, notified):
+            retries = alerts.stored_retries(incident, routes)
+            for delivery in alerts.deliveries_due(incident["spec"], routes, notified, retries, _now()):
                 try:
                     self._deliver(incident, delivery)
-                except _DeliveryError as exc:
-                    delivery_error = (exc.reason, str(exc))
+                except alerts.AlertDeliveryError as exc:
+                    # Timed after the attempt: a slow receiver's next attempt is a full backoff later.
+                    retries = alerts.record_failure(
+                        retries, delivery, exc, _now(),
+                        self.city.alert_retry_seconds, self.city.alert_retry_max_seconds,
+                    )
+                    log.warning("%s/%s: %s", namespace, name, retries[delivery.route_name].message)
                     continue
+                retries = {k: v for k, v in retries.items() if k != delivery.route_name}
                 notified = alerts.record_delivery(notified, delivery)
+            now = _now()
             self.write_status(
-                "Incident", incident, compute_incident_status(incident, notified, delivery_error, _now())
+                "Incident", incident,
+                compute_incident_status(incident, notified, alerts.retries_status(retries), now),
             )
+            return alerts.seconds_to_next_retry(retries.values(), now)
 
     def _deliver(self, incident: Mapping[str, Any], delivery: alerts.Delivery) -> None:
+        """One signed delivery to one route, to an address the alert policy allows."""
         route = delivery.route
         namespace = incident["metadata"]["namespace"]
+        check = alerts.check_route(route, self.city.alert_policy, self.api_servers)
+        if check.refusal is not None:
+            raise alerts.AlertDeliveryError("RouteRefused", check.refusal)
+        if check.unresolved is not None:
+            raise alerts.AlertDeliveryError(
+                "ReceiverUnreachable",
+                f"alert route {route['name']} ({alerts.display_url(route['url'])}): {check.unresolved}; "
+                "check the route's url",
+            )
         ref = route["secretRef"]
         try:
             secret = self.kube.request("GET", object_path("v1", "secrets", namespace, ref["name"]))
         except client.ApiException as exc:
-            raise _DeliveryError(
+            raise alerts.AlertDeliveryError(
                 "SecretNotFound" if _not_found(exc) else "SecretUnreadable",
                 f"alert route {route['name']}: Secret {ref['name']} in {namespace} could not "
                 f"be read ({exc.status} {exc.reason}); create it with key {ref['key']}",
             ) from exc
         encoded = (secret.get("data") or {}).get(ref["key"])
         if encoded is None:
-            raise _DeliveryError(
+            raise alerts.AlertDeliveryError(
                 "SecretKeyNotFound",
                 f"alert route {route['name']}: Secret {ref['name']} has no key {ref['key']}",
             )
         body = alerts.alert_body(incident, delivery.state, self.city.city)
-        delivery_id = f"{incident['metadata'].get('uid')}/{delivery.route_name}/{delivery.state}"
-        try:
-            with webhook_span(route["name"], route["url"], delivery.state) as headers:
-                alerts.post_alert(route["url"], base64.b64decode(encoded), body, delivery_id,
-                                  self.city.webhook_timeout_seconds, headers)
-        except httpx.HTTPError as exc:
-            raise _DeliveryError(
-                "WebhookFailed",
-                f"alert route {route['name']} ({route['url']}) failed: {exc}; retrying on the next pass",
-            ) from exc
+        with webhook_span(route["name"], route["url"], delivery.state) as headers:
+            alerts.post_alert(
+                route["name"], route["url"], check.addresses, base64.b64decode(encoded), body,
+                delivery.delivery_id(str(incident["metadata"].get("uid"))),
+                self.city.webhook_timeout_seconds, headers,
+            )
 
     # -- periodic resync --------------------------------------------------------------------------
     def resync(self, enqueue: Callable[[tuple[str, str, str]], None]) -> None:
-        """Queue what changes without an event (moved aliases, stale data, failed deliveries); sweep orphans.
+        """Queue what changes without an event (moved aliases, stale data, retries due); sweep orphans.
 
         Fleets, models and scenarios are few and are all queued. Incidents can be many: one
         listing in pages, and only those with an alert due or a status to correct (decided on
@@ -543,12 +565,6 @@ def open_incident_entry(incident: Mapping[str, Any]) -> tuple[str, str, str] | N
     if spec.get("state") == "Resolved" or meta.get("deletionTimestamp"):
         return None
     return meta["namespace"], str(spec.get("scenarioRef", {}).get("name") or ""), meta["name"]
-
-
-class _DeliveryError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def rayjob_observation(job: Mapping[str, Any]) -> WorkloadObservation:

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import yaml
 from citynerve.operators import helm
-from citynerve.operators.city.alerts import SIGNATURE_HEADER, verify_signature
-from citynerve.operators.city.config import CityOptions
+from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry as build_city_registry
+from citynerve.operators.city.signing import ReplayGuard, verify_alert
 from citynerve.operators.demo.report import DemoResult, IncidentRecord, summary_text, write_report
 from citynerve.operators.federation.agent import CityAgent
 from citynerve.operators.federation.embedded import approve_city, city_condition
@@ -97,19 +97,23 @@ def wait(predicate: Callable[[], Any], timeout: float, what: str, interval: floa
 
 
 class AlertReceiver:
-    """The duty officers' alert endpoint: verifies each webhook's HMAC and keeps what arrived."""
+    """The duty officers' alert endpoint: verifies each webhook's signature and keeps what arrived once."""
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.alerts: list[dict[str, Any]] = []
         self.refused = 0
+        self.seen = ReplayGuard()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if verify_signature(receiver.key, body, self.headers.get(SIGNATURE_HEADER, "")):
+                verdict = verify_alert(receiver.key, self.headers, body, seen=receiver.seen)
+                if verdict:
                     receiver.alerts.append(json.loads(body))
+                    self.send_response(204)
+                elif verdict.reason == "Replayed":  # a retry of an alert already taken
                     self.send_response(204)
                 else:
                     receiver.refused += 1
@@ -211,6 +215,7 @@ class Story:
                 mlflow_url=self.mlflow.url,
                 resync_seconds=5.0,
                 model_cache_seconds=30.0,
+                alert_policy=AlertPolicy(allow_loopback=True),  # the duty desk listens on 127.0.0.1
             )
             self.operators.append(
                 InProcessOperator(options, build_city_registry(options, city_options)).start()
