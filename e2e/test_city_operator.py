@@ -33,6 +33,7 @@ from citynerve.operators.city import rbac
 from citynerve.operators.city.config import MANAGED_BY, AlertPolicy, CityOptions, WorkloadMode
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.city.signing import ReplayGuard, verify_alert
+from citynerve.operators.conditions import now_rfc3339
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import free_port
 from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
@@ -393,7 +394,7 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
         name = incident["metadata"]["name"]
         transitions = [
             *incident["spec"]["transitions"],
-            {"state": "Dispatched", "time": "2099-01-01T00:00:00Z", "actor": "duty-officer-wang"},
+            {"state": "Dispatched", "time": now_rfc3339(), "actor": "duty-officer-wang"},
         ]
         custom(federation).patch_namespaced_custom_object(
             GROUP,
@@ -426,7 +427,7 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
 
         opened, _ = wait_for(open_counts, 20, what="openIncidents equal to the open Incidents")
         assert opened >= 1
-        resolved = [*transitions, {"state": "Resolved", "time": "2099-01-01T01:00:00Z", "actor": "crew"}]
+        resolved = [*transitions, {"state": "Resolved", "time": now_rfc3339(), "actor": "crew"}]
         custom(federation).patch_namespaced_custom_object(
             GROUP, VERSION, namespace, "incidents", name,
             {"spec": {"state": "Resolved", "transitions": resolved}},

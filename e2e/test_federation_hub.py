@@ -150,6 +150,10 @@ def test_placement_and_overrides_decide_where_a_scenario_runs(fed: EmbeddedFeder
     wait_for(lambda: placed() == [("chengdu", "True")], 20,
              what="FederatedScenario status reporting Chengdu only, propagated")
     assert fs_status()["selectedCities"] == 1
+    # Shanghai's override stayed behind: the placement no longer selects it, and the hub says so.
+    matched = next(c for c in fs_status()["conditions"] if c["type"] == "OverridesMatched")
+    assert (matched["status"], matched["reason"]) == ("False", "OverrideForUnselectedCity")
+    assert "spec.overrides names shanghai" in matched["message"]
 
 
 @pytest.mark.timeout(180)

@@ -181,3 +181,37 @@ def test_unions_and_undescribed_fields_are_refused() -> None:
         crdgen.structural_schema(Undescribed, "spec")
     with pytest.raises(crdgen.SchemaError, match="unions"):
         crdgen.structural_schema(Union, "spec")
+
+
+@pytest.mark.timeout(30)
+def test_admission_rules_reach_the_schema() -> None:
+    city = _schema("City")
+    assert "self.metadata.name.matches(" in city["x-kubernetes-validations"][0]["rule"]
+    assert "<= 58" in city["x-kubernetes-validations"][0]["rule"]
+    spec = city["properties"]["spec"]
+    assert "hubNamespace" not in spec["properties"]["connection"]["properties"]
+    assert "'Asia/Shanghai'" in _rules("City")["spec"][0]["rule"]
+    # The time zone list costs a few kilobytes, not a CRD too large to apply.
+    assert len(crdgen.render(CRDS["City"])) < 64_000
+    fs = _schema("FederatedScenario")["properties"]["spec"]["properties"]
+    cities = fs["placement"]["properties"]["cities"]
+    assert (cities["maxItems"], cities["items"]["maxLength"]) == (256, 58)
+    assert cities["items"]["pattern"] == "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    for labels in (fs["template"]["properties"]["labels"],
+                   fs["placement"]["properties"]["citySelector"]["properties"]["matchLabels"],
+                   _schema("ModelPromotion")["properties"]["spec"]["properties"]["citySelector"]["properties"][
+                       "matchLabels"]):
+        assert labels["maxProperties"] == 64
+        assert labels["additionalProperties"]["maxLength"] == 63
+        assert "k.matches(" in labels["x-kubernetes-validations"][0]["rule"]
+    for kind, field in (("AnalyticsModel", "registeredModel"), ("ModelPromotion", "modelName")):
+        node = _schema(kind)["properties"]["spec"]["properties"][field]
+        assert node["maxLength"] == 63
+        assert "/" not in node["pattern"]
+    paths = {r.get("fieldPath") for r in _rules("ModelPromotion")["spec"]}
+    assert {".rollback.timeoutSeconds", ".gates"} <= paths
+    assert ".simulation.engine" in {r.get("fieldPath") for r in _rules("Scenario")["spec"]}
+    assert ".overrides" in {r.get("fieldPath") for r in _rules("FederatedScenario")["spec"]}
+    incident = _rules("Incident")["spec"]
+    assert any("t.time >= self.detectedAt" in r["rule"] for r in incident)
+    assert any(".isSorted()" in r["rule"] for r in incident)

@@ -13,6 +13,7 @@ from citynerve.operators.city.status import (
     compute_incident_status,
     compute_model_status,
     compute_scenario_status,
+    measure_response_times,
     missing_references,
 )
 from citynerve.operators.conditions import find_condition, set_conditions, status_patch
@@ -235,7 +236,8 @@ def test_incident_response_times_are_measured_from_transitions() -> None:
             ],
         },
     }
-    status = compute_incident_status(incident, ["water:OnSite"], [], NOW)
+    after = NOW + timedelta(hours=1)  # the crew was on site at 04:52
+    status = compute_incident_status(incident, ["water:OnSite"], [], after)
     assert (status["dispatchSeconds"], status["responseSeconds"]) == (130, 2260)
     assert "resolutionSeconds" not in status
     assert status["notifiedRoutes"] == ["water:OnSite"]
@@ -246,9 +248,43 @@ def test_incident_response_times_are_measured_from_transitions() -> None:
         {"route": "water", "state": "OnSite", "attempts": 1, "reason": "ReceiverTimeout",
          "message": "route water slow"},
     ]
-    failed = compute_incident_status(incident, [], retries, NOW)
+    failed = compute_incident_status(incident, [], retries, after)
     notified = find_condition(failed, "Notified")
     assert notified is not None
     assert (notified["status"], notified["reason"]) == ("False", "Redirected")
     assert notified["message"] == "route desk moved; route water slow"  # every failing route named
     assert failed["deliveryRetries"] == retries
+
+
+def test_an_incident_timed_in_the_future_measures_no_response_time() -> None:
+    detected = NOW - timedelta(minutes=40)
+    spec: dict[str, Any] = {
+        "detectedAt": _iso(detected),
+        "transitions": [
+            {"state": "Detected", "time": _iso(detected)},
+            {"state": "Dispatched", "time": _iso(detected + timedelta(minutes=5))},
+            {"state": "OnSite", "time": _iso(detected + timedelta(minutes=30))},
+        ],
+    }
+    times, measured = measure_response_times(spec, NOW, 4)
+    assert times == {"dispatchSeconds": 300, "responseSeconds": 1800, "resolutionSeconds": None}
+    assert (measured["type"], measured["status"], measured["reason"]) == ("Measured", "True",
+                                                                        "TransitionsRecorded")
+    # A clock a little ahead (within the skew allowed) is still measured.
+    spec["transitions"].append({"state": "Resolved", "time": _iso(NOW + timedelta(minutes=4))})
+    assert measure_response_times(spec, NOW, 4)[0]["resolutionSeconds"] == 44 * 60
+    # detectedAt: 9999-12-31 (transitions after it, as the API server requires): no figure at all.
+    far = {"detectedAt": "9999-12-31T00:00:00Z", "transitions": [
+        {"state": "Detected", "time": "9999-12-31T00:00:00Z"},
+        {"state": "OnSite", "time": "9999-12-31T00:05:00Z"}]}
+    times, measured = measure_response_times(far, NOW, 4)
+    assert set(times.values()) == {None}
+    assert (measured["status"], measured["reason"]) == ("False", "TimeInFuture")
+    assert measured["observedGeneration"] == 4
+    assert measured["message"].startswith("spec.detectedAt 9999-12-31T00:00:00Z and the Detected transition")
+    assert "recreate the Incident" in measured["message"]
+    # A resolution recorded a day ahead would shorten nothing: the whole incident is left out.
+    spec["transitions"][-1]["time"] = _iso(NOW + timedelta(days=1))
+    times, measured = measure_response_times(spec, NOW, 4)
+    assert set(times.values()) == {None}
+    assert "the Resolved transition at 2026-07-13T04:00:00Z" in measured["message"]

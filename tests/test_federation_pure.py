@@ -51,6 +51,7 @@ def test_placement_selects_by_label_or_name_and_only_joined_cities() -> None:
     spec = federated()["spec"]  # region=east plus chengdu by name
     assert placed_cities(spec, CITIES) == ["chengdu", "hangzhou", "shanghai"]  # wuhan not approved
     spec["placement"] = {"cities": ["wuhan"]}
+    spec["overrides"] = []
     assert placed_cities(spec, CITIES) == []
 
 
@@ -111,7 +112,7 @@ def test_an_offboarded_city_is_marked_so_and_takes_no_work() -> None:
     assert "kubectl delete city shanghai" in conditions[0]["message"]
     gone = {**shanghai, "status": {"conditions": conditions}}
     assert desired_work(gone, [{"metadata": {"name": "x"}, "spec": {}}], [], [gone]) == {}
-    spec = {**federated()["spec"], "placement": {"cities": ["shanghai"]}}
+    spec = {**federated()["spec"], "placement": {"cities": ["shanghai"]}, "overrides": []}
     assert placed_cities(spec, [shanghai]) == ["shanghai"]
     assert placed_cities(spec, [gone]) == []
 
@@ -152,7 +153,8 @@ def test_federated_scenario_status_reports_each_city() -> None:
     assert status["readyCities"] == 1
     assert by_city["shanghai"]["propagated"] == "False"
     assert by_city["hangzhou"]["propagated"] == "Unknown"
-    assert status["conditions"][0]["reason"] == "Propagating"
+    propagated = next(c for c in status["conditions"] if c["type"] == "Propagated")
+    assert propagated["reason"] == "Propagating"
 
 
 def _csr(city_name: str, subject_city: str, username: str) -> dict[str, Any]:
@@ -225,3 +227,25 @@ def test_incident_digest_is_newest_first_and_leaves_evidence_in_the_city() -> No
     assert [d["name"] for d in digest] == ["i2", "i1", "i0"]
     assert "evidence" not in digest[0]
     assert digest[0]["transitions"] == [{"state": "Detected", "time": "2026-11-25T02:00:00Z", "actor": "a"}]
+
+
+def test_an_override_for_a_city_the_selector_never_selects_is_reported_at_once() -> None:
+    body = federated()  # region=east plus chengdu by name; chengdu has an override
+    body["metadata"]["generation"] = 3
+    status = federated_scenario_status(body, CITIES, {}, NOW)
+    matched = next(c for c in status["conditions"] if c["type"] == "OverridesMatched")
+    assert (matched["status"], matched["reason"]) == ("True", "OverridesSelected")
+    # wuhan is east but not approved yet: the selector selects it, so its override is fine.
+    body["spec"]["overrides"] += [{"city": "wuhan", "replicas": 2}, {"city": "lhasa", "replicas": 1},
+                                  {"city": "nanjing", "replicas": 1}]
+    status = federated_scenario_status(body, [*CITIES, city("lhasa", "west")], {}, NOW)
+    matched = next(c for c in status["conditions"] if c["type"] == "OverridesMatched")
+    assert (matched["status"], matched["reason"]) == ("False", "OverrideForUnselectedCity")
+    assert matched["observedGeneration"] == 3
+    assert "lhasa, nanjing" in matched["message"]
+    assert "wuhan" not in matched["message"]
+    assert status["selectedCities"] == 3  # the rest of the placement carries on
+    body["spec"]["overrides"] = []
+    status = federated_scenario_status(body, CITIES, {}, NOW)
+    matched = next(c for c in status["conditions"] if c["type"] == "OverridesMatched")
+    assert (matched["status"], matched["reason"]) == ("True", "NoOverrides")

@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from citynerve.operators.api.hub import ModelPromotionSpec
 from citynerve.operators.federation.placement import desired_work, manifest_hash
 from citynerve.operators.hub.promotion import (
     DIGEST_ANNOTATION,
@@ -26,6 +27,7 @@ from citynerve.operators.hub.promotion import (
     pin_work_name,
     promotion_pins,
     promotion_step,
+    selection_refusal,
 )
 
 MODEL = "water-burst-detector"
@@ -246,7 +248,7 @@ def test_too_many_incidents_during_the_soak_roll_the_canary_back() -> None:
 
 @pytest.mark.timeout(10)
 def test_temporary_errors_are_waited_out_until_the_timeout() -> None:
-    obj = promotion(rollback={"maxFailedCities": 0, "timeoutSeconds": 120})
+    obj = promotion(soakSeconds=50, rollback={"maxFailedCities": 0, "timeoutSeconds": 120})
     step(obj, T0)
     unreachable = CityView(
         "shanghai",
@@ -313,6 +315,27 @@ def test_refusals_before_anything_is_pinned() -> None:
     )
     assert condition(status, "GatesPassed")["reason"] == "VersionNotFound"
     assert condition(status, "Complete")["reason"] == "Refused"
+
+
+@pytest.mark.timeout(10)
+def test_a_canary_the_selector_does_not_select_is_refused_without_reading_the_registry() -> None:
+    obj = promotion(canaryCity="chengdu")  # west; the selector picks region=east
+    spec = ModelPromotionSpec.model_validate(obj["spec"])
+    reason, message = selection_refusal(spec, CITIES) or ("", "")
+    assert reason == "CanaryNotSelected"
+    assert "spec.citySelector" in message
+    # No registry view at all: the refusal needs none, so an unreachable MLflow cannot delay it.
+    actions, status = promotion_step(obj, Observations(T0, CITIES, {}, None))
+    complete = condition(status, "Complete")
+    assert (complete["status"], complete["reason"]) == ("False", "Refused")
+    assert "'chengdu' is not among the selected cities ['hangzhou', 'shanghai']" in complete["message"]
+    assert PostEvent("Warning", "CanaryNotSelected", complete["message"]) in actions
+    assert not any(isinstance(a, Annotate) for a in actions)
+    assert promotion_pins(obj | {"status": status}) == {}
+    nobody = promotion(canaryCity=None, citySelector={"matchLabels": {"region": "north"}})
+    assert selection_refusal(ModelPromotionSpec.model_validate(nobody["spec"]), CITIES) == (
+        "NoCitySelected", "the city selector picks no joined city")
+    assert selection_refusal(ModelPromotionSpec.model_validate(promotion()["spec"]), CITIES) is None
 
 
 @pytest.mark.timeout(10)

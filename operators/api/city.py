@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import ClassVar, Literal
 
 from citynerve.operators.api.common import (
@@ -11,6 +11,8 @@ from citynerve.operators.api.common import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     LIST_ATOMIC,
+    MODEL_NAME,
+    MODEL_NAME_MAX_LENGTH,
     UNIT_CODE,
     CrdModel,
     LocalObjectReference,
@@ -27,6 +29,27 @@ Severity = Literal["warning", "alarm", "critical"]
 IncidentState = Literal["Detected", "Dispatched", "OnSite", "Resolved"]
 INCIDENT_STATES: tuple[IncidentState, ...] = ("Detected", "Dispatched", "OnSite", "Resolved")
 _STATE_ORDER_CEL = "{'Detected': 0, 'Dispatched': 1, 'OnSite': 2, 'Resolved': 3}"
+SimulationEngine = Literal["wntr", "swmm", "pedestrian-counts", "replay"]
+# The scenario kinds each simulation engine rehearses: a water network (WNTR/EPANET) bursts, a
+# drainage model (SWMM) floods, recorded crowd counts (replayed) a major event's crowds.
+ENGINE_SCENARIO_KINDS: dict[str, tuple[ScenarioKind, ...]] = {
+    "wntr": ("water-burst",),
+    "swmm": ("urban-flood", "mountain-flood"),
+    "pedestrian-counts": ("major-event",),
+    "replay": ("major-event",),
+}
+ENGINE_SCENARIO_KINDS_CEL = (
+    "{" + ", ".join(f"'{engine}': {list(kinds)!r}" for engine, kinds in ENGINE_SCENARIO_KINDS.items()) + "}"
+)
+ENGINE_MESSAGE = (
+    "simulation.engine cannot rehearse this scenario kind: use wntr for water-burst, swmm for urban-flood "
+    "and mountain-flood, pedestrian-counts or replay for major-event"
+)
+
+
+def engine_fits_kind(engine: str, kind: str) -> bool:
+    """Whether a simulation engine can rehearse a scenario kind (the Python reading of the CEL rule)."""
+    return kind in ENGINE_SCENARIO_KINDS.get(engine, ())
 
 
 # --- SensorFleet -------------------------------------------------------------------------------
@@ -110,9 +133,11 @@ class AnalyticsModelSpec(CrdModel):
 
     registered_model: str = Field(
         description="Name of the registered model in the MLflow model registry (for example "
-        "`water-burst-detector`).",
+        "`water-burst-detector`): dot-separated words of letters, digits, `-` and `_`, at most 63 "
+        "characters.",
+        pattern=MODEL_NAME,
         min_length=1,
-        max_length=256,
+        max_length=MODEL_NAME_MAX_LENGTH,
     )
     alias: str | None = Field(
         default=None,
@@ -131,7 +156,8 @@ class AnalyticsModelSpec(CrdModel):
     expected_digest: str | None = Field(
         default=None,
         description="sha256 digest the model artifact must have (`sha256:<64 hex>`); a model whose "
-        "artifact differs is refused as untrusted.",
+        "artifact differs is refused as untrusted. A ModelPromotion sets it to the digest the hub recorded "
+        "at its gate; without it the model resolves but is not Verified, and live scenarios refuse it.",
         pattern=r"^sha256:[a-f0-9]{64}$",
     )
 
@@ -252,9 +278,10 @@ class AlertRoute(CrdModel):
 class SimulationSource(CrdModel):
     """Simulated data a drill rehearses on, produced by a field-grade engine."""
 
-    engine: Literal["wntr", "swmm", "pedestrian-counts", "replay"] = Field(
-        description="Simulation engine: `wntr` (EPANET water networks), `swmm` (drainage via pyswmm), "
-        "`pedestrian-counts` (recorded crowd counts) or `replay` (recorded readings)."
+    engine: SimulationEngine = Field(
+        description="Simulation engine: `wntr` (EPANET water networks, for `water-burst`), `swmm` (drainage "
+        "via pyswmm, for `urban-flood` and `mountain-flood`), `pedestrian-counts` (recorded crowd counts, "
+        "for `major-event`) or `replay` (recorded crowd readings, for `major-event`)."
     )
     network: str = Field(
         description="Network model or data set the engine loads (for example `Net3`, `ky4`, "
@@ -324,6 +351,12 @@ class ScenarioSpec(CrdModel):
             field_path=".simulation",
             reason="FieldValueRequired",
             check=lambda s: s.mode != "drill" or s.simulation is not None,
+        ),
+        Rule(
+            cel=f"!has(self.simulation) || self.kind in {ENGINE_SCENARIO_KINDS_CEL}[self.simulation.engine]",
+            message=ENGINE_MESSAGE,
+            field_path=".simulation.engine",
+            check=lambda s: s.simulation is None or engine_fits_kind(s.simulation.engine, s.kind),
         ),
     )
 
@@ -476,7 +509,50 @@ class IncidentSpec(CrdModel):
             reason="FieldValueRequired",
             check=lambda s: s.state == "Detected" or any(t.state == s.state for t in s.transitions),
         ),
+        Rule(
+            cel=f"!has(self.transitions) || "
+            f"self.transitions.all(t, {_STATE_ORDER_CEL}[t.state] <= {_STATE_ORDER_CEL}[self.state])",
+            message="spec.transitions records a state later than spec.state; spec.state is the last state "
+            "entered, so set it to that state or remove the transition",
+            field_path=".state",
+            check=lambda s: all(_order(t.state) <= _order(s.state) for t in s.transitions),
+        ),
+        Rule(
+            cel=f"!has(self.transitions) || self.transitions.map(t, {_STATE_ORDER_CEL}[t.state]).isSorted()",
+            message="list spec.transitions in lifecycle order: Detected, Dispatched, OnSite, Resolved",
+            field_path=".transitions",
+            check=lambda s: [_order(t.state) for t in s.transitions]
+            == sorted(_order(t.state) for t in s.transitions),
+        ),
+        Rule(
+            cel="!has(self.transitions) || self.transitions.all(t, t.time >= self.detectedAt)",
+            message="a transition is timed before spec.detectedAt; nothing happens to an incident before it "
+            "is detected, so correct the transition's time",
+            field_path=".transitions",
+            check=lambda s: all(_utc(t.time) >= _utc(s.detected_at) for t in s.transitions),
+        ),
+        Rule(
+            cel=f"!has(self.transitions) || self.transitions.all(a, self.transitions.all(b, "
+            f"{_STATE_ORDER_CEL}[a.state] >= {_STATE_ORDER_CEL}[b.state] || a.time <= b.time))",
+            message="a later lifecycle state is timed before an earlier one; transition times must not "
+            "decrease from Detected to Dispatched, OnSite and Resolved",
+            field_path=".transitions",
+            check=lambda s: all(
+                _order(a.state) >= _order(b.state) or _utc(a.time) <= _utc(b.time)
+                for a in s.transitions
+                for b in s.transitions
+            ),
+        ),
     )
+
+
+def _order(state: IncidentState) -> int:
+    return INCIDENT_STATES.index(state)
+
+
+def _utc(moment: datetime) -> datetime:
+    """A timestamp comparable with any other (one without an offset is read as UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class DeliveryRetry(CrdModel):

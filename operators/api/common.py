@@ -9,12 +9,14 @@ server and by `from_manifest` with the same message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -39,6 +41,25 @@ CAMEL_IDENTIFIER = r"^[a-z][A-Za-z0-9]*$"
 DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"
 # UN/CEFACT Recommendation 20 common codes, as FIWARE Smart Data Models use them.
 UNIT_CODE = r"^[A-Z0-9]{2,3}$"
+# A City's name: a DNS label short enough that its hub namespace `city-<name>` is one too.
+CITY_NAME_MAX_LENGTH = 58
+# MLflow registered-model names: dot-separated words of letters, digits, `-` and `_`, so that a
+# name is never a path (`../x`), a URI or a query, and fits a Kubernetes name once lowercased.
+MODEL_NAME = r"^[A-Za-z0-9]([-_A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-_A-Za-z0-9]*[A-Za-z0-9])?)*$"
+MODEL_NAME_MAX_LENGTH = 63
+# Label keys and values, as the API server checks them on metadata.labels: a key is an optional
+# DNS-subdomain prefix of at most 253 characters and `/`, then a name; a value is empty or a name.
+_LABEL_NAME = r"[A-Za-z0-9]([-_.A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = rf"^({DNS_SUBDOMAIN[1:-1]}/)?{_LABEL_NAME}$"
+LABEL_VALUE = rf"^({_LABEL_NAME})?$"
+LABEL_KEY_MAX_LENGTH = 253 + 1 + 63
+LABELS_MAX = 64
+CityName = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=CITY_NAME_MAX_LENGTH)]
+LABEL_KEY_MESSAGE = (
+    "label keys are a name of at most 63 letters, digits, '-', '_' or '.' (starting and ending "
+    "alphanumeric), optionally after a DNS-subdomain prefix of at most 253 characters and '/', "
+    "for example citynerve.io/programme"
+)
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -122,11 +143,16 @@ class CrdModel(BaseModel):
                 duplicates = sorted({str(key) for key in seen if seen.count(key) > 1})
                 if duplicates:
                     raise ValueError(f"{info.alias or name}: duplicate entries {', '.join(duplicates)}")
-        for rule in type(self).rules:
-            if rule.check is not None and not rule.check(self):
-                path = rule.field_path.lstrip(".") if rule.field_path else type(self).__name__
-                raise ValueError(f"{path}: {rule.message}")
+        check_rules(self, type(self).rules)
         return self
+
+
+def check_rules(obj: BaseModel, rules: tuple[Rule, ...]) -> None:
+    """Raise a ValueError naming the field of the first rule whose Python mirror `obj` breaks."""
+    for rule in rules:
+        if rule.check is not None and not rule.check(obj):
+            path = rule.field_path.lstrip(".") if rule.field_path else type(obj).__name__
+            raise ValueError(f"{path}: {rule.message}")
 
 
 class Condition(CrdModel):
@@ -214,21 +240,70 @@ class SecretKeyReference(CrdModel):
     )
 
 
+def label_key_cel(key: str) -> str:
+    """CEL that holds when the string expression `key` is a valid label key."""
+    return f"{key}.matches(r'{LABEL_KEY}') && {key}.indexOf('/') <= 253"
+
+
+def is_label_key(key: str) -> bool:
+    """The Python reading of `label_key_cel`."""
+    return re.fullmatch(LABEL_KEY, key) is not None and key.find("/") <= 253
+
+
+def _valid_label_keys(labels: dict[str, str]) -> dict[str, str]:
+    invalid = sorted(key for key in labels if not is_label_key(key))
+    if invalid:
+        raise ValueError(f"{LABEL_KEY_MESSAGE}; not valid: {', '.join(map(repr, invalid))}")
+    return labels
+
+
+LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
+# A map of labels as Kubernetes accepts them in metadata.labels; declare with `labels_field`.
+Labels = Annotated[dict[str, LabelValue], AfterValidator(_valid_label_keys)]
+
+
+def labels_field(description: str) -> Any:
+    """A `Labels` field: at most LABELS_MAX entries, keys checked by CEL (a schema cannot check keys)."""
+    return Field(
+        default_factory=dict,
+        max_length=LABELS_MAX,
+        description=f"{description} Keys and values follow Kubernetes label syntax: values are at most 63 "
+        "letters, digits, '-', '_' or '.', starting and ending alphanumeric (or empty).",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": f"self.all(k, {label_key_cel('k')})", "message": LABEL_KEY_MESSAGE}
+            ]
+        },
+    )
+
+
 class LabelSelectorRequirement(CrdModel):
     """A label key, an operator and values, as in Kubernetes label selectors."""
 
-    key: str = Field(description="The label key the requirement applies to.", min_length=1, max_length=317)
+    key: str = Field(
+        description="The label key the requirement applies to (Kubernetes label key syntax).",
+        pattern=LABEL_KEY,
+        min_length=1,
+        max_length=LABEL_KEY_MAX_LENGTH,
+    )
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
         description="How the key's value is compared with `values`."
     )
-    values: list[Annotated[str, StringConstraints(max_length=63)]] = Field(
+    values: list[LabelValue] = Field(
         default_factory=list,
         max_length=64,
-        description="Values to compare with; non-empty for In and NotIn, empty for Exists and DoesNotExist.",
+        description="Values to compare with, in label value syntax; non-empty for In and NotIn, empty for "
+        "Exists and DoesNotExist.",
         json_schema_extra=LIST_SET,
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.key.indexOf('/') <= 253",
+            message="the label key's prefix (before '/') is a DNS subdomain of at most 253 characters",
+            field_path=".key",
+            check=lambda r: is_label_key(r.key),
+        ),
         Rule(
             cel="(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
             message="values must be non-empty for operators In and NotIn and empty for Exists and "
@@ -242,10 +317,7 @@ class LabelSelectorRequirement(CrdModel):
 class LabelSelector(CrdModel):
     """Selects objects by their labels; the requirements are ANDed. An empty selector selects all."""
 
-    match_labels: dict[str, str] = Field(
-        default_factory=dict,
-        description="Labels an object must carry with exactly these values.",
-    )
+    match_labels: Labels = labels_field("Labels an object must carry with exactly these values.")
     match_expressions: list[LabelSelectorRequirement] = Field(
         default_factory=list,
         max_length=32,

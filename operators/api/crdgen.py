@@ -130,7 +130,8 @@ def structural_schema(model: type[BaseModel], path: str) -> dict[str, Any]:
 
 
 def open_api_schema(info: KindInfo) -> dict[str, Any]:
-    """`openAPIV3Schema` of a kind: apiVersion, kind, metadata, spec and status."""
+    """`openAPIV3Schema` of a kind: apiVersion, kind, metadata, spec and status, and the kind's own rules."""
+    rules = {"x-kubernetes-validations": [rule.to_validation() for rule in info.model.rules]}
     return {
         "type": "object",
         "description": (info.model.__doc__ or info.kind).strip(),
@@ -150,6 +151,7 @@ def open_api_schema(info: KindInfo) -> dict[str, Any]:
             "status": structural_schema(info.status_model, "status"),
         },
         "required": ["spec"],
+        **(rules if info.model.rules else {}),
     }
 
 

@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import cache
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from citynerve.operators.api.city import ScenarioKind, ScenarioSpec, Severity, SimulationSource, Threshold
+import yaml
+from citynerve.operators.api.city import (
+    ENGINE_MESSAGE,
+    ENGINE_SCENARIO_KINDS_CEL,
+    ScenarioKind,
+    ScenarioSpec,
+    Severity,
+    SimulationSource,
+    Threshold,
+    engine_fits_kind,
+)
 from citynerve.operators.api.common import (
     CAMEL_IDENTIFIER,
     DECIMAL,
     DNS_LABEL,
     LIST_ATOMIC,
     LIST_SET,
+    MODEL_NAME,
+    MODEL_NAME_MAX_LENGTH,
     UNIT_CODE,
+    CityName,
     ConditionStatus,
     CrdModel,
+    Labels,
     LabelSelector,
     Rule,
     StatusBase,
+    labels_field,
     list_map,
 )
 from pydantic import Field
@@ -26,14 +43,11 @@ from pydantic import Field
 
 
 class CityConnection(CrdModel):
-    """How the city's agent reaches the hub (pull mode: the city calls the hub, never the reverse)."""
+    """How the city's agent reaches the hub (pull mode: the city calls the hub, never the reverse).
 
-    hub_namespace: str | None = Field(
-        default=None,
-        description="Hub namespace the city's agent may read and write; defaults to `city-<name>`.",
-        pattern=DNS_LABEL,
-        max_length=63,
-    )
+    The agent reads and writes only its own hub namespace, always `city-<name>`.
+    """
+
     heartbeat_interval_seconds: int = Field(
         default=10, ge=1, le=3600, description="Seconds between two heartbeats the agent writes to the hub."
     )
@@ -79,6 +93,19 @@ class DataResidency(CrdModel):
     )
 
 
+TIME_ZONES_FILE = Path(__file__).with_name("timezones.yaml")
+TIMEZONE_MESSAGE = (
+    "timezone must be an IANA tz database name, for example Asia/Shanghai, Europe/Paris or UTC"
+)
+
+
+@cache
+def iana_time_zones() -> frozenset[str]:
+    """The tz database names a City may use (operators/api/timezones.yaml)."""
+    zones = yaml.safe_load(TIME_ZONES_FILE.read_text(encoding="utf-8"))["zones"]
+    return frozenset(str(zone) for zone in zones)
+
+
 class CitySpec(CrdModel):
     """A member city of the federation."""
 
@@ -93,7 +120,9 @@ class CitySpec(CrdModel):
     )
     timezone: str = Field(
         default="Asia/Shanghai",
-        description="IANA time zone of the city, used for reports and schedules.",
+        description="IANA time zone of the city (a tz database name such as `Asia/Shanghai` or `UTC`), used "
+        "for reports and schedules. The API server accepts only names the tz database defines (the list in "
+        "operators/api/timezones.yaml); abbreviations such as `CST` or offsets such as `+08:00` are refused.",
         max_length=64,
     )
     connection: CityConnection = Field(
@@ -104,6 +133,15 @@ class CitySpec(CrdModel):
         default=False,
         description="Set to true by a hub administrator to accept the city's request to join; until then "
         "nothing is propagated to it.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=f"!has(self.timezone) || self.timezone in {sorted(iana_time_zones())!r}",
+            message=TIMEZONE_MESSAGE,
+            field_path=".timezone",
+            check=lambda s: s.timezone in iana_time_zones(),
+        ),
     )
 
 
@@ -247,7 +285,7 @@ class SensorTypeStatus(StatusBase):
 class ScenarioTemplate(CrdModel):
     """The Scenario every placed city runs."""
 
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels put on every city's Scenario.")
+    labels: Labels = labels_field("Labels put on every city's Scenario.")
     spec: ScenarioSpec = Field(description="Spec of the Scenario created in each city.")
 
 
@@ -257,10 +295,11 @@ class Placement(CrdModel):
     city_selector: LabelSelector | None = Field(
         default=None, description="Label selector over City objects (for example `region: east`)."
     )
-    cities: list[str] = Field(
+    cities: list[CityName] = Field(
         default_factory=list,
         max_length=256,
-        description="Cities selected by name, in addition to the selector.",
+        description="Cities selected by name, in addition to the selector: City names, DNS labels of at most "
+        "58 characters (so that `city-<name>` is a namespace).",
         json_schema_extra=LIST_SET,
     )
 
@@ -277,10 +316,14 @@ class Placement(CrdModel):
 class ScenarioOverride(CrdModel):
     """Changes to the template for one city; fields left unset keep the template's value."""
 
-    city: str = Field(
-        description="Name of the City this override applies to.", pattern=DNS_LABEL, max_length=63
+    city: CityName = Field(
+        description="Name of the City this override applies to; the placement must select it."
     )
-    mode: Literal["live", "drill"] | None = Field(default=None, description="Mode in this city.")
+    mode: Literal["live", "drill"] | None = Field(
+        default=None,
+        description="Mode in this city. An override that makes the scenario a drill needs a simulation, its "
+        "own or the template's.",
+    )
     replicas: int | None = Field(default=None, ge=0, le=64, description="Workers in this city.")
     thresholds: list[Threshold] | None = Field(
         default=None,
@@ -288,7 +331,10 @@ class ScenarioOverride(CrdModel):
         description="Thresholds replacing the template's entries of the same metric.",
         json_schema_extra=list_map("metric"),
     )
-    simulation: SimulationSource | None = Field(default=None, description="Simulation source in this city.")
+    simulation: SimulationSource | None = Field(
+        default=None,
+        description="Simulation source in this city; its engine must suit the template's scenario kind.",
+    )
 
 
 class FederatedScenarioSpec(CrdModel):
@@ -299,8 +345,42 @@ class FederatedScenarioSpec(CrdModel):
     overrides: list[ScenarioOverride] = Field(
         default_factory=list,
         max_length=256,
-        description="Per-city changes to the template, one entry per city.",
+        description="Per-city changes to the template, one entry per city the placement selects. With "
+        "only `placement.cities` the API server refuses an override for another city; with a "
+        "`citySelector` the hub reports one on the `OverridesMatched` condition.",
         json_schema_extra=list_map("city"),
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.placement.citySelector) || !has(self.overrides) || "
+            "self.overrides.all(o, has(self.placement.cities) && o.city in self.placement.cities)",
+            message="an override names a city the placement does not select; add the city to "
+            "placement.cities or remove its override",
+            field_path=".overrides",
+            check=lambda s: s.placement.city_selector is not None
+            or all(o.city in s.placement.cities for o in s.overrides),
+        ),
+        Rule(
+            cel="!has(self.overrides) || has(self.template.spec.simulation) || "
+            "self.overrides.all(o, !has(o.mode) || o.mode != 'drill' || has(o.simulation))",
+            message="an override makes its city's scenario a drill without a simulation source; set "
+            "simulation in that override or in template.spec.simulation",
+            field_path=".overrides",
+            reason="FieldValueRequired",
+            check=lambda s: s.template.spec.simulation is not None
+            or all(o.mode != "drill" or o.simulation is not None for o in s.overrides),
+        ),
+        Rule(
+            cel=f"!has(self.overrides) || self.overrides.all(o, !has(o.simulation) || "
+            f"self.template.spec.kind in {ENGINE_SCENARIO_KINDS_CEL}[o.simulation.engine])",
+            message=f"an override's {ENGINE_MESSAGE}",
+            field_path=".overrides",
+            check=lambda s: all(
+                o.simulation is None or engine_fits_kind(o.simulation.engine, s.template.spec.kind)
+                for o in s.overrides
+            ),
+        ),
     )
 
 
@@ -391,10 +471,19 @@ class RollbackPolicy(CrdModel):
     )
 
 
+_DEFAULT_ROLLBACK_TIMEOUT = RollbackPolicy.model_fields["timeout_seconds"].default
+
+
 class ModelPromotionSpec(CrdModel):
     """Move a registered model version to an alias in a set of cities, canary first, gated on metrics."""
 
-    model_name: str = Field(description="Registered model name in MLflow.", min_length=1, max_length=256)
+    model_name: str = Field(
+        description="Registered model name in MLflow (for example `water-burst-detector`): dot-separated "
+        "words of letters, digits, `-` and `_`, at most 63 characters.",
+        pattern=MODEL_NAME,
+        min_length=1,
+        max_length=MODEL_NAME_MAX_LENGTH,
+    )
     source: PromotionSource = Field(description="The version to promote.")
     target_alias: str = Field(
         default="champion",
@@ -405,23 +494,25 @@ class ModelPromotionSpec(CrdModel):
     city_selector: LabelSelector = Field(
         default_factory=LabelSelector, description="Cities to promote in; empty selects every city."
     )
-    canary_city: str | None = Field(
+    canary_city: CityName | None = Field(
         default=None,
-        description="City promoted first and soaked alone before the others; unset promotes all at once.",
-        pattern=DNS_LABEL,
-        max_length=63,
+        description="City promoted first and soaked alone before the others; unset promotes all at once. "
+        "The city selector must select it; the hub refuses the promotion at once when it does not.",
     )
     gates: list[PromotionGate] = Field(
         default_factory=list,
         max_length=16,
-        description="Metrics each city must meet after the soak period to count as passed.",
+        description="Metrics each city must meet after the soak period to count as passed. A metric has at "
+        "most one lower bound (GreaterThan or GreaterThanOrEqual) and one upper bound (LessThan or "
+        "LessThanOrEqual), and together they must leave some value that passes.",
         json_schema_extra=list_map("metric", "operator"),
     )
     soak_seconds: int = Field(
         default=600,
         ge=0,
         le=604_800,
-        description="Seconds a promoted city runs before its gates are checked.",
+        description="Seconds a promoted city runs before its gates are checked. rollback.timeoutSeconds must "
+        "leave time for every soak: more than soakSeconds, or twice soakSeconds with a canary city.",
     )
     rollback: RollbackPolicy = Field(default_factory=RollbackPolicy, description="When to roll back.")
 
@@ -432,7 +523,49 @@ class ModelPromotionSpec(CrdModel):
             field_path=".targetAlias",
             check=lambda s: s.source.alias != s.target_alias,
         ),
+        Rule(
+            cel=f"(has(self.rollback) ? self.rollback.timeoutSeconds : {_DEFAULT_ROLLBACK_TIMEOUT}) > "
+            "self.soakSeconds * (has(self.canaryCity) ? 2 : 1)",
+            message="rollback.timeoutSeconds leaves no time to soak, so the promotion could never pass: make "
+            "it greater than soakSeconds, or than twice soakSeconds with a canary city",
+            field_path=".rollback.timeoutSeconds",
+            check=lambda s: s.rollback.timeout_seconds > s.soak_seconds * (2 if s.canary_city else 1),
+        ),
+        Rule(
+            cel="!has(self.gates) || self.gates.all(a, self.gates.exists_one(b, b.metric == a.metric && "
+            "b.operator.startsWith('Greater') == a.operator.startsWith('Greater')))",
+            message="a metric is gated twice in the same direction; keep one lower bound (GreaterThan or "
+            "GreaterThanOrEqual) and one upper bound (LessThan or LessThanOrEqual) per metric",
+            field_path=".gates",
+            check=lambda s: all(
+                sum(1 for b in s.gates if b.metric == a.metric and _is_lower(b) == _is_lower(a)) == 1
+                for a in s.gates
+            ),
+        ),
+        Rule(
+            cel="!has(self.gates) || self.gates.all(lo, !lo.operator.startsWith('Greater') || "
+            "self.gates.all(hi, hi.metric != lo.metric || !hi.operator.startsWith('Less') || "
+            "double(lo.threshold) < double(hi.threshold) || (double(lo.threshold) == double(hi.threshold) "
+            "&& lo.operator == 'GreaterThanOrEqual' && hi.operator == 'LessThanOrEqual')))",
+            message="the gates of a metric contradict each other: no value meets both its lower and its "
+            "upper bound; lower the GreaterThan threshold or raise the LessThan one",
+            field_path=".gates",
+            check=lambda s: all(_satisfiable(lo, hi) for lo in s.gates for hi in s.gates),
+        ),
     )
+
+
+def _is_lower(gate: PromotionGate) -> bool:
+    return gate.operator.startswith("Greater")
+
+
+def _satisfiable(lo: PromotionGate, hi: PromotionGate) -> bool:
+    """Whether some value meets both gates, when `lo` is a lower and `hi` an upper bound of one metric."""
+    if lo.metric != hi.metric or not _is_lower(lo) or _is_lower(hi):
+        return True
+    low, high = float(lo.threshold), float(hi.threshold)  # as CEL's double() reads them
+    both_inclusive = lo.operator == "GreaterThanOrEqual" and hi.operator == "LessThanOrEqual"
+    return low < high or (low == high and both_inclusive)
 
 
 class GateResult(CrdModel):

@@ -8,8 +8,9 @@ client and Kopf hand around.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from citynerve.operators.api.city import (
     AnalyticsModelSpec,
@@ -21,7 +22,15 @@ from citynerve.operators.api.city import (
     SensorFleetSpec,
     SensorFleetStatus,
 )
-from citynerve.operators.api.common import GROUP, VERSION, ObjectMeta
+from citynerve.operators.api.common import (
+    CITY_NAME_MAX_LENGTH,
+    DNS_LABEL,
+    GROUP,
+    VERSION,
+    ObjectMeta,
+    Rule,
+    check_rules,
+)
 from citynerve.operators.api.hub import (
     CitySpec,
     CityStatus,
@@ -32,7 +41,7 @@ from citynerve.operators.api.hub import (
     SensorTypeSpec,
     SensorTypeStatus,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -45,6 +54,19 @@ class Resource(BaseModel):
     kind: str
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
 
+    # Rules on the whole object: the CEL at the root of the CRD schema, which alone may read
+    # `self.metadata.name`.
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Resource:
+        check_rules(self, type(self).rules)
+        return self
+
+
+def _is_city_name(name: str | None) -> bool:
+    return name is None or (re.fullmatch(DNS_LABEL, name) is not None and len(name) <= CITY_NAME_MAX_LENGTH)
+
 
 class City(Resource):
     """A member city of the federation (hub, cluster-scoped)."""
@@ -52,6 +74,17 @@ class City(Resource):
     kind: Literal["City"] = "City"
     spec: CitySpec
     status: CityStatus | None = None
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=f"self.metadata.name.matches(r'{DNS_LABEL}') && "
+            f"size(self.metadata.name) <= {CITY_NAME_MAX_LENGTH}",
+            message=f"a City's name must be a DNS label (lowercase letters, digits and '-') of at most "
+            f"{CITY_NAME_MAX_LENGTH} characters, so that its hub namespace city-<name> is a valid namespace "
+            "(metadata.name)",
+            check=lambda city: _is_city_name(city.metadata.name),
+        ),
+    )
 
 
 class SensorType(Resource):

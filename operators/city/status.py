@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from citynerve.models.registry import ModelResolutionError, ResolvedModel
@@ -395,6 +395,42 @@ def _seconds_between(start: datetime | None, end: datetime | None) -> int | None
     return max(0, int((end - start).total_seconds()))
 
 
+# A time further ahead of the operator's clock than this is not believed. The API server has no
+# "now" to compare spec.detectedAt with, so the operator reports such an incident instead.
+CLOCK_SKEW_SECONDS = 300
+
+
+def measure_response_times(
+    spec: Mapping[str, Any], now: datetime, generation: int | None
+) -> tuple[dict[str, int | None], dict[str, Any]]:
+    """Seconds from detection to dispatch, crew on site and resolution, and the ``Measured`` condition.
+
+    A detection or transition timed in the future (``detectedAt: 9999-12-31``) would give figures
+    nobody achieved, so that incident measures nothing and says why.
+    """
+    detected = parse_time(spec.get("detectedAt"))
+    entered = {t["state"]: parse_time(t["time"]) for t in spec.get("transitions") or []}
+    horizon = now + timedelta(seconds=CLOCK_SKEW_SECONDS)
+    ahead = [f"spec.detectedAt {rfc3339(detected)}"] if detected and detected > horizon else []
+    ahead += [f"the {state} transition at {rfc3339(at)}" for state, at in entered.items()
+              if at and at > horizon]
+    if ahead:
+        message = (
+            f"{' and '.join(ahead)} lies more than {CLOCK_SKEW_SECONDS} s after the city operator's clock "
+            f"({rfc3339(now)}), so no response time is measured and the incident counts in no response "
+            "KPI; record the real times (detectedAt is immutable: recreate the Incident)"
+        )
+        times = dict.fromkeys(("dispatchSeconds", "responseSeconds", "resolutionSeconds"))
+        return times, make_condition("Measured", "False", "TimeInFuture", message, generation)
+    times = {
+        "dispatchSeconds": _seconds_between(detected, entered.get("Dispatched")),
+        "responseSeconds": _seconds_between(detected, entered.get("OnSite")),
+        "resolutionSeconds": _seconds_between(detected, entered.get("Resolved")),
+    }
+    message = "response times are measured from spec.detectedAt to the recorded transitions"
+    return times, make_condition("Measured", "True", "TransitionsRecorded", message, generation)
+
+
 def compute_incident_status(
     incident: Mapping[str, Any],
     notified: Sequence[str],
@@ -405,12 +441,9 @@ def compute_incident_status(
     and the deliveries waiting for a retry (``status.deliveryRetries`` entries, sorted by route)."""
     spec = incident["spec"]
     generation = _generation(incident)
-    detected = parse_time(spec.get("detectedAt"))
-    entered = {t["state"]: parse_time(t["time"]) for t in spec.get("transitions") or []}
+    times, measured = measure_response_times(spec, now, generation)
     fields: dict[str, Any] = {
-        "dispatchSeconds": _seconds_between(detected, entered.get("Dispatched")),
-        "responseSeconds": _seconds_between(detected, entered.get("OnSite")),
-        "resolutionSeconds": _seconds_between(detected, entered.get("Resolved")),
+        **times,
         "notifiedRoutes": sorted(notified) or None,
         "deliveryRetries": list(retries) or None,
     }
@@ -427,7 +460,7 @@ def compute_incident_status(
             f"state {spec.get('state', 'Detected')} delivered to every alert route due",
             generation,
         )
-    return with_conditions(incident.get("status"), fields, [condition], generation, rfc3339(now))
+    return with_conditions(incident.get("status"), fields, [condition, measured], generation, rfc3339(now))
 
 
 def state_index(state: str) -> int:

@@ -67,6 +67,25 @@ def placed_cities(spec: Mapping[str, Any], cities: Iterable[Mapping[str, Any]]) 
     return sorted(chosen)
 
 
+def unselected_overrides(spec: Mapping[str, Any], cities: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Cities a FederatedScenario has an override for that its placement never selects.
+
+    A city is selected when it is listed, or when a City of that name matches the selector
+    (joined or not: one waiting for approval will be). The API server already refuses an
+    override outside an explicit list; only a selector needs the hub's view of the Cities.
+    """
+    fs = FederatedScenarioSpec.model_validate(spec)
+    selector = fs.placement.city_selector
+    matching = {
+        str(meta.get("name", ""))
+        for city in cities
+        for meta in [city.get("metadata", {})]
+        if selector is not None and selector.matches(dict(meta.get("labels") or {}))
+    }
+    chosen = matching | set(fs.placement.cities)
+    return sorted(o.city for o in fs.overrides if o.city not in chosen)
+
+
 def _override_for(overrides: Iterable[ScenarioOverride], city: str) -> ScenarioOverride | None:
     return next((o for o in overrides if o.city == city), None)
 

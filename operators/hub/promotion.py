@@ -9,6 +9,10 @@ only gathers observations and carries out the actions it names.
 
 The rules
 ---------
+0. **Selection** (at once). A selector that picks no joined city, or a canary city it does not
+   pick, refuses the promotion before MLflow is even read (``selection_refusal``). What needs no
+   City objects is refused by the API server: a rollback timeout that leaves no time to soak,
+   gates of one metric that contradict each other.
 1. **Gates** (at start). The version's recorded metrics — those of its source run in MLflow —
    must meet every gate of ``spec.gates`` except ``soakIncidents`` (below). A missing metric
    fails its gate. A version that fails is *refused*: nothing is pinned anywhere; the
@@ -272,6 +276,26 @@ def selected_cities(spec: ModelPromotionSpec, cities: Iterable[Mapping[str, Any]
     )
 
 
+def selection_refusal(
+    spec: ModelPromotionSpec, cities: Iterable[Mapping[str, Any]]
+) -> tuple[str, str] | None:
+    """(reason, message) when the selector picks no joined city or not the canary; None otherwise.
+
+    Decided from the City objects alone, so the promotion is refused at once, before MLflow is read
+    (a label selector is not something the API server can check a canary against).
+    """
+    selected = selected_cities(spec, cities)
+    if not selected:
+        return ("NoCitySelected", "the city selector picks no joined city")
+    if spec.canary_city and spec.canary_city not in selected:
+        return (
+            "CanaryNotSelected",
+            f"canary city {spec.canary_city!r} is not among the selected cities {selected}; select it with "
+            "spec.citySelector or choose a selected city as spec.canaryCity",
+        )
+    return None
+
+
 # --- the decision --------------------------------------------------------------------------------
 
 
@@ -373,10 +397,18 @@ def _conditions(
 
 def _start(step: _Step, obs: Observations) -> list[dict[str, Any]]:
     spec = step.spec
-    registry = obs.registry
-    assert registry is not None, "promotion_step needs the registry view before the promotion starts"
     source = f"version {spec.source.version}" if spec.source.version else f"alias {spec.source.alias!r}"
     what = f"{spec.model_name} {source}"
+    refusal = selection_refusal(spec, obs.cities)
+    if refusal is not None:
+        message = f"{what} is refused: {refusal[1]}"
+        step.event("Warning", refusal[0], message)
+        return _conditions(
+            complete=("False", "Refused", message),
+            rolled_back=("False", "NothingPromoted", "no city was changed"),
+        )
+    registry = obs.registry
+    assert registry is not None, "promotion_step needs the registry view before the promotion starts"
     if registry.error_reason is not None or registry.version is None:
         message = registry.error_message or f"{what} could not be resolved"
         step.event("Warning", registry.error_reason or "SourceNotFound", message)
@@ -405,25 +437,12 @@ def _start(step: _Step, obs: Observations) -> list[dict[str, Any]]:
             complete=("False", "Refused", message),
             rolled_back=("False", "NothingPromoted", "no city was changed"),
         )
-    refusal: tuple[str, str] | None = None
     if registry.digest is None:
-        refusal = (
-            "ArtifactDigestMissing",
-            f"{what} has no recorded artifact digest, so no city could verify it",
-        )
-    elif not selected:
-        refusal = ("NoCitySelected", "the city selector picks no joined city")
-    elif spec.canary_city and spec.canary_city not in selected:
-        refusal = (
-            "CanaryNotSelected",
-            f"canary city {spec.canary_city!r} is not among the selected cities {selected}",
-        )
-    if refusal is not None or registry.digest is None:
-        refusal = refusal or ("ArtifactDigestMissing", "no digest")
-        step.event("Warning", refusal[0], f"{what} is refused: {refusal[1]}")
+        detail = f"{what} has no recorded artifact digest, so no city could verify it"
+        step.event("Warning", "ArtifactDigestMissing", f"{what} is refused: {detail}")
         return _conditions(
             gates=("True", "GatesPassed", "every registry gate passed"),
-            complete=("False", "Refused", f"{what} is refused: {refusal[1]}"),
+            complete=("False", "Refused", f"{what} is refused: {detail}"),
             rolled_back=("False", "NothingPromoted", "no city was changed"),
         )
     step.actions.append(
@@ -794,7 +813,9 @@ def register_promotion_handlers(registry: kopf.OperatorRegistry, ctx: HubContext
             report = read_report(next(iter(kwargs["report_index"].get(city_namespace(name), [])), None))
             views[name] = city_view(spec.model_name, name, report)
         try:
-            registry_view = read_registry(ctx.mlflow_url, spec) if needs_registry(status) else None
+            # A promotion its cities already refuse is refused without asking MLflow.
+            reads_registry = needs_registry(status) and selection_refusal(spec, cities) is None
+            registry_view = read_registry(ctx.mlflow_url, spec) if reads_registry else None
         except ModelResolutionError as exc:
             raise kopf.TemporaryError(exc.message, delay=ctx.check_interval * 2) from exc
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)

@@ -14,7 +14,12 @@ from citynerve.operators.conditions import (
     rfc3339,
     set_conditions,
 )
-from citynerve.operators.federation.placement import OFFBOARDED_REASON, placed_cities, work_name
+from citynerve.operators.federation.placement import (
+    OFFBOARDED_REASON,
+    placed_cities,
+    unselected_overrides,
+    work_name,
+)
 
 REPORT_KEY = "report.json"
 # In the agent's report: the City labels its chart sets, and when it left (chart uninstalled).
@@ -145,9 +150,11 @@ def federated_scenario_status(
     reports: Mapping[str, Mapping[str, Any]],
     now: dt.datetime,
 ) -> dict[str, Any]:
-    """Per-city propagation and readiness of a FederatedScenario, from the agents' reports."""
+    """Per-city propagation and readiness of a FederatedScenario, from the agents' reports, and
+    whether every override names a city the placement selects (``OverridesMatched``)."""
     name = body["metadata"]["name"]
     generation = body["metadata"].get("generation")
+    cities = list(cities)
     selected = placed_cities(body["spec"], cities)
     wname = work_name("Scenario", name)
     per_city = []
@@ -171,8 +178,24 @@ def federated_scenario_status(
         waiting = [c["city"] for c in per_city if c["propagated"] != "True"]
         cond = ("False", "Propagating", f"Not yet applied in {', '.join(waiting)}.")
     conditions = merge_condition(conditions, "Propagated", *cond, now, generation)
+    conditions = merge_condition(conditions, "OverridesMatched", *overrides_matched(body["spec"], cities),
+                                 now, generation)
     return {"observedGeneration": generation, "selectedCities": len(selected),
             "readyCities": ready_count, "cities": per_city, "conditions": conditions}
+
+
+def overrides_matched(spec: Mapping[str, Any], cities: Iterable[Mapping[str, Any]]) -> tuple[str, str, str]:
+    """The ``OverridesMatched`` condition: an override for a city the placement never selects does nothing."""
+    unselected = unselected_overrides(spec, cities)
+    if unselected:
+        names = ", ".join(unselected)
+        return ("False", "OverrideForUnselectedCity",
+                f"spec.overrides names {names}, which the placement does not select: not in "
+                "spec.placement.cities and no City of that name matches spec.placement.citySelector. The "
+                "override does nothing; correct the city's name or the placement, or remove the override.")
+    if not spec.get("overrides"):
+        return ("True", "NoOverrides", "Every placed city runs the template as it is.")
+    return ("True", "OverridesSelected", "Every override names a city the placement selects.")
 
 
 def status_changes(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
