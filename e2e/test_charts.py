@@ -46,6 +46,7 @@ class CityRelease:
 
 CITIES = (CityRelease("shanghai", "charts-shanghai", "namespaced", "local"),
           CityRelease("chengdu", "charts-chengdu", "cluster", "kuberay"))
+ALERT_SECRETS = ["charts-duty-webhook"]  # the city chart's alerts.secretNames in this module
 
 
 @dataclass
@@ -94,6 +95,7 @@ def installed(federation: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
             values.write_text(yaml.safe_dump({
                 "city": {"labels": {"tier": "pilot"}, "heartbeatSeconds": 2, "heartbeatTimeoutSeconds": 8},
                 "rbac": {"mode": city.rbac_mode}, "workload": {"mode": city.workload_mode},
+                "alerts": {"secretNames": ALERT_SECRETS},
             }))
             assert cli.main(["city", "onboard", city.name, "--kubeconfig", kubeconfig, "--hub-context", "hub",
                              "--city-context", federation.cluster(city.cluster).name,
@@ -183,11 +185,24 @@ def test_chart_service_accounts_hold_exactly_the_operators_rules(installed: Inst
         assert not _allowed(api, "delete", GROUP, "sensorfleets", installed.namespace)
         assert not _allowed(api, "patch", "", "secrets", installed.namespace, "city-bootstrap")
         if city.rbac_mode == "cluster":
-            _assert_granted(api, city_rbac.cluster_rules(city.workload_mode), None, f"{city.name} (cluster)")
+            _assert_granted(api, city_rbac.cluster_rules(city.workload_mode, ALERT_SECRETS), None,
+                            f"{city.name} (cluster)")
         else:
-            _assert_granted(api, city_rbac.role_rules(city.workload_mode), installed.namespace, city.name)
+            _assert_granted(api, city_rbac.role_rules(city.workload_mode, ALERT_SECRETS), installed.namespace,
+                            city.name)
             assert not _allowed(api, "get", GROUP, "scenarios", "default"), "a Role reaches one namespace"
             assert not _allowed(api, "list", "ray.io", "rayjobs", installed.namespace)
+        # Secrets: the alert routes' keys the chart lists, no other (the agent's key is the agent's).
+        assert _allowed(api, "get", "", "secrets", installed.namespace, ALERT_SECRETS[0])
+        assert not _allowed(api, "get", "", "secrets", installed.namespace, "water-billing-db")
+        assert not _allowed(api, "get", "", "secrets", installed.namespace)
+        # An ingest namespace's accounts read the catalogue through the chart, and write nothing.
+        default = client.ApiClient(service_account_target(
+            installed.target(city.cluster), installed.namespace, "default",
+            folder / f"{city.cluster}-default").client_configuration())
+        assert _allowed(default, "get", GROUP, "sensortypes", name="pipe-pressure-gauge")
+        assert not _allowed(default, "patch", "", "configmaps", installed.namespace)
+        assert not _allowed(default, "list", GROUP, "sensortypes")
     del fed
 
 

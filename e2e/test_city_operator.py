@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,9 @@ CITY = "shanghai"
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 OPERATOR_SA = "citynerve-city-operator"
+# The Secrets the tests' alert routes name: the city chart's alerts.secretNames, the only Secrets
+# the operator's Role lets it read (and the only ones it accepts in a route).
+ALERT_SECRETS = ("drill-webhook",)
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 
 
@@ -99,13 +102,15 @@ def registered_models(mlflow_server: Any, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
-def operator_kubeconfig(federation: Any, namespace: str, folder: Path, mode: str) -> tuple[Path, str]:
+def operator_kubeconfig(
+    federation: Any, namespace: str, folder: Path, mode: str, alert_secrets: tuple[str, ...] = ALERT_SECRETS
+) -> tuple[Path, str]:
     """A ServiceAccount bound by a Role to ``rbac.role_rules`` in ``namespace`` only; its token kubeconfig."""
     api = federation.api_client(CITY)
     core, rbac_api = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     core.create_namespaced_service_account(namespace, {"metadata": {"name": OPERATOR_SA}})
     rbac_api.create_namespaced_role(
-        namespace, {"metadata": {"name": OPERATOR_SA}, "rules": rbac.role_rules(mode)}
+        namespace, {"metadata": {"name": OPERATOR_SA}, "rules": rbac.role_rules(mode, alert_secrets)}
     )
     rbac_api.create_namespaced_role_binding(
         namespace,
@@ -128,13 +133,14 @@ def running_operator(
     namespaces: tuple[str, ...],
     mode: WorkloadMode,
     mlflow_url: str | None = None,
+    alert_secrets: tuple[str, ...] = ALERT_SECRETS,
     **alert_options: float,
 ) -> Iterator[InProcessOperator]:
     """The city operator in this process; the tests' alert receivers listen on 127.0.0.1."""
     options = OperatorOptions(f"city-{CITY}", KubeTarget(kubeconfig, context), namespaces=namespaces)
     city = CityOptions(
         city=CITY, mlflow_url=mlflow_url, workload_mode=mode, resync_seconds=4.0, model_cache_seconds=60.0,
-        alert_policy=AlertPolicy(allow_loopback=True), **alert_options,
+        alert_policy=AlertPolicy(allow_loopback=True), alert_secrets=alert_secrets, **alert_options,
     )
     operator = InProcessOperator(options, build_registry(options, city)).start()
     try:
@@ -891,6 +897,128 @@ def test_ingest_deployment_command_runs_and_its_reports_reach_the_fleet_status(
             worker.kill()
             worker.wait()
         log.close()
+
+
+def _status_of(call: Callable[[], Any]) -> int:
+    """The HTTP status the API server answered ``call`` with (200 for any success)."""
+    try:
+        call()
+    except client.ApiException as exc:
+        return int(exc.status)
+    return 200
+
+
+def _secrets_requested(audit_log: Path, username: str) -> set[str]:
+    """Names of the Secrets ``username`` asked the API server for, as the audit log recorded them."""
+    names = set()
+    with audit_log.open("rb") as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                ref = entry.get("objectRef") or {}
+                if entry.get("user", {}).get("username") == username and ref.get("resource") == "secrets":
+                    names.add(str(ref.get("name")))
+    return names
+
+
+@pytest.mark.timeout(150)
+def test_each_identity_is_refused_what_it_does_not_need(
+    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
+) -> None:
+    """The attacks of the security review, tried with the real identities' own tokens: an ingest
+    worker (internet-facing) writing another fleet's report or any other ConfigMap, the operator
+    reading a Secret no alert route may name. The API server answers 403 to each; what the
+    identities are for still works, and a route naming another Secret is refused by name."""
+    allowed = ("duty-webhook",)
+    kubeconfig, operator_user = operator_kubeconfig(federation, namespace, tmp_path, "local", allowed)
+    admin = client.CoreV1Api(federation.api_client(CITY))
+    for secret in ("duty-webhook", "water-billing-db"):
+        admin.create_namespaced_secret(namespace, {"metadata": {"name": secret},
+                                                   "data": {"key": base64.b64encode(b"not-shown").decode()}})
+    admin.create_namespaced_config_map(namespace, {"metadata": {"name": "street-lights"},
+                                                   "data": {"mode": "auto"}})
+    fleets = [d for d in yaml.safe_load_all(sample("sensorfleets.yaml"))
+              if d["metadata"]["name"] in ("pudong-pressure", "pudong-flow")]
+    scenario = yaml.safe_load(sample("scenario-water-burst.yaml"))
+    scenario["spec"] |= {"models": [], "replicas": 0, "alertRoutes": [
+        {"name": "duty-desk", "url": "http://127.0.0.1:9/alerts", "minSeverity": "warning",
+         "secretRef": {"name": "duty-webhook", "key": "key"}},
+        {"name": "billing-export", "url": "http://127.0.0.1:9/collect", "minSeverity": "warning",
+         "secretRef": {"name": "water-billing-db", "key": "key"}},
+    ]}
+    incident = yaml.safe_load(sample("incident-water-burst.yaml"))
+    incident["spec"]["scenarioRef"]["name"] = scenario["metadata"]["name"]
+    rbac_admin = client.RbacAuthorizationV1Api(federation.api_client(CITY))
+
+    with running_operator(kubeconfig, "hub", (namespace,), "local", alert_secrets=allowed):
+        apply(federation, namespace, "---\n".join(yaml.safe_dump(d) for d in [*fleets, scenario]))
+        for fleet in fleets:
+            name = fleet["metadata"]["name"]
+            wait_for(lambda n=name: deployment(federation, namespace, f"{n}-ingest"), 30,
+                     what=f"{name}'s ingest Deployment, after its account and Role")
+            assert rbac_admin.read_namespaced_role_binding(f"{name}-ingest", namespace).subjects[0].name == \
+                f"{name}-ingest"
+        def routes_accepted() -> dict[str, Any]:
+            return condition(get(federation, "scenarios", namespace, scenario["metadata"]["name"]),
+                             "AlertRoutesAccepted")
+
+        refused = wait_for(lambda: routes_accepted().get("status") == "False" and routes_accepted(), 30,
+                           what="the route naming another Secret refused")
+        for named in ("billing-export", "water-billing-db", "alerts.secretNames"):
+            assert named in refused["message"], refused
+        assert "duty-desk" not in refused["message"], refused
+        # An Incident's alert is not sent on that route, and the operator never asks for the Secret.
+        apply(federation, namespace, yaml.safe_dump(incident))
+        incident_name = incident["metadata"]["name"]
+        notified = wait_for(
+            lambda: condition(get(federation, "incidents", namespace, incident_name), "Notified") or None,
+            30, what="the Incident's Notified condition")
+        assert notified["status"] == "False"
+        assert "billing-export" in notified["message"]
+        assert "water-billing-db" not in _secrets_requested(city_cluster.audit_log, operator_user)
+
+    admin_target = KubeTarget(federation.kubeconfig, CITY)
+
+    def as_account(name: str) -> client.ApiClient:
+        target = service_account_target(admin_target, namespace, name, tmp_path / name)
+        return client.ApiClient(target.client_configuration())
+
+    worker = client.CoreV1Api(as_account("pudong-pressure-ingest"))
+    write = {"data": {"worker.probe": json.dumps({"terminalsOnline": 1})}}
+    assert _status_of(lambda: worker.patch_namespaced_config_map(
+        "pudong-pressure-ingest-report", namespace, write)) == 200, "its own report"
+    attacks = {
+        "patch another fleet's report": lambda: worker.patch_namespaced_config_map(
+            "pudong-flow-ingest-report", namespace, write),
+        "patch any other ConfigMap": lambda: worker.patch_namespaced_config_map(
+            "street-lights", namespace, {"data": {"mode": "off"}}),
+        "create a ConfigMap": lambda: worker.create_namespaced_config_map(
+            namespace, {"metadata": {"name": "decoy"}}),
+        "replace its own report": lambda: worker.replace_namespaced_config_map(
+            "pudong-pressure-ingest-report", namespace,
+            {"metadata": {"name": "pudong-pressure-ingest-report"}}),
+        "read a Secret": lambda: worker.read_namespaced_secret("duty-webhook", namespace),
+        "widen its own Role": lambda: client.RbacAuthorizationV1Api(worker.api_client).patch_namespaced_role(
+            "pudong-pressure-ingest", namespace,
+            {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["patch"]}]}),
+    }
+    answers = {what: _status_of(call) for what, call in attacks.items()}
+    assert answers == dict.fromkeys(attacks, 403), answers
+    assert admin.read_namespaced_config_map("street-lights", namespace).data == {"mode": "auto"}
+
+    operator = client.ApiClient(KubeTarget(kubeconfig, "hub").client_configuration())
+    core = client.CoreV1Api(operator)
+    assert _status_of(lambda: core.read_namespaced_secret("duty-webhook", namespace)) == 200, "a listed key"
+    attacks = {
+        "read a Secret no route may name": lambda: core.read_namespaced_secret("water-billing-db", namespace),
+        "list Secrets": lambda: core.list_namespaced_secret(namespace),
+        # What it may grant is what it holds: no Role that reads Secrets it cannot.
+        "grant itself more": lambda: client.RbacAuthorizationV1Api(operator).create_namespaced_role(
+            namespace, {"metadata": {"name": "wider"}, "rules": [
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]}),
+    }
+    answers = {what: _status_of(call) for what, call in attacks.items()}
+    assert answers == dict.fromkeys(attacks, 403), answers
 
 
 def _http_ok(url: str) -> bool:

@@ -70,6 +70,7 @@ def test_helm_lint_strict(chart: str, values: Path | None) -> None:
     ("city", {"city": {"labels": {"tier": 3}}}, "/city/labels/tier"),
     ("city", {"hub": {"url": "http://plain.example.org"}}, "/hub/url"),
     ("city", {"alerts": {"allowLoopback": "yes"}}, "/alerts/allowLoopback"),
+    ("city", {"alerts": {"secretNames": ["citynerve-hub-identity"]}}, "/alerts/secretNames/0"),
 ])
 def test_schema_refuses_wrong_types_and_unknown_keys_naming_them(
         chart: str, values: dict[str, Any], named: str, tmp_path: Path) -> None:
@@ -195,6 +196,29 @@ def test_city_cluster_role_is_cluster_rules(workload_mode: str) -> None:
         "the operator's own rules are cluster-wide"
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in args if a.startswith("--namespace")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rbac_mode", ["namespaced", "cluster"])
+def test_the_city_operator_may_read_only_the_alert_secrets_it_is_told(rbac_mode: str) -> None:
+    secrets = ["duty-webhook", "flood-webhook"]
+
+    def operator_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return one(docs, "ClusterRole" if rbac_mode == "cluster" else "Role", "citynerve-city")["rules"]
+
+    docs = render("city", {"rbac": {"mode": rbac_mode}, "alerts": {"secretNames": secrets}})
+    expected = (city_rbac.cluster_rules("local", secrets) if rbac_mode == "cluster"
+                else city_rbac.role_rules("local", secrets))
+    assert operator_rules(docs) == expected
+    assert [r for r in operator_rules(docs) if "secrets" in r["resources"]] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": ["get"]}]
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--alert-secret")] == [f"--alert-secret={s}" for s in secrets]
+    # None listed: no Secret at all, rather than an empty resourceNames (which would mean every one).
+    plain = render("city", {"rbac": {"mode": rbac_mode}})
+    assert not [r for r in operator_rules(plain) if "secrets" in r["resources"]]
+    assert not [a for a in one(plain, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+                if a.startswith("--alert-secret")]
 
 
 @pytest.mark.timeout(60)

@@ -305,3 +305,16 @@ def test_api_server_endpoints_come_from_the_kubeconfig_url() -> None:
     assert alerts.api_server_endpoints("https://[::1]") == frozenset({("::1", 443)})
     assert alerts.api_server_endpoints("not a url") == frozenset()
 
+
+def test_a_route_may_name_only_a_secret_the_chart_lists() -> None:
+    duty = {"name": "duty-desk", "url": "https://x.example.org",
+            "secretRef": {"name": "duty-webhook", "key": "k"}}
+    assert alerts.secret_refusal(duty, ("duty-webhook", "flood-webhook")) is None
+    stolen = {**duty, "name": "exfiltrate", "secretRef": {"name": "citynerve-hub-identity", "key": "tls.key"}}
+    refusal = alerts.secret_refusal(stolen, ("duty-webhook",))
+    assert refusal is not None
+    # Names the route, the Secret, and what to set; lists what may be named.
+    for part in ("exfiltrate", "citynerve-hub-identity", "alerts.secretNames", "--alert-secret",
+                 "duty-webhook"):
+        assert part in refusal, part
+    assert "listed: none" in str(alerts.secret_refusal(duty, ()))

@@ -43,8 +43,17 @@ def test_command_line_options(tmp_path: Path) -> None:
     assert options.clusterwide
 
 
+def test_alert_secrets_are_named_one_by_one_and_never_the_agents_key() -> None:
+    _, city = main.parse_options(["--alert-secret", "duty-webhook", "--alert-secret=flood-webhook",
+                                  "--alert-secret", "duty-webhook"])
+    assert city.alert_secrets == ("duty-webhook", "flood-webhook")
+    assert main.parse_options([])[1].alert_secrets == ()
+    with pytest.raises(SystemExit):
+        main.parse_options(["--alert-secret", rbac.IDENTITY_SECRET])
+
+
 def test_rbac_rules_cover_every_kind_and_child() -> None:
-    rules = rbac.role_rules("kuberay")
+    rules = rbac.role_rules("kuberay", ["duty-webhook"])
     resources = {r for rule in rules for r in rule["resources"]}
     assert {
         "sensorfleets",
@@ -61,7 +70,11 @@ def test_rbac_rules_cover_every_kind_and_child() -> None:
         "events",
     } <= resources
     secrets = next(rule for rule in rules if "secrets" in rule["resources"])
-    assert secrets["verbs"] == ["get"]  # HMAC keys are read one by one, never listed
+    # HMAC keys are read one by one, never listed, and only those the chart names.
+    assert secrets == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["duty-webhook"],
+                       "verbs": ["get"]}
+    # No Secret at all without alert Secrets: an empty resourceNames would mean every one.
+    assert "secrets" not in {r for rule in rbac.role_rules("kuberay") for r in rule["resources"]}
     assert "rayjobs" not in {r for rule in rbac.role_rules("local") for r in rule["resources"]}
     assert len(rbac.cluster_rules()) > len(rbac.role_rules())
     # The operator holds what it grants each fleet's ingest workers (RBAC's escalation check)

@@ -479,3 +479,23 @@ def post_alert(
             "ReceiverRefused", f"{where} answered {status} {response.reason_phrase}; {hint}", response
         )
 
+
+# --- the route's Secret ---------------------------------------------------------------------------
+
+
+def secret_refusal(route: Mapping[str, Any], allowed: Collection[str]) -> str | None:
+    """Why the operator will not read a route's Secret, or None: the city chart must list it (pure).
+
+    The chart's ``alerts.secretNames`` is both this list and the operator's RBAC on Secrets, so
+    a route naming another Secret (a hub-placed Scenario naming the agent's key, say) is refused
+    here, before any request, with what to do instead.
+    """
+    name = str(route["secretRef"]["name"])
+    if name in allowed:
+        return None
+    listed = ", ".join(sorted(allowed)) or "none"
+    return (
+        f"alert route {route['name']}: the city operator may not read Secret {name} (listed: {listed}); "
+        f"add {name} to the city chart's alerts.secretNames (operator flag --alert-secret) or name a "
+        "listed Secret in its secretRef"
+    )

@@ -47,6 +47,9 @@ class CityOptions:
     mlflow_url: str | None = None
     workload_mode: WorkloadMode = "local"
     ingest_image: str = "ghcr.io/citynerve/ingest:0.1.0"
+    # The Secrets alert routes may name in secretRef (the city chart's alerts.secretNames, the
+    # only Secrets its RBAC lets the operator read); a route naming another is refused.
+    alert_secrets: tuple[str, ...] = ()
     analytics_image: str = "ghcr.io/citynerve/analytics:0.1.0"
     ray_version: str = "2.60.0"
     # Re-resolution of model aliases, freshness of fleet data, retries after errors.

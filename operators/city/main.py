@@ -11,6 +11,7 @@ from pathlib import Path
 from citynerve.observability import configure_telemetry
 from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry
+from citynerve.operators.city.rbac import IDENTITY_SECRET
 from citynerve.operators.federation.agent import CityAgent, agent_config
 from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal, scratch_dir
 
@@ -63,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     alerts = parser.add_argument_group("alert routes", "which addresses alert webhooks may be delivered to")
     alerts.add_argument(
+        "--alert-secret",
+        action="append",
+        default=[],
+        dest="alert_secrets",
+        metavar="NAME",
+        help="a Secret alert routes may name in secretRef (repeatable; the city chart's "
+        "alerts.secretNames, the only Secrets its RBAC lets the operator read); a route naming "
+        "another is refused",
+    )
+    alerts.add_argument(
         "--alerts-allow-loopback",
         action="store_true",
         help="deliver to loopback addresses (127.0.0.0/8, ::1), e.g. a receiver on this machine",
@@ -89,7 +100,10 @@ def parse_options(argv: list[str]) -> tuple[OperatorOptions, CityOptions]:
 
 
 def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if IDENTITY_SECRET in args.alert_secrets:
+        parser.error(f"--alert-secret {IDENTITY_SECRET}: that is the agent's key, never an alert route's")
     options = OperatorOptions(
         name=f"city-{args.city}",
         target=KubeTarget(args.kubeconfig, args.context),
@@ -101,6 +115,7 @@ def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Name
         mlflow_url=args.mlflow_url,
         workload_mode=args.workload_mode,
         resync_seconds=args.resync_seconds,
+        alert_secrets=tuple(dict.fromkeys(args.alert_secrets)),
         alert_policy=AlertPolicy(
             allow_loopback=args.alerts_allow_loopback,
             allow_private_networks=args.alerts_allow_private_networks,

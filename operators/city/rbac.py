@@ -26,8 +26,13 @@ _WRITE = ["create", "update", "patch", "delete"]
 _CHILD = ["get", "create", "patch"]  # children read one by one and kept in line with a merge patch
 
 
-def role_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
-    """RBAC PolicyRules (as manifests) for the city operator in one namespace."""
+def role_rules(workload_mode: str = "local", alert_secrets: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """RBAC PolicyRules (as manifests) for the city operator in one namespace.
+
+    ``alert_secrets``: the Secrets alert routes may name (the chart's ``alerts.secretNames``);
+    the operator may read those and no other Secret. None: no Secret at all (an empty
+    ``resourceNames`` would mean every one, so the rule is left out).
+    """
     rules: list[dict[str, Any]] = [
         {"apiGroups": [GROUP], "resources": ["sensorfleets", "analyticsmodels", "scenarios"], "verbs": _READ},
         {"apiGroups": [GROUP], "resources": ["incidents"], "verbs": [*_READ, "create"]},
@@ -46,8 +51,6 @@ def role_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
         # no `create`, which RBAC cannot narrow to a name. `patch` is also what the operator
         # grants each fleet's workers on their report: RBAC lets it grant only what it holds.
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*_READ, "create", "patch"]},
-        # Alert routes' HMAC keys are read one by one.
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
         # Each fleet's ingest identity (ServiceAccount, Role, RoleBinding), made and kept in line
         # by the operator; never deleted by it (owner references take them with the fleet). The
         # API server refuses a Role or RoleBinding granting more than the operator holds, so it
@@ -56,15 +59,19 @@ def role_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": _CHILD},
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
+    if alert_secrets:
+        # Alert routes' HMAC keys, read one by one and only those the chart lists.
+        rules.insert(-1, {"apiGroups": [""], "resources": ["secrets"], "resourceNames": list(alert_secrets),
+                          "verbs": ["get"]})
     if workload_mode == "kuberay":
         rules.append({"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": [*_READ, *_WRITE]})
     return rules
 
 
-def cluster_rules(workload_mode: str = "local") -> list[dict[str, Any]]:
+def cluster_rules(workload_mode: str = "local", alert_secrets: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rules for cluster-wide operation: the same, plus discovery of namespaces and CRDs by Kopf."""
     return [
-        *role_rules(workload_mode),
+        *role_rules(workload_mode, alert_secrets),
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": _READ},
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": _READ},
     ]

@@ -350,6 +350,11 @@ class CityReconciler:
                 for route in scenario["spec"].get("alertRoutes") or []
                 if (check := alerts.check_route(route, self.city.alert_policy, self.api_servers)).refusal
             ]
+            refused += [
+                refusal
+                for route in scenario["spec"].get("alertRoutes") or []
+                if (refusal := alerts.secret_refusal(route, self.city.alert_secrets))
+            ]
             self.write_status(
                 "Scenario",
                 scenario,
@@ -441,6 +446,10 @@ class CityReconciler:
         """One signed delivery to one route, to an address the alert policy allows."""
         route = delivery.route
         namespace = incident["metadata"]["namespace"]
+        # Before any request: the operator reads only the Secrets the city chart lists (its RBAC).
+        refusal = alerts.secret_refusal(route, self.city.alert_secrets)
+        if refusal is not None:
+            raise alerts.AlertDeliveryError("SecretNotAllowed", refusal)
         check = alerts.check_route(route, self.city.alert_policy, self.api_servers)
         if check.refusal is not None:
             raise alerts.AlertDeliveryError("RouteRefused", check.refusal)
