@@ -70,7 +70,11 @@ def logging_throughput(url: str) -> dict[str, float]:
 
 
 def main() -> None:
-    from citynerve.models.registry import register_logged_artifact, set_model_alias  # noqa: PLC0415
+    from citynerve.models.registry import (  # noqa: PLC0415
+        TRAINER_IDENTITY,
+        register_logged_artifact,
+        set_model_alias,
+    )
     from citynerve.models.training import MODEL_ARTIFACT_PATH, train_water_detector  # noqa: PLC0415
     from citynerve.operators.city.config import CityOptions  # noqa: PLC0415
     from citynerve.operators.city.handlers import build_registry as city_registry  # noqa: PLC0415
@@ -87,6 +91,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cn-bench-promotion-") as tmp:
         mlflow = LocalMlflow(Path(tmp) / "mlflow")
         mlflow.start()
+        mlflow.use_identity(TRAINER_IDENTITY)  # the server refuses requests without credentials
         local = LocalFederation(Path(tmp) / "fed", cities=CITIES)
         fed: EmbeddedFederation | None = None
         operators: list[InProcessOperator] = []

@@ -168,15 +168,27 @@ def wait_for() -> Any:
 # -- city operator: MLflow and Ray, once per session ----------------------------------------
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real ``mlflow server`` (SQLite store, served artifacts) for the session; ``.url``, ``.root``."""
+    """A real ``mlflow server`` (SQLite store, served artifacts, MLflow's basic-auth app) for the
+    session; ``.url``, ``.root``, ``.identity(name)``. The test process acts as the trainer (the
+    embedded operators in it too); a city's read identity is ``server.identity(CITY_IDENTITY)``."""
+    import os  # noqa: PLC0415
+
+    from citynerve.models.registry import TRAINER_IDENTITY  # noqa: PLC0415
     from citynerve.operators.localfed.mlflow_server import LocalMlflow  # noqa: PLC0415
 
     server = LocalMlflow(tmp_path_factory.mktemp("mlflow"))
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     server.start()
+    server.use_identity(TRAINER_IDENTITY)
     try:
         yield server
     finally:
         server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

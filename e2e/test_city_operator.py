@@ -709,7 +709,9 @@ def test_bad_references_are_reported_not_retried_in_a_loop(
     artifact = tmp_path / "tampered"
     artifact.mkdir()
     (artifact / "weights.json").write_text('{"threshold": 12}')
-    register_model_version(mlflow_server.url, "tampered-detector", artifact, {"f1": 0.5}, alias="champion")
+    registered = register_model_version(
+        mlflow_server.url, "tampered-detector", artifact, {"f1": 0.5}, alias="champion"
+    )
     stored = next(
         p
         for p in (mlflow_server.root / "artifacts").rglob("weights.json")
@@ -731,7 +733,12 @@ def test_bad_references_are_reported_not_retried_in_a_loop(
         {
             "kind": "AnalyticsModel",
             "metadata": {"name": "tampered"},
-            "spec": {"registeredModel": "tampered-detector", "alias": "champion"},
+            # The digest comes from the manifest (a promotion's pin carries the hub's), never the registry.
+            "spec": {
+                "registeredModel": "tampered-detector",
+                "alias": "champion",
+                "expectedDigest": registered.artifact_digest,
+            },
         },
         {
             "kind": "Scenario",

@@ -8,13 +8,23 @@ the city. A water-burst detector is trained once; its versions are:
 * v1 — the trained detector, ``champion`` before the tests;
 * v2 — the same artifact registered again (same run, same metrics): the version promoted;
 * v3 — a copy registered with its digest and then changed in the server's artifact store.
+
+The MLflow server runs its basic-auth app; this process acts as the trainer (``mlflow_server``),
+and a city's read identity is exercised by a process of its own. Trusted models
+(docs/models-trust.md): the digest a city checks is the one the hub recorded at the gate.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +32,13 @@ from typing import Any
 
 import pytest
 from citynerve.models.registry import (
+    CITY_IDENTITY,
+    DIGEST_TAG,
     alias_version,
+    artifact_digest,
     register_logged_artifact,
     register_model_version,
+    registry_client,
     set_model_alias,
 )
 from citynerve.models.training import MODEL_ARTIFACT_PATH, download_verified, train_water_detector
@@ -52,6 +66,7 @@ class Setup:
     url: str
     versions: dict[str, str]  # v1, v2, v3 → registry version
     digests: dict[str, str]
+    server: Any  # the LocalMlflow
 
 
 def _ensure_namespace(api: client.ApiClient, name: str) -> None:
@@ -107,7 +122,7 @@ def setup(
         while not all(city_condition(fed.hub, c, "Ready") == "True" for c in CITIES):
             assert time.monotonic() < deadline, "cities not Ready on the hub within 60 s"
             time.sleep(0.5)
-        yield Setup(federation, fed, url, versions, digests)
+        yield Setup(federation, fed, url, versions, digests, mlflow_server)
     finally:
         _clean_up(federation, fed)
         for operator in operators:
@@ -326,47 +341,177 @@ def test_a_version_failing_its_gate_is_refused_with_metric_and_threshold(setup: 
     assert "detectionRate >= 0.99" in warnings[0][2]
 
 
-@pytest.mark.timeout(300)
-def test_a_tampered_artifact_is_refused_by_the_canary_and_rolled_back(setup: Setup, wait_for: Any) -> None:
+@pytest.mark.timeout(120)
+def test_a_tampered_artifact_is_refused_at_the_gate_and_no_city_receives_it(setup: Setup) -> None:
     v2, v3 = setup.versions["v2"], setup.versions["v3"]
-    wait_for(lambda: all(running_version(setup, c) == v2 for c in CITIES), 30, what="both cities on v2")
-    seen_in_chengdu: set[str | None] = set()
-    code = None
-
-    import threading  # noqa: PLC0415
-
-    def run() -> None:
-        nonlocal code
-        code = promote(setup, "tampered-v3", v3, "--cities", "", "--canary", "shanghai", "--soak", "2")
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    in_use_in_shanghai: set[str | None] = set()
-    while worker.is_alive():  # Chengdu's pin, and what Shanghai runs, all the while the promotion runs
-        seen_in_chengdu.add(pinned_in_work(setup, "chengdu"))
-        in_use_in_shanghai.add((city_model(setup, "shanghai").get("status") or {}).get("resolvedVersion"))
-        time.sleep(0.2)
-    worker.join()
+    code = promote(setup, "tampered-v3", v3, "--cities", "", "--canary", "shanghai", "--soak", "2")
     obj = promotion(setup, "tampered-v3")
     assert code == 3, obj.get("status")
-    assert seen_in_chengdu == {v2}  # the other city never receives it
-    assert in_use_in_shanghai == {v2}  # the canary refused v3 and kept running the verified v2
-    canary = condition(obj, "CanaryPassed")
-    assert canary["status"] == "False"
-    assert canary["reason"] == "ArtifactDigestMismatch"
-    assert condition(obj, "RolledBack")["status"] == "True"
-    assert {o["city"]: o["reason"] for o in obj["status"]["cities"]} == {
-        "chengdu": "Cancelled",
-        "shanghai": "RolledBack",
-    }
-    actions = [(a["action"], a.get("city")) for a in obj["status"]["audit"]]
-    assert ("GateFailed", "shanghai") in actions
-    assert ("RolledBack", "shanghai") in actions
-    # Shanghai is pinned back to the previous champion and runs it again, verified
-    wait_for(lambda: running_version(setup, "shanghai") == v2, 30, what="Shanghai back on v2")
-    assert running_version(setup, "chengdu") == v2
+    gates = condition(obj, "GatesPassed")
+    assert (gates["status"], gates["reason"]) == ("False", "ArtifactDigestMismatch")
+    assert "not the digest recorded at registration" in gates["message"]
+    assert condition(obj, "Complete")["reason"] == "Refused"
+    assert not obj["status"].get("cities")
+    assert not obj["status"].get("artifactDigest")
+    for city in CITIES:  # nobody was pinned to v3; both keep running the verified v2
+        assert pinned_in_work(setup, city) == v2
+        assert running_version(setup, city) == v2
     assert alias_version(setup.url, MODEL, "champion") == v2
-    assert any(r == "RolledBack" for _, r, _ in events(setup, "tampered-v3"))
+
+
+def _refusing(s: Setup, city: str) -> dict[str, Any] | None:
+    """The city's AnalyticsModel once it refuses the artifact as changed."""
+    model = city_model(s, city)
+    return model if condition(model, "Degraded").get("reason") == "ArtifactDigestMismatch" else None
+
+
+def _source_of(s: Setup, version: str) -> Path:
+    """The file of ``version``'s artifact in the server's store (what a registry writer can replace)."""
+    source = registry_client(s.url).get_model_version(MODEL, version).source
+    run_id = source.split("/")[2]
+    return next((s.server.root / "artifacts").rglob(f"{run_id}/artifacts/model/MLmodel"))
+
+
+@pytest.mark.timeout(180)
+def test_a_writer_swapping_artifact_and_tag_together_is_refused_by_the_city(
+    setup: Setup, wait_for: Any, tmp_path: Path
+) -> None:
+    v2 = setup.versions["v2"]
+    wait_for(lambda: all(running_version(setup, c) == v2 for c in CITIES), 60, what="both cities on v2")
+    stored = _source_of(setup, v2)
+    original = stored.read_text()
+    # A registry writer replaces v2's artifact and records the new digest in the registry's tag.
+    stored.write_text(original + "\n# swapped by a registry writer\n")
+    swapped = artifact_digest(stored.parent)
+    assert swapped != setup.digests["v2"]
+    registry_client(setup.url).set_model_version_tag(MODEL, v2, DIGEST_TAG, swapped)
+    try:
+        for city in CITIES:
+            degraded = wait_for(lambda c=city: _refusing(setup, c), 60, what=f"{city} refusing the swap")
+            ready = condition(degraded, "Ready")
+            assert (ready["status"], ready["reason"]) == ("True", "LastResolutionInUse")
+            why = condition(degraded, "Degraded")["message"]
+            assert f"not spec.expectedDigest ({setup.digests['v2']})" in why
+            assert degraded["status"]["artifactDigest"] == setup.digests["v2"]  # the verified one runs on
+            assert condition(degraded, "Verified")["status"] == "True"
+        # ...and the hub, which recorded v2's digest, refuses to promote the swapped artifact again.
+        code = promote(setup, "swapped-v2", v2, "--cities", "", "--canary", "shanghai", "--soak", "2")
+        gates = condition(promotion(setup, "swapped-v2"), "GatesPassed")
+        assert code == 3
+        assert (gates["status"], gates["reason"]) == ("False", "ArtifactDigestMismatch")
+        assert "ModelPromotion citynerve-system/" in gates["message"]
+    finally:
+        stored.write_text(original)
+        registry_client(setup.url).set_model_version_tag(MODEL, v2, DIGEST_TAG, setup.digests["v2"])
+    wait_for(
+        lambda: all(condition(city_model(setup, c), "Ready").get("reason") == "Resolved" for c in CITIES),
+        60,
+        what="both cities verifying v2 again",
+    )
+
+
+def _mlflow_status(url: str, path: str, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url + path)  # noqa: S310 - http to the local server
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - as above
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.timeout(60)
+def test_the_registry_refuses_requests_without_valid_credentials(setup: Setup) -> None:
+    path = f"/api/2.0/mlflow/registered-models/get?name={MODEL}"
+    assert _mlflow_status(setup.url, path) == 401
+    assert _mlflow_status(setup.url, path, (CITY_IDENTITY, "not-the-password")) == 401
+    city = setup.server.identity(CITY_IDENTITY)
+    assert _mlflow_status(setup.url, path, (city.username, city.password)) == 200
+    assert _mlflow_status(setup.url, "/health") == 200  # probes need no credentials
+
+
+_AS_A_CITY = """
+import json, sys
+from citynerve.models.registry import (
+    ModelResolutionError, registry_client, resolve_model_version, set_model_alias,
+)
+url, model, version, digest = sys.argv[1:]
+out = {}
+out["resolved"] = resolve_model_version(url, model, version=version, expected_digest=digest).verified
+try:
+    set_model_alias(url, model, "champion", version)
+except ModelResolutionError as exc:
+    out["alias"] = exc.reason
+client = registry_client(url)
+source = client.get_model_version(model, version)
+for what, call in (
+    ("register", lambda: client.create_model_version(model, source.source, run_id=source.run_id)),
+    ("tag", lambda: client.set_model_version_tag(model, version, "citynerve.io/artifact-digest", digest)),
+):
+    try:
+        call()
+    except Exception as exc:
+        out[what] = getattr(exc, "error_code", repr(exc))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_city_identity_reads_and_verifies_but_cannot_write(setup: Setup) -> None:
+    v2 = setup.versions["v2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update(setup.server.identity(CITY_IDENTITY).env())
+    proc = subprocess.run(
+        [sys.executable, "-c", _AS_A_CITY, setup.url, MODEL, v2, setup.digests["v2"]],
+        env=env, capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {
+        "resolved": True,  # reads the version and downloads its artifact
+        "alias": "RegistryPermissionDenied",  # 403: may not move an alias
+        "register": "PERMISSION_DENIED",  # 403: may not register a version
+        "tag": "PERMISSION_DENIED",  # 403: may not change the registry's digest tag
+    }
+    assert alias_version(setup.url, MODEL, "champion") == v2
+
+
+@pytest.mark.timeout(150)
+def test_a_version_whose_artifact_is_outside_the_registry_root_is_refused(
+    setup: Setup, wait_for: Any
+) -> None:
+    elsewhere = "s3://another-bucket/water-burst-detector"  # the registry accepts such a source
+    run_id = registry_client(setup.url).get_model_version(MODEL, setup.versions["v2"]).run_id
+    outside = str(registry_client(setup.url).create_model_version(MODEL, elsewhere, run_id=run_id).version)
+    # The hub refuses to promote it, before downloading anything...
+    code = promote(setup, "outside-root", outside, "--cities", "", "--canary", "shanghai", "--soak", "2")
+    gates = condition(promotion(setup, "outside-root"), "GatesPassed")
+    assert code == 3
+    assert (gates["status"], gates["reason"]) == ("False", "ArtifactOutsideRoot")
+    assert elsewhere in gates["message"]
+    assert "mlflow-artifacts:/" in gates["message"]
+    # ...and so does a city told to run it, whatever digest it is told to expect.
+    custom = client.CustomObjectsApi(setup.federation.api_client("shanghai"))
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AnalyticsModel",
+        "metadata": {"name": "outside-root"},
+        "spec": {"registeredModel": MODEL, "version": outside, "expectedDigest": setup.digests["v2"]},
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, CITY_NS, "analyticsmodels", manifest)
+    try:
+        def refused() -> dict[str, Any] | None:
+            model = custom.get_namespaced_custom_object(
+                GROUP, VERSION, CITY_NS, "analyticsmodels", "outside-root"
+            )
+            return condition(model, "Ready") or None
+
+        ready = wait_for(refused, 60, what="the AnalyticsModel refusing the artifact")
+        assert (ready["status"], ready["reason"]) == ("False", "ArtifactOutsideRoot")
+        assert elsewhere in ready["message"]
+    finally:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, CITY_NS, "analyticsmodels", "outside-root")
 
 
 def _incident(name: str, now: str) -> dict[str, Any]:

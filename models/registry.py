@@ -1,12 +1,28 @@
 """The MLflow model registry as CityNerve uses it: registration with a recorded artifact digest,
-and resolution that verifies it.
+and resolution that verifies a downloaded artifact against a digest the caller trusts.
 
 A model version's *artifact digest* is sha256 over its files: one line per file, sorted by
 path, ``<sha256 of the file>  <path relative to the artifact root>``, and the digest of those
-lines (the same shape as ``sha256sum`` output, so a person can recompute it). It is recorded
-as the model-version tag ``citynerve.io/artifact-digest`` when the version is registered, and
-recomputed from the downloaded artifact every time the version is resolved: an artifact that
-changed since registration is refused with reason ``ArtifactDigestMismatch``.
+lines (the same shape as ``sha256sum`` output, so a person can recompute it).
+
+Where the expected digest comes from is the caller's decision, never this module's:
+
+- Registration records the digest as the model-version tag ``citynerve.io/artifact-digest``.
+  The tag is the trainer's record of what it logged; anyone who can write to the registry can
+  change it together with the artifact, so nothing trusts it on its own. The hub reads it once,
+  at a promotion's gate, only to refuse an artifact that changed since registration.
+- The hub computes the digest of the artifact itself at the gate and records it in the
+  ModelPromotion's status; the AnalyticsModel it pins in each city carries it as
+  ``spec.expectedDigest``. A city verifies against that and nothing else
+  (``resolve_model_version(..., expected_digest=...)``); see docs/models-trust.md.
+
+A version whose artifact lies outside the registry's artifact root (``ARTIFACT_ROOT``: the
+artifacts the tracking server serves) is refused with reason ``ArtifactOutsideRoot`` before
+anything is downloaded.
+
+Credentials are MLflow's own: ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or
+``~/.mlflow/credentials``) of the process. A refused identity is reported with reason
+``RegistryUnauthenticated`` or ``RegistryPermissionDenied``.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +39,11 @@ from typing import Any
 DIGEST_TAG = "citynerve.io/artifact-digest"
 SCENARIO_KIND_TAG = "citynerve.io/scenario-kind"  # added for promotion: the kind a version detects for
 EXPERIMENT = "citynerve-model-registrations"
+# Every artifact CityNerve registers is logged through the tracking server, which serves it under
+# this scheme (`mlflow server --serve-artifacts`, as the hub chart and the local server run it).
+ARTIFACT_ROOT = "mlflow-artifacts:/"
+# Errors that refuse an artifact as untrusted: a city keeps running the version it last verified.
+REFUSED_ARTIFACT_REASONS = frozenset({"ArtifactDigestMismatch", "ArtifactOutsideRoot"})
 _CHUNK = 1 << 20
 
 
@@ -40,7 +62,10 @@ class ModelResolutionError(Exception):
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A registered model version, resolved and verified."""
+    """A registered model version, resolved, with the digest computed from its downloaded artifact.
+
+    ``verified`` is True when that digest was compared with an expected digest and matched.
+    """
 
     name: str
     version: str
@@ -48,6 +73,8 @@ class ResolvedModel:
     artifact_digest: str
     run_id: str | None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    verified: bool = False
 
 
 def _file_sha256(path: Path) -> str:
@@ -64,6 +91,40 @@ def artifact_digest(root: Path) -> str:
     base = root.parent if root.is_file() else root
     lines = "".join(f"{_file_sha256(p)}  {p.relative_to(base).as_posix()}\n" for p in files)
     return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def artifact_source_problem(source: str | None, root: str = ARTIFACT_ROOT) -> str | None:
+    """Why a model version's artifact ``source`` is not a path under ``root``; None when it is (pure).
+
+    Checked on the percent-decoded URI, so ``%2e%2e`` is a ``..`` too; ``mlflow-artifacts://host/…``
+    (another server) and any other scheme (``file:``, ``s3:``, ``models:``, ``runs:``) are outside.
+    """
+    if not source:
+        return "it has no artifact source"
+    decoded = urllib.parse.unquote(source)
+    prefix = root if root.endswith("/") else root + "/"
+    if not decoded.startswith(prefix) or decoded.startswith(prefix + "/"):
+        return f"its artifact source {source!r} is not under the registry's artifact root {prefix}"
+    segments = decoded[len(prefix):].replace("\\", "/").split("/")
+    if any(s in (".", "..") for s in segments):
+        return f"its artifact source {source!r} contains a relative path segment ('.' or '..')"
+    if not any(segments):
+        return f"its artifact source {source!r} names the artifact root itself"
+    return None
+
+
+def digest_refusal(
+    name: str, version: str, found: str, expected: str | None, trusted: str
+) -> ModelResolutionError | None:
+    """The refusal of version ``version`` of ``name`` whose artifact has digest ``found`` when
+    ``expected`` (named by ``trusted``, e.g. ``spec.expectedDigest``) differs; None otherwise (pure)."""
+    if expected is None or found == expected:
+        return None
+    return ModelResolutionError(
+        "ArtifactDigestMismatch",
+        f"the artifact of version {version} of {name!r} has digest {found}, not {trusted} ({expected}); "
+        "it changed since that digest was recorded and is refused as untrusted",
+    )
 
 
 def _quiet_client_settings() -> None:
@@ -120,20 +181,69 @@ def register_model_version(
     )
 
 
-def _registry_call(what: str, call: Any, *args: Any) -> Any:
+_AUTH_ERRORS = {
+    "UNAUTHENTICATED": (
+        "RegistryUnauthenticated",
+        "did not accept this process's credentials; set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD (from the identity's Secret)",
+    ),
+    "PERMISSION_DENIED": (
+        "RegistryPermissionDenied",
+        "denied it to this process's MLflow identity; use an identity allowed to do it "
+        "(docs/models-trust.md)",
+    ),
+}
+
+
+def _registry_call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     try:
-        return call(*args)
+        return call(*args, **kwargs)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             raise
+        if exc.error_code in _AUTH_ERRORS:
+            reason, why = _AUTH_ERRORS[exc.error_code]
+            message = f"the MLflow registry {why} ({what})"
+            raise ModelResolutionError(reason, message, permanent=False) from exc
         raise ModelResolutionError(
             "RegistryError", f"the MLflow registry refused {what}: {exc}", permanent=False
         ) from exc
     except OSError as exc:
         raise ModelResolutionError(
             "RegistryUnreachable", f"the MLflow registry did not answer {what}: {exc}", permanent=False
+        ) from exc
+
+
+def _download(found: Any, name: str, tracking_uri: str, destination: Path, artifact_root: str) -> Path:
+    """Download version ``found``'s artifact into ``destination`` once its source is under the root."""
+    from mlflow.artifacts import download_artifacts  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    problem = artifact_source_problem(found.source, artifact_root)
+    if problem is not None:
+        raise ModelResolutionError(
+            "ArtifactOutsideRoot",
+            f"version {found.version} of {name!r} is refused: {problem}; register the artifact through "
+            "the tracking server (citynerve models train)",
+        )
+    try:
+        return Path(
+            _registry_call(
+                f"the artifact of version {found.version} of {name!r}",
+                download_artifacts,
+                artifact_uri=found.source,
+                dst_path=str(destination),
+                tracking_uri=tracking_uri,
+            )
+        )
+    except MlflowException as exc:
+        raise ModelResolutionError(
+            "ArtifactUnavailable",
+            f"the artifact of version {found.version} of {name!r} ({found.source}) could not be "
+            f"downloaded: {exc}",
+            permanent=False,
         ) from exc
 
 
@@ -144,12 +254,21 @@ def resolve_model_version(
     alias: str | None = None,
     version: str | None = None,
     expected_digest: str | None = None,
+    trusted: str = "spec.expectedDigest",
+    destination: Path | None = None,
+    artifact_root: str = ARTIFACT_ROOT,
 ) -> ResolvedModel:
-    """Resolve ``name`` at ``alias`` or ``version``, download its artifact and verify its digest.
+    """Resolve ``name`` at ``alias`` or ``version``, download its artifact and compute its digest.
+
+    With ``expected_digest`` (named ``trusted`` in the refusal), an artifact with another digest is
+    refused and the result is ``verified``; without, the digest is only computed — the registry's
+    own tag is never taken as the expected digest. The artifact is kept in ``destination`` when
+    given, otherwise deleted.
 
     Raises ``ModelResolutionError`` with reason ``RegisteredModelNotFound``, ``AliasNotFound``,
-    ``VersionNotFound``, ``ArtifactDigestMissing``, ``ArtifactDigestMismatch`` or (temporary)
-    ``RegistryUnreachable``.
+    ``VersionNotFound``, ``ArtifactOutsideRoot``, ``ArtifactDigestMismatch`` or (temporary)
+    ``RegistryUnreachable``, ``RegistryUnauthenticated``, ``RegistryPermissionDenied``,
+    ``ArtifactUnavailable``.
     """
     import requests  # noqa: PLC0415 - MLflow's transport; its errors mean the registry is unreachable
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
@@ -186,36 +305,14 @@ def resolve_model_version(
                 "VersionNotFound", f"registered model {name!r} has no version {version}; correct spec.version"
             ) from exc
         resolved_version = str(found.version)
-        recorded = (found.tags or {}).get(DIGEST_TAG)
-        if recorded is None and expected_digest is None:
-            raise ModelResolutionError(
-                "ArtifactDigestMissing",
-                f"version {resolved_version} of {name!r} has no {DIGEST_TAG} tag, so its artifact cannot be "
-                "verified; register it with citynerve.models.registry or set spec.expectedDigest",
-            )
-        with tempfile.TemporaryDirectory(prefix="citynerve-model-") as tmp:
-            from mlflow.artifacts import download_artifacts  # noqa: PLC0415
-
-            try:
-                local = download_artifacts(artifact_uri=found.source, dst_path=tmp, tracking_uri=tracking_uri)
-            except MlflowException as exc:
-                raise ModelResolutionError(
-                    "ArtifactUnavailable",
-                    f"the artifact of version {resolved_version} of {name!r} "
-                    f"({found.source}) could not be downloaded: {exc}",
-                    permanent=False,
-                ) from exc
-            digest = artifact_digest(Path(local))
-        for what, wanted in (
-            ("the digest recorded at registration", recorded),
-            ("spec.expectedDigest", expected_digest),
-        ):
-            if wanted is not None and wanted != digest:
-                raise ModelResolutionError(
-                    "ArtifactDigestMismatch",
-                    f"the artifact of version {resolved_version} of {name!r} has digest {digest}, not "
-                    f"{what} ({wanted}); it was changed after registration and is refused as untrusted",
-                )
+        if destination is not None:
+            digest = artifact_digest(_download(found, name, tracking_uri, destination, artifact_root))
+        else:
+            with tempfile.TemporaryDirectory(prefix="citynerve-model-") as tmp:
+                digest = artifact_digest(_download(found, name, tracking_uri, Path(tmp), artifact_root))
+        refusal = digest_refusal(name, resolved_version, digest, expected_digest, trusted)
+        if refusal is not None:
+            raise refusal
         metrics: dict[str, float] = {}
         if found.run_id:
             run = _registry_call(f"run {found.run_id}", client.get_run, found.run_id)
@@ -227,7 +324,14 @@ def resolve_model_version(
             permanent=False,
         ) from exc
     return ResolvedModel(
-        name, resolved_version, f"models:/{name}/{resolved_version}", digest, found.run_id, metrics
+        name,
+        resolved_version,
+        f"models:/{name}/{resolved_version}",
+        digest,
+        found.run_id,
+        metrics,
+        dict(found.tags or {}),
+        verified=expected_digest is not None,
     )
 
 
@@ -355,6 +459,61 @@ def set_model_alias(tracking_uri: str, name: str, alias: str, version: str) -> N
             f"the MLflow registry at {tracking_uri} did not answer: {exc}",
             permanent=False,
         ) from exc
+
+
+# --- identities -----------------------------------------------------------------------------------
+# The registry's identities (docs/models-trust.md). The admin is the hub operator's; trainers create
+# and own their experiments and models; cities only read (the server's default permission is READ).
+HUB_IDENTITY = "citynerve-hub"
+TRAINER_IDENTITY = "citynerve-trainer"
+CITY_IDENTITY = "citynerve-city"
+_USERS_API = "/api/2.0/mlflow/users"
+
+
+def ensure_users(
+    tracking_uri: str, users: Mapping[str, str], admin: tuple[str, str] | None = None
+) -> list[str]:
+    """Create each of ``users`` (name → password) in the auth app of the server at ``tracking_uri``,
+    or set the password of one that exists; returns the names in order. Passwords are never logged.
+
+    Needs an admin identity: ``admin`` (name, password), else the process's MLflow credentials.
+    Raises ``ModelResolutionError`` (temporary) when the server does not answer or refuses.
+    """
+    import requests  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+    from mlflow.utils.credentials import get_default_host_creds  # noqa: PLC0415
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request, verify_rest_response  # noqa: PLC0415
+
+    _quiet_client_settings()
+    creds = (
+        MlflowHostCreds(tracking_uri, username=admin[0], password=admin[1])
+        if admin
+        else get_default_host_creds(tracking_uri)
+    )
+
+    def call(method: str, path: str, **kwargs: Any) -> Any:
+        endpoint = f"{_USERS_API}/{path}"
+        return verify_rest_response(http_request(creds, endpoint, method, **kwargs), endpoint)
+
+    done = []
+    try:
+        for name, password in users.items():
+            body = {"username": name, "password": password}
+            try:
+                _registry_call(f"looking up user {name!r}", call, "GET", "get", params={"username": name})
+            except MlflowException:  # no such user
+                _registry_call(f"creating user {name!r}", call, "POST", "create", json=body)
+            else:
+                what = f"setting the password of {name!r}"
+                _registry_call(what, call, "PATCH", "update-password", json=body)
+            done.append(name)
+    except requests.exceptions.RequestException as exc:
+        raise ModelResolutionError(
+            "RegistryUnreachable",
+            f"the MLflow registry at {tracking_uri} did not answer: {exc}",
+            permanent=False,
+        ) from exc
+    return done
 
 
 def registry_client(tracking_uri: str) -> Any:

@@ -41,6 +41,7 @@ from citynerve.models.registry import (
     read_model_version,
     register_logged_artifact,
     registry_client,
+    resolve_model_version,
 )
 from citynerve.workloads.sim.water import WaterScenarioSpec, choose_sensors, model_baseline, simulate_water
 from citynerve.workloads.water import build_detector, window_of
@@ -253,30 +254,28 @@ def train_water_detector(
 
 
 def download_verified(tracking_uri: str, name: str, version: str, destination: Path) -> Path:
-    """Download a version's artifact into ``destination`` and verify its digest; the local path.
+    """Download a version's artifact into ``destination``, checked against its registration record.
 
-    Raises ``ModelResolutionError`` with reason ``ArtifactDigestMismatch`` for a changed artifact.
+    This is the ML engineer's check that a version is what training registered (the
+    ``citynerve.io/artifact-digest`` tag); cities never rely on that tag, they verify against
+    the digest the hub's promotion recorded. Raises ``ModelResolutionError`` with reason
+    ``ArtifactDigestMissing`` or ``ArtifactDigestMismatch``.
     """
-    from mlflow import MlflowClient  # noqa: PLC0415
-    from mlflow.artifacts import download_artifacts  # noqa: PLC0415
-
     record = read_model_version(tracking_uri, name, version=version)
     if record.artifact_digest is None:
         raise ModelResolutionError(
             "ArtifactDigestMissing", f"version {version} of {name!r} has no {DIGEST_TAG} tag"
         )
-    source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version(name, version).source
-    local = Path(
-        download_artifacts(artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri)
+    destination.mkdir(parents=True, exist_ok=True)
+    resolve_model_version(
+        tracking_uri,
+        name,
+        version=version,
+        expected_digest=record.artifact_digest,
+        trusted="the digest recorded at registration",
+        destination=destination,
     )
-    found = artifact_digest(local)
-    if found != record.artifact_digest:
-        raise ModelResolutionError(
-            "ArtifactDigestMismatch",
-            f"the artifact of version {version} of {name!r} has digest {found}, not the digest recorded at "
-            f"registration ({record.artifact_digest}); it is refused as untrusted",
-        )
-    return local
+    return destination / MODEL_ARTIFACT_PATH
 
 
 def evaluate_registered(

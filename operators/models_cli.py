@@ -1,6 +1,8 @@
 """``citynerve models train|evaluate|promote``: the ML engineer's commands.
 
-``train`` and ``evaluate`` talk to MLflow (``--tracking-uri``, default ``$MLFLOW_TRACKING_URI``);
+``train`` and ``evaluate`` talk to MLflow (``--tracking-uri``, default ``$MLFLOW_TRACKING_URI``) as
+the identity in MLflow's own ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (the
+trainer's, docs/models-trust.md);
 ``promote`` creates a ``ModelPromotion`` on the hub, recording who asked for it (the caller's
 Kubernetes identity, from a SelfSubjectReview), and can wait for its outcome. The hub does the
 rest: gates, canary, soak, rollback and the alias move (``operators/hub/promotion.py``).
@@ -175,6 +177,12 @@ def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+_REFUSED_IDENTITY = {
+    "UNAUTHENTICATED": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the trainer's identity)",
+    "PERMISSION_DENIED": "this identity may not do that; training runs as the trainer identity",
+}
+
+
 def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Bad input (a malformed gate, no MLflow server) and timeouts become a message and exit status 1."""
 
@@ -184,6 +192,12 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         except (ValueError, TimeoutError) as exc:
             sys.stderr.write(f"error: {exc}\n")
             return 1
+        except Exception as exc:
+            if getattr(exc, "error_code", None) in _REFUSED_IDENTITY:  # MLflow refused the identity
+                sys.stderr.write(f"error: the MLflow server refused this identity: {exc}; "
+                                 f"{_REFUSED_IDENTITY[getattr(exc, 'error_code', '')]}\n")
+                return 1
+            raise
 
     return run
 

@@ -322,13 +322,64 @@ def test_hub_optional_parts_render_only_when_enabled() -> None:
     assert {"ServiceMonitor", "PersistentVolumeClaim", "Service"} <= {d["kind"] for d in full}
     container = one(full, "Deployment", "citynerve-hub")["spec"]["template"]["spec"]["containers"][0]
     assert f"--mlflow-url=http://citynerve-hub-mlflow.{helm.HUB_NAMESPACE}.svc:5000" in container["args"]
-    assert container["env"] == [{"name": "CITYNERVE_PROMETHEUS_PORT", "value": "9090"}]
+    assert container["env"][0] == {"name": "CITYNERVE_PROMETHEUS_PORT", "value": "9090"}
     assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     external = render("hub", {"mlflow": {"externalUrl": "https://mlflow.example.org"}})
     args = one(external, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--mlflow-url=https://mlflow.example.org" in args
     plain_args = one(render("hub"), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in plain_args if a.startswith("--mlflow-url")]
+
+
+@pytest.mark.timeout(60)
+def test_hub_mlflow_requires_authentication_with_passwords_only_in_a_secret() -> None:
+    docs = render("hub", {"mlflow": {"enabled": True}})
+    secret = one(docs, "Secret", "citynerve-hub-mlflow-auth")
+    assert set(secret["data"]) == {"admin-password", "trainer-password", "city-password", "flask-secret-key"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    server = one(docs, "Deployment", "citynerve-hub-mlflow")["spec"]["template"]["spec"]
+    script = server["containers"][0]["args"][0]
+    assert "--app-name=basic-auth" in script
+    assert "default_permission = READ" in script
+    env = {e["name"]: e for e in server["containers"][0]["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "citynerve-hub-mlflow-auth", "key": "admin-password"}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "flask-secret-key"
+    assert {"name": "auth-config", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}} in server["volumes"]
+    # The hub operator is the admin (MLflow's own variables) and keeps the trainer and city identities.
+    operator = one(docs, "Deployment", "citynerve-hub")["spec"]["template"]["spec"]
+    container = operator["containers"][0]
+    hub_env = {e["name"]: e for e in container["env"]}
+    assert hub_env["MLFLOW_TRACKING_USERNAME"]["value"] == "citynerve-hub"
+    assert hub_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "admin-password"
+    assert "--mlflow-users=/etc/citynerve/mlflow-users" in container["args"]
+    users = next(v for v in operator["volumes"] if v["name"] == "mlflow-users")["secret"]["items"]
+    assert users == [{"key": "trainer-password", "path": "citynerve-trainer"},
+                     {"key": "city-password", "path": "citynerve-city"}]
+    # No password in any value the chart renders in the clear.
+    rendered = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
+    assert not [v for v in secret["data"].values() if v in rendered]
+    # An existing Secret wins; an external server without one gives the operator no identity.
+    existing = render("hub", {"mlflow": {"enabled": True, "auth": {"existingSecret": "from-vault"}}})
+    secrets = {d["metadata"]["name"] for d in existing if d["kind"] == "Secret"}
+    assert "citynerve-hub-mlflow-auth" not in secrets
+    assert "from-vault" in yaml.safe_dump(one(existing, "Deployment", "citynerve-hub-mlflow"))
+    external = render("hub", {"mlflow": {"externalUrl": "https://mlflow.example.org"}})
+    external_env = one(external, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "MLFLOW_TRACKING_PASSWORD" not in {e["name"] for e in external_env}
+
+
+@pytest.mark.timeout(60)
+def test_city_reads_mlflow_with_the_credentials_secret_it_is_given() -> None:
+    docs = render("city", {"operator": {"mlflowUrl": "http://mlflow:5000",
+                                        "mlflowCredentialsSecret": "mlflow-reader"}})
+    env = {e["name"]: e for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-reader",
+                                                                            "key": "username"}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-reader",
+                                                                            "key": "password"}
+    plain = one(render("city"), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "MLFLOW_TRACKING_PASSWORD" not in {e["name"] for e in plain}
 
 
 @pytest.mark.timeout(30)

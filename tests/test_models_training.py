@@ -9,6 +9,7 @@ import pytest
 from citynerve.models.registry import (
     DIGEST_TAG,
     SCENARIO_KIND_TAG,
+    TRAINER_IDENTITY,
     ModelResolutionError,
     alias_version,
     read_model_version,
@@ -35,10 +36,13 @@ def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     root = tmp_path_factory.mktemp("mlflow")
     server = LocalMlflow(root)
     server.start()
-    try:
-        yield server.url, root
-    finally:
-        server.stop()
+    with pytest.MonkeyPatch.context() as env:  # MLflow's own variables: this process trains
+        for key, value in server.identity(TRAINER_IDENTITY).env().items():
+            env.setenv(key, value)
+        try:
+            yield server.url, root
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -100,5 +104,11 @@ def test_evaluation_of_a_registered_version_and_refusal_of_a_tampered_one(
         download_verified(url, MODEL, trained.model.version, tmp_path)
     assert refused.value.reason == "ArtifactDigestMismatch"
     with pytest.raises(ModelResolutionError, match="refused as untrusted"):
-        resolve_model_version(url, MODEL, version=trained.model.version)
+        resolve_model_version(
+            url, MODEL, version=trained.model.version, expected_digest=trained.model.artifact_digest
+        )
+    # Without an expected digest nothing is verified: the registry's own tag is never the reference.
+    unverified = resolve_model_version(url, MODEL, version=trained.model.version)
+    assert not unverified.verified
+    assert unverified.artifact_digest != trained.model.artifact_digest
     assert DIGEST_TAG in read_model_version(url, MODEL, version=trained.model.version).tags

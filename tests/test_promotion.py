@@ -10,8 +10,6 @@ import pytest
 from citynerve.operators.api.hub import ModelPromotionSpec
 from citynerve.operators.federation.placement import desired_work, manifest_hash
 from citynerve.operators.hub.promotion import (
-    DIGEST_ANNOTATION,
-    PREVIOUS_VERSION_ANNOTATION,
     REQUESTED_BY_ANNOTATION,
     Annotate,
     CityView,
@@ -152,8 +150,9 @@ def test_canary_first_then_the_rest_then_the_alias_moves() -> None:
     assert started["actor"] == "alice"
     assert NEW in started["message"]
     assert "detectionRate >= 0.5" in started["message"]
-    assert any(isinstance(a, Annotate) and a.annotations[DIGEST_ANNOTATION] == NEW for a in actions)
-    assert obj["metadata"]["annotations"][PREVIOUS_VERSION_ANNOTATION] == "1"
+    # the digest the hub computed at the gate, and the version to roll back to, are status only it writes
+    assert (status["artifactDigest"], status["previousVersion"], status["previousDigest"]) == (NEW, "1", OLD)
+    assert not any(isinstance(a, Annotate) and "digest" in str(a.annotations) for a in actions)
 
     # the canary has not applied the pin yet (its report still shows the old hash): nothing moves
     _, status = step(obj, T0 + dt.timedelta(seconds=2), {"shanghai": running("shanghai", "1", OLD)})
@@ -347,10 +346,9 @@ def test_pins_become_work_and_the_newest_promotion_wins() -> None:
     newer["spec"]["source"] = {"version": "3"}
     registry = RegistryView(version="3", digest="sha256:" + "c" * 64, metrics=METRICS, previous_version="2")
     _, newer["status"] = promotion_step(newer, Observations(T0, CITIES, {}, registry))
-    newer["metadata"]["annotations"][DIGEST_ANNOTATION] = "sha256:" + "c" * 64
     pins = city_pins("shanghai", [newer, older])
-    assert [(source, m["spec"]["version"]) for source, m in pins] == [
-        ("ModelPromotion/citynerve/promote-v3", "3")
+    assert [(source, m["spec"]["version"], m["spec"]["expectedDigest"]) for source, m in pins] == [
+        ("ModelPromotion/citynerve/promote-v3", "3", "sha256:" + "c" * 64)
     ]
     assert city_pins("chengdu", [newer, older]) == []
 

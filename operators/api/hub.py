@@ -617,6 +617,25 @@ class ModelPromotionStatus(StatusBase):
     resolved_version: str | None = Field(
         default=None, description="Version the source resolved to.", max_length=10
     )
+    artifact_digest: str | None = Field(
+        default=None,
+        description="sha256 digest of the resolved version's artifact, computed by the hub from the artifact "
+        "it downloaded at the gate. Every city is pinned to the version with this digest as "
+        "`spec.expectedDigest` and refuses an artifact that differs, whatever the registry says.",
+        pattern=r"^sha256:[a-f0-9]{64}$",
+    )
+    previous_version: str | None = Field(
+        default=None,
+        description="Version the target alias named when the promotion started; a rolled-back city is "
+        "pinned back to it.",
+        max_length=10,
+    )
+    previous_digest: str | None = Field(
+        default=None,
+        description="sha256 digest the previous version is pinned back with: the one an earlier promotion "
+        "recorded for it, or else the hub's own at the gate.",
+        pattern=r"^sha256:[a-f0-9]{64}$",
+    )
     cities: list[CityPromotionOutcome] = Field(
         default_factory=list,
         max_length=256,

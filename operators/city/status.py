@@ -13,9 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from citynerve.models.registry import ModelResolutionError, ResolvedModel
+from citynerve.models.registry import REFUSED_ARTIFACT_REASONS, ModelResolutionError, ResolvedModel
 from citynerve.operators.api.city import INCIDENT_STATES
-from citynerve.operators.conditions import make_condition, parse_time, rfc3339, with_conditions
+from citynerve.operators.conditions import (
+    find_condition,
+    make_condition,
+    parse_time,
+    rfc3339,
+    with_conditions,
+)
 
 STALE_AFTER_INTERVALS = 3
 
@@ -191,10 +197,15 @@ def compute_model_status(
 ) -> dict[str, Any]:
     """Status of an AnalyticsModel from a resolution (or its error).
 
-    A temporary error (registry unreachable) and a refused artifact (its digest does not
-    match: the new version is not trusted, the verified one keeps running) keep the last
-    verified resolution in use and report Degraded; any other permanent error (no such model,
-    alias or version) withdraws it.
+    ``Verified`` says whether the artifact's digest matched ``spec.expectedDigest`` — the digest
+    from the hub's promotion chain (a pinned model) or the city's own manifest; the registry's tag
+    never counts. A model without one resolves but is not Verified, and live scenarios refuse it.
+
+    A temporary error (registry unreachable, credentials refused) and a refused artifact (its
+    digest does not match, or it lies outside the registry's artifact root: the new version is
+    not trusted, the verified one keeps running) keep the last resolution in use, with its
+    ``Verified``, and report Degraded; any other permanent error (no such model, alias or
+    version) withdraws it.
     """
     spec = model["spec"]
     generation = _generation(model)
@@ -217,14 +228,16 @@ def compute_model_status(
                 "Ready",
                 "True",
                 "Resolved",
-                f"{ref} resolved to version {resolved.version}, artifact digest verified",
+                f"{ref} resolved to version {resolved.version}, artifact digest "
+                + ("verified" if resolved.verified else "computed (not verified)"),
                 generation,
             ),
             make_condition("Degraded", "False", "Resolved", "", generation),
+            verified_condition(resolved, generation),
         ]
     elif (
         error is not None
-        and (not error.permanent or error.reason == "ArtifactDigestMismatch")
+        and (not error.permanent or error.reason in REFUSED_ARTIFACT_REASONS)
         and current.get("resolvedVersion")
     ):
         fields = {k: current.get(k) for k in keys}
@@ -244,8 +257,31 @@ def compute_model_status(
         conditions = [
             make_condition("Ready", "False", error.reason, error.message, generation),
             make_condition("Degraded", "True", error.reason, error.message, generation),
+            make_condition("Verified", "False", error.reason, "no artifact is in use", generation),
         ]
     return with_conditions(model.get("status"), fields, conditions, generation, rfc3339(now))
+
+
+def verified_condition(resolved: ResolvedModel, generation: int | None) -> dict[str, Any]:
+    """``Verified`` of a resolution: True only when its digest matched spec.expectedDigest."""
+    if resolved.verified:
+        return make_condition(
+            "Verified",
+            "True",
+            "DigestMatched",
+            f"the artifact of version {resolved.version} has digest {resolved.artifact_digest}, "
+            "as spec.expectedDigest requires",
+            generation,
+        )
+    return make_condition(
+        "Verified",
+        "False",
+        "NoExpectedDigest",
+        f"spec.expectedDigest is not set, so the artifact of version {resolved.version} (digest "
+        f"{resolved.artifact_digest}) is not verified; live scenarios refuse this model until a "
+        "ModelPromotion pins it or spec.expectedDigest is set",
+        generation,
+    )
 
 
 # --- Scenario ----------------------------------------------------------------------------------
@@ -297,6 +333,18 @@ def missing_references(
         if not ready or ready.get("status") != "True":
             why = f": {ready['reason']}: {ready.get('message', '')}" if ready else " (not resolved yet)"
             return ("ModelNotReady", f"AnalyticsModel {ref['name']} is not Ready{why}")
+        if spec.get("mode", "live") == "live":
+            verified = find_condition(model.get("status"), "Verified")
+            if not verified or verified.get("status") != "True":
+                why = (
+                    f"{verified['reason']}: {verified.get('message', '')}" if verified else "not verified yet"
+                )
+                return (
+                    "ModelNotVerified",
+                    f"a live scenario runs only models whose artifact digest matched one from the hub's "
+                    f"promotion chain or spec.expectedDigest; AnalyticsModel {ref['name']} is not Verified "
+                    f"({why})",
+                )
     return None
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from citynerve.models.registry import TRAINER_IDENTITY
 from citynerve.operators import helm
 from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry as build_city_registry
@@ -180,10 +181,14 @@ class Story:
         )
         self.federation.up()
         self.mlflow.start()
+        # One process, one MLflow identity: the trainer, which owns what it trains (the hub and
+        # the cities run in this process too); the server refuses requests without credentials.
+        self.mlflow.use_identity(TRAINER_IDENTITY)
         self.result.clusters = self.federation.status()
         for row in self.result.clusters:
             print(f"    {row['name']:<9} {row['api']}  {row['version']}  nodes ready {row['nodes_ready']}")
-        print(f"    MLflow tracking server {self.mlflow.url}")
+        print(f"    MLflow tracking server {self.mlflow.url} (basic-auth; identities in "
+              f"{self.mlflow.root / 'identities.json'})")
         done()
 
     def install_charts(self) -> None:

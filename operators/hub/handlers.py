@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -55,7 +56,7 @@ class HubContext:
     """What the handlers share: API clients and how often to check on cities."""
 
     def __init__(self, options: OperatorOptions, check_interval: float = 2.0,
-                 mlflow_url: str | None = None) -> None:
+                 mlflow_url: str | None = None, mlflow_users: Path | None = None) -> None:
         self.api_client = client.ApiClient(options.target.client_configuration())
         self.kube = Kube(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
@@ -65,6 +66,9 @@ class HubContext:
         # Model promotion (models engineer): the registry whose versions, metrics and aliases
         # promotions read and move; MLflow's own variable when not given.
         self.mlflow_url = mlflow_url or os.environ.get("MLFLOW_TRACKING_URI")
+        # The registry identities this operator (MLflow's admin) keeps: a folder of files named
+        # by user, each holding its password (the hub chart mounts them from a Secret).
+        self.mlflow_users = mlflow_users
         # What this operator wrote, by (namespace, name) → work hash (None: deleted). The work
         # index catches up with our own writes a moment later; until it does, this keeps a
         # burst of changes from writing the same ConfigMap twice.
@@ -166,10 +170,10 @@ def _write_work(ctx: HubContext, ns: str, desired: Mapping[str, Mapping[str, Any
 
 
 def build_registry(options: OperatorOptions, check_interval: float = 2.0,
-                   mlflow_url: str | None = None) -> kopf.OperatorRegistry:
+                   mlflow_url: str | None = None, mlflow_users: Path | None = None) -> kopf.OperatorRegistry:
     """Every hub handler, registered into a registry of its own."""
     registry = new_registry(options)
-    ctx = HubContext(options, check_interval, mlflow_url)
+    ctx = HubContext(options, check_interval, mlflow_url, mlflow_users)
 
     # -- indices: the hub's in-memory picture, kept current by watches ---------------------
     @kopf.index(GROUP, VERSION, "cities", id="city_index", registry=registry)

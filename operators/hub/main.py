@@ -21,6 +21,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mlflow-url", default=None,
                         help="MLflow tracking server ModelPromotions read and move aliases on "
                              "(default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--mlflow-users", type=Path, default=None,
+                        help="folder of files named by MLflow user, each holding its password: the "
+                             "registry identities this operator (MLflow's admin) creates and keeps")
     parser.add_argument("--peering", default=None,
                         help="Kopf peering name, so that two replicas never both act")
     args = parser.parse_args(argv)
@@ -28,4 +31,5 @@ def main(argv: list[str]) -> int:
     configure_telemetry("citynerve-hub-operator", cluster=args.context or "in-cluster")
     options = OperatorOptions(name="hub", target=KubeTarget(args.kubeconfig, args.context),
                               peering=args.peering)
-    return run_until_signal(options, lambda o: build_registry(o, args.check_interval, args.mlflow_url))
+    return run_until_signal(
+        options, lambda o: build_registry(o, args.check_interval, args.mlflow_url, args.mlflow_users))

@@ -17,9 +17,16 @@ The rules
    must meet every gate of ``spec.gates`` except ``soakIncidents`` (below). A missing metric
    fails its gate. A version that fails is *refused*: nothing is pinned anywhere; the
    ``GatesPassed`` condition, an audit entry and a Warning Event name the metric, its value
-   and the threshold. The version's artifact digest (its ``citynerve.io/artifact-digest`` tag)
-   and the version the target alias named until now are recorded in annotations of the
-   ModelPromotion at this moment.
+   and the threshold.
+   **The digest.** At the gate the hub downloads the version's artifact and computes its digest
+   itself. It must equal the digest an earlier promotion recorded for that version, or (the first
+   time through the chain) the one recorded at registration (the ``citynerve.io/artifact-digest``
+   tag, read here and nowhere else); otherwise, or when the artifact lies outside the registry's
+   artifact root, the version is refused. The digest is recorded in ``status.artifactDigest``,
+   with the version the target alias named until now and its digest (``status.previousVersion``,
+   ``status.previousDigest``) — status only the hub can write. Every pin carries that digest as
+   the AnalyticsModel's ``spec.expectedDigest``; a city verifies against nothing else
+   (docs/models-trust.md).
 2. **Canary first.** The canary city is pinned to the new version; the others wait. A city is
    *running* the version when its agent reports the pinned AnalyticsModel applied at the
    current hash and ``Ready=True`` with reason ``Resolved`` (the city operator resolved that
@@ -52,11 +59,14 @@ import datetime as dt
 import logging
 import math
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from citynerve.models.registry import DIGEST_TAG, SCENARIO_KIND_TAG, ResolvedModel
 from citynerve.operators.api.hub import (
     AuditEntry,
     CityPromotionOutcome,
@@ -77,12 +87,17 @@ log = logging.getLogger(__name__)
 
 HUB_ACTOR = "citynerve-hub"
 REQUESTED_BY_ANNOTATION = "citynerve.io/requested-by"
-DIGEST_ANNOTATION = "citynerve.io/promoted-digest"
-PREVIOUS_VERSION_ANNOTATION = "citynerve.io/previous-version"
-PREVIOUS_DIGEST_ANNOTATION = "citynerve.io/previous-digest"
 SCENARIO_KIND_ANNOTATION = "citynerve.io/scenario-kind"
 SOAK_INCIDENTS = "soakIncidents"  # the one gate metric observed in the city rather than in MLflow
-TEMPORARY_REASONS = frozenset({"RegistryUnreachable", "RegistryError", "ArtifactUnavailable"})
+TEMPORARY_REASONS = frozenset(
+    {
+        "RegistryUnreachable",
+        "RegistryError",
+        "ArtifactUnavailable",
+        "RegistryUnauthenticated",
+        "RegistryPermissionDenied",
+    }
+)
 
 # Reasons of a city's outcome. Pinned to the new version while Rolling, Soaking and Promoted;
 # pinned back to the previous one when RolledBack; not pinned by this promotion otherwise.
@@ -197,23 +212,45 @@ def _annotations(promotion: Mapping[str, Any]) -> Mapping[str, str]:
 
 
 def promotion_pins(promotion: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """City → the AnalyticsModel manifest this promotion pins there (cities it does not pin are absent)."""
+    """City → the AnalyticsModel manifest this promotion pins there (cities it does not pin are absent).
+
+    Versions and digests come from the promotion's status, which only the hub writes.
+    """
     status = promotion.get("status") or {}
     version = status.get("resolvedVersion")
     if not version:
         return {}
-    notes = _annotations(promotion)
     model = promotion["spec"]["modelName"]
     pins: dict[str, dict[str, Any]] = {}
     for outcome in status.get("cities") or []:
         reason = outcome.get("reason")
         if reason in PINNED_NEW:
-            pins[outcome["city"]] = pin_manifest(model, version, notes.get(DIGEST_ANNOTATION))
-        elif reason == ROLLED_BACK and notes.get(PREVIOUS_VERSION_ANNOTATION):
+            pins[outcome["city"]] = pin_manifest(model, version, status.get("artifactDigest"))
+        elif reason == ROLLED_BACK and status.get("previousVersion"):
             pins[outcome["city"]] = pin_manifest(
-                model, notes[PREVIOUS_VERSION_ANNOTATION], notes.get(PREVIOUS_DIGEST_ANNOTATION)
+                model, status["previousVersion"], status.get("previousDigest")
             )
     return pins
+
+
+def chain_digests(model_name: str, promotions: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Version → (digest, promotion) that earlier promotions of ``model_name`` recorded (pure).
+
+    Only digests a promotion recorded at its gate count (its status); the newest promotion wins.
+    """
+    chain: dict[str, tuple[str, str]] = {}
+    ordered = sorted(
+        promotions,
+        key=lambda p: (str(p["metadata"].get("creationTimestamp", "")), str(p["metadata"].get("name", ""))),
+    )
+    for promotion in ordered:
+        if (promotion.get("spec") or {}).get("modelName") != model_name:
+            continue
+        status = promotion.get("status") or {}
+        name = f"ModelPromotion {promotion['metadata'].get('namespace')}/{promotion['metadata']['name']}"
+        if status.get("resolvedVersion") and status.get("artifactDigest"):
+            chain[str(status["resolvedVersion"])] = (str(status["artifactDigest"]), name)
+    return chain
 
 
 def city_pins(city: str, promotions: Iterable[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -445,16 +482,10 @@ def _start(step: _Step, obs: Observations) -> list[dict[str, Any]]:
             complete=("False", "Refused", f"{what} is refused: {detail}"),
             rolled_back=("False", "NothingPromoted", "no city was changed"),
         )
-    step.actions.append(
-        Annotate(
-            {
-                DIGEST_ANNOTATION: registry.digest,
-                PREVIOUS_VERSION_ANNOTATION: registry.previous_version or "",
-                PREVIOUS_DIGEST_ANNOTATION: registry.previous_digest or "",
-                SCENARIO_KIND_ANNOTATION: registry.scenario_kind or "",
-            }
-        )
-    )
+    step.status.artifact_digest = registry.digest
+    step.status.previous_version = registry.previous_version
+    step.status.previous_digest = registry.previous_digest
+    step.actions.append(Annotate({SCENARIO_KIND_ANNOTATION: registry.scenario_kind or ""}))
     first = [spec.canary_city] if spec.canary_city else selected
     gates_text = ", ".join(gate_text(g) for g in spec.gates) or "no gates"
     step.audit(
@@ -500,7 +531,6 @@ def _started_at(status: ModelPromotionStatus) -> dt.datetime | None:
 
 def _city_failure(
     step: _Step,
-    promotion: Mapping[str, Any],
     outcome: CityPromotionOutcome,
     view: CityView | None,
     soak_limit: PromotionGate | None,
@@ -513,9 +543,7 @@ def _city_failure(
     spec = step.spec
     version = step.status.resolved_version
     assert version is not None
-    expected = manifest_hash(
-        pin_manifest(spec.model_name, version, _annotations(promotion).get(DIGEST_ANNOTATION))
-    )
+    expected = manifest_hash(pin_manifest(spec.model_name, version, step.status.artifact_digest))
     if view is None or view.work_hash != expected:
         return None  # the city has not applied the pin yet
     if view.applied is False:
@@ -605,7 +633,7 @@ def _advance(step: _Step, promotion: Mapping[str, Any], obs: Observations) -> li
     for outcome in list(status.cities):
         if outcome.reason not in (ROLLING, SOAKING):
             continue
-        failure = _city_failure(step, promotion, outcome, obs.views.get(outcome.city), soak_limit, kind)
+        failure = _city_failure(step, outcome, obs.views.get(outcome.city), soak_limit, kind)
         if failure is not None:
             reason, message, incidents = failure
             gates = [g for g in outcome.gates if g.metric != SOAK_INCIDENTS]
@@ -722,12 +750,71 @@ def city_view(model_name: str, city: str, report: Mapping[str, Any]) -> CityView
 # --- the Kopf side: gather, decide (above), act ----------------------------------------------------
 
 
-def read_registry(tracking_uri: str | None, spec: ModelPromotionSpec) -> RegistryView:
-    """What MLflow records about the source version and the target alias; raises only when unreachable."""
+def expected_at_gate(resolved: ResolvedModel, chain: Mapping[str, tuple[str, str]]) -> tuple[str | None, str]:
+    """The digest a version's artifact must have at the gate, and whose record it is (pure).
+
+    An earlier promotion's record wins; a version never promoted has only its registration record.
+    """
+    if resolved.version in chain:
+        digest, promotion = chain[resolved.version]
+        return digest, f"the digest {promotion} recorded"
+    return resolved.tags.get(DIGEST_TAG), "the digest recorded at registration"
+
+
+def gate_refusal(resolved: ResolvedModel, chain: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(reason, message) when the artifact the hub downloaded is not the one recorded; None when it is."""
+    what = f"version {resolved.version} of {resolved.name!r}"
+    expected, whose = expected_at_gate(resolved, chain)
+    if expected is None:
+        return (
+            "ArtifactDigestMissing",
+            f"{what} has no {DIGEST_TAG} tag and no promotion recorded its digest, so nothing says its "
+            "artifact is the one its metrics were recorded for; register it with citynerve models train",
+        )
+    if expected != resolved.artifact_digest:
+        return (
+            "ArtifactDigestMismatch",
+            f"the artifact of {what} has digest {resolved.artifact_digest}, not {whose} ({expected}); it "
+            "changed since and is refused as untrusted",
+        )
+    return None
+
+
+def registry_view(
+    source: ResolvedModel, previous: ResolvedModel | None, chain: Mapping[str, tuple[str, str]]
+) -> RegistryView:
+    """The gate's view from the artifacts the hub downloaded and digested itself (pure).
+
+    A previous version whose artifact fails the same check is not pinned back to (rollback then
+    withdraws the pin: the city keeps what it last applied).
+    """
+    refusal = gate_refusal(source, chain)
+    if refusal is not None:
+        return RegistryView(error_reason=refusal[0], error_message=refusal[1])
+    keep_previous = (
+        previous is not None and previous.version != source.version and gate_refusal(previous, chain) is None
+    )
+    return RegistryView(
+        version=source.version,
+        digest=source.artifact_digest,
+        metrics=dict(source.metrics),
+        scenario_kind=source.tags.get(SCENARIO_KIND_TAG),
+        previous_version=previous.version if previous is not None and keep_previous else None,
+        previous_digest=previous.artifact_digest if previous is not None and keep_previous else None,
+    )
+
+
+def read_registry(
+    tracking_uri: str | None, spec: ModelPromotionSpec, chain: Mapping[str, tuple[str, str]]
+) -> RegistryView:
+    """Download and digest the source version's artifact (and the target alias's), then ``registry_view``.
+
+    Raises ``ModelResolutionError`` only for a temporary failure (unreachable, credentials refused).
+    """
     from citynerve.models.registry import (  # noqa: PLC0415 - MLflow loads only when a promotion starts
-        SCENARIO_KIND_TAG,
         ModelResolutionError,
-        read_model_version,
+        alias_version,
+        resolve_model_version,
     )
 
     if not tracking_uri:
@@ -736,27 +823,24 @@ def read_registry(tracking_uri: str | None, spec: ModelPromotionSpec) -> Registr
             error_message="the hub operator has no MLflow tracking URI (MLFLOW_TRACKING_URI)",
         )
     try:
-        record = read_model_version(
+        source = resolve_model_version(
             tracking_uri, spec.model_name, version=spec.source.version, alias=spec.source.alias
         )
     except ModelResolutionError as exc:
         if not exc.permanent:
             raise
         return RegistryView(error_reason=exc.reason, error_message=exc.message)
-    try:
-        previous = read_model_version(tracking_uri, spec.model_name, alias=spec.target_alias)
-    except ModelResolutionError as exc:
-        if not exc.permanent:
-            raise
-        previous = None
-    return RegistryView(
-        version=record.version,
-        digest=record.artifact_digest,
-        metrics=dict(record.metrics),
-        scenario_kind=record.tags.get(SCENARIO_KIND_TAG),
-        previous_version=previous.version if previous and previous.version != record.version else None,
-        previous_digest=previous.artifact_digest if previous and previous.version != record.version else None,
-    )
+    previous = None
+    previous_version = alias_version(tracking_uri, spec.model_name, spec.target_alias)
+    if previous_version is not None and previous_version != source.version:
+        try:
+            previous = resolve_model_version(tracking_uri, spec.model_name, version=previous_version)
+        except ModelResolutionError as exc:
+            if not exc.permanent:
+                raise
+            log.warning("the previous version %s of %s is not pinned back to: %s",
+                        previous_version, spec.model_name, exc.message)
+    return registry_view(source, previous, chain)
 
 
 def _post_event(ctx: HubContext, body: Mapping[str, Any], event: PostEvent, now: dt.datetime) -> None:
@@ -789,8 +873,39 @@ def _post_event(ctx: HubContext, body: Mapping[str, Any], event: PostEvent, now:
         )
 
 
+def read_identities(folder: Path) -> dict[str, str]:
+    """User → password from a folder of files named by user (a mounted Secret; dotfiles skipped)."""
+    return {
+        path.name: path.read_text().strip()
+        for path in sorted(folder.iterdir())
+        if path.is_file() and not path.name.startswith(".")
+    }
+
+
+def keep_registry_identities(tracking_uri: str, folder: Path, stop: threading.Event) -> None:
+    """Create the registry's identities from ``folder`` (or set their passwords) once MLflow answers.
+
+    Runs on a thread of its own: MLflow being down delays this, never the rest of the hub. Tries
+    again after 1, 2, 4 … 60 s; names users in the log, never passwords.
+    """
+    from citynerve.models.registry import ModelResolutionError, ensure_users  # noqa: PLC0415
+
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            users = ensure_users(tracking_uri, read_identities(folder))
+        except (ModelResolutionError, OSError) as exc:
+            log.warning("MLflow identities not set yet (again in %.0f s): %s", delay, exc)
+            stop.wait(delay)
+            delay = min(delay * 2, 60.0)
+            continue
+        log.info("MLflow identities set: %s", ", ".join(users) or "none")
+        return
+
+
 def register_promotion_handlers(registry: kopf.OperatorRegistry, ctx: HubContext) -> None:
-    """The ModelPromotion timer: observations in, ``promotion_step`` decides, actions and status out.
+    """The ModelPromotion timer: observations in, ``promotion_step`` decides, actions and status out;
+    and, with ``ctx.mlflow_users``, the registry identities kept from the start.
 
     Needs the hub's ``city_index`` and ``report_index`` (``hub.handlers.build_registry``).
     """
@@ -798,6 +913,22 @@ def register_promotion_handlers(registry: kopf.OperatorRegistry, ctx: HubContext
     from citynerve.models.registry import ModelResolutionError, set_model_alias  # noqa: PLC0415
     from citynerve.operators.federation.placement import city_namespace  # noqa: PLC0415
     from citynerve.operators.hub.status import read_report, status_changes  # noqa: PLC0415
+
+    stop_identities = threading.Event()
+
+    @kopf.on.startup(registry=registry)
+    def registry_identities(**_: Any) -> None:
+        if ctx.mlflow_users is not None and ctx.mlflow_url:
+            threading.Thread(
+                target=keep_registry_identities,
+                args=(ctx.mlflow_url, ctx.mlflow_users, stop_identities),
+                name="mlflow-identities",
+                daemon=True,
+            ).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def registry_identities_stop(**_: Any) -> None:
+        stop_identities.set()
 
     @kopf.timer("citynerve.io", "v1alpha1", "modelpromotions", interval=ctx.check_interval, registry=registry)
     def modelpromotion_check(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
@@ -815,11 +946,13 @@ def register_promotion_handlers(registry: kopf.OperatorRegistry, ctx: HubContext
         try:
             # A promotion its cities already refuse is refused without asking MLflow.
             reads_registry = needs_registry(status) and selection_refusal(spec, cities) is None
-            registry_view = read_registry(ctx.mlflow_url, spec) if reads_registry else None
+            promotions = [p for _, store in kwargs["promotion_index"].items() for p in store]
+            chain = chain_digests(spec.model_name, promotions)
+            gate_view = read_registry(ctx.mlflow_url, spec, chain) if reads_registry else None
         except ModelResolutionError as exc:
             raise kopf.TemporaryError(exc.message, delay=ctx.check_interval * 2) from exc
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        actions, desired = promotion_step(promotion, Observations(now, cities, views, registry_view))
+        actions, desired = promotion_step(promotion, Observations(now, cities, views, gate_view))
         for action in actions:
             if isinstance(action, MoveAlias):
                 try:

@@ -66,6 +66,16 @@ app.kubernetes.io/component: mlflow
 {{- end }}
 {{- end }}
 
+{{/* The Secret holding the MLflow identities' passwords: the given one, or the chart's with its
+server; empty when there is none (an external server without mlflow.auth.existingSecret). */}}
+{{- define "citynerve-hub.mlflowAuthSecret" -}}
+{{- if .Values.mlflow.auth.existingSecret }}
+{{- .Values.mlflow.auth.existingSecret }}
+{{- else if .Values.mlflow.enabled }}
+{{- printf "%s-mlflow-auth" (include "citynerve-hub.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{/* The restricted Pod Security Standard, for every pod and container of the chart. */}}
 {{- define "citynerve-hub.podSecurityContext" -}}
 runAsNonRoot: true
