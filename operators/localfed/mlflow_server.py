@@ -165,16 +165,21 @@ class LocalMlflow:
         while time.monotonic() < deadline:
             if self.healthy() and self._answers(deadline - time.monotonic()):
                 passwords = self._passwords()
-                ensure_users(
-                    self.url,
-                    {name: passwords[name] for name in (TRAINER_IDENTITY, CITY_IDENTITY)},
-                    admin=(HUB_IDENTITY, passwords[HUB_IDENTITY]),
-                )
+                try:
+                    ensure_users(
+                        self.url,
+                        {name: passwords[name] for name in (TRAINER_IDENTITY, CITY_IDENTITY)},
+                        admin=(HUB_IDENTITY, passwords[HUB_IDENTITY]),
+                    )
+                except BaseException:
+                    self.stop()
+                    raise
                 return
             if not self.is_running():
                 msg = f"the MLflow server exited during start-up:\n{process.tail(self.log_file)}"
                 raise ClusterError(msg)
             time.sleep(0.25)
+        self.stop()  # a server that never answered is not left behind
         msg = f"the MLflow server did not answer within {timeout:.0f} s; see {self.log_file}"
         raise ClusterError(msg)
 
