@@ -53,10 +53,12 @@ layering: $(STAMP)
 crds: $(STAMP)
 	$(BIN)/python -m citynerve.operators.api.crdgen
 	$(BIN)/python -m citynerve.operators.api.catalogue
+	$(BIN)/python -m citynerve.operators.federation.onboarding
 
 check-crds: $(STAMP)
 	$(BIN)/python -m citynerve.operators.api.crdgen --check
 	$(BIN)/python -m citynerve.operators.api.catalogue --check
+	$(BIN)/python -m citynerve.operators.federation.onboarding --check
 
 unit: setup
 	$(BIN)/pytest tests $(PYTEST_ARGS)

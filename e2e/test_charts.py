@@ -23,7 +23,7 @@ from citynerve.operators.city import rbac as city_rbac
 from citynerve.operators.city.rbac import IDENTITY_SECRET
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.agent import CityAgent
-from citynerve.operators.federation.embedded import approve_city
+from citynerve.operators.federation.embedded import approve_city, invite_city
 from citynerve.operators.federation.placement import city_namespace, is_offboarded, work_name
 from citynerve.operators.hub import rbac as hub_rbac
 from citynerve.operators.hub.handlers import build_registry as build_hub_registry
@@ -77,6 +77,15 @@ def _forget_cities(federation: Any) -> None:
         _delete_quietly(core.delete_namespace, f"city-{city.name}")
         _delete_quietly(rbac.delete_cluster_role, onboarding.city_user(city.name))
         _delete_quietly(rbac.delete_cluster_role_binding, onboarding.city_user(city.name))
+        _delete_quietly(rbac.delete_cluster_role_binding, f"{onboarding.city_user(city.name)}:renewal")
+        for manifest in onboarding.bootstrap_rbac(city.name)[1:]:  # not the system namespace
+            kind, name = manifest["kind"], manifest["metadata"]["name"]
+            if kind == "ServiceAccount":
+                _delete_quietly(core.delete_namespaced_service_account, name, onboarding.SYSTEM_NAMESPACE)
+            elif kind == "ClusterRole":
+                _delete_quietly(rbac.delete_cluster_role, name)
+            else:
+                _delete_quietly(rbac.delete_cluster_role_binding, name)
         selector = f"{onboarding.CSR_CITY_LABEL}={city.name}"
         for csr in certificates.list_certificate_signing_request(label_selector=selector).items:
             _delete_quietly(certificates.delete_certificate_signing_request, csr.metadata.name)
@@ -123,9 +132,8 @@ def test_charts_install_and_their_deployments_become_available(installed: Instal
     for city in CITIES:
         wait_for(lambda c=city: _available(fed.api_client(c.cluster), installed.namespace, "citynerve-city"),
                  60, what=f"the city operator Deployment Available in {city.cluster}")
-    token = client.CoreV1Api(fed.api_client("hub")).read_namespaced_secret(
-        helm.BOOTSTRAP_TOKEN_SECRET, helm.HUB_NAMESPACE)
-    assert token.data["token"], "the token controller filled the bootstrap token"
+    policies = client.AdmissionregistrationV1Api(fed.api_client("hub")).list_validating_admission_policy()
+    assert {p.metadata.name for p in policies.items} >= {onboarding.CITY_POLICY, onboarding.CSR_POLICY}
 
 
 # -- RBAC as the charts' ServiceAccounts ---------------------------------------------------------
@@ -163,12 +171,18 @@ def test_chart_service_accounts_hold_exactly_the_operators_rules(installed: Inst
     assert not _allowed(hub, "delete", "", "namespaces")
     assert not _allowed(hub, "escalate", "rbac.authorization.k8s.io", "clusterroles")
 
+    assert not _allowed(hub, "patch", "", "configmaps", "default"), "writes only in city-<name>"
+    assert not _allowed(hub, "create", "certificates.k8s.io", "certificatesigningrequests")
+
+    invite_city(installed.target("hub"), "probe")
     bootstrap = client.ApiClient(service_account_target(
-        installed.target("hub"), onboarding.SYSTEM_NAMESPACE, onboarding.BOOTSTRAP_SERVICE_ACCOUNT,
+        installed.target("hub"), onboarding.SYSTEM_NAMESPACE, onboarding.bootstrap_account("probe"),
         folder).client_configuration())
-    bootstrap_role = next(m for m in onboarding.bootstrap_rbac() if m["kind"] == "ClusterRole")
-    _assert_granted(bootstrap, bootstrap_role["rules"], None, "the bootstrap identity")
+    bootstrap_role = next(m for m in onboarding.bootstrap_rbac("probe") if m["kind"] == "ClusterRole")
+    _assert_granted(bootstrap, bootstrap_role["rules"], None, "a city's bootstrap identity")
     assert not _allowed(bootstrap, "list", GROUP, "cities")
+    assert not _allowed(bootstrap, "get", GROUP, "cities", name="shanghai")
+    assert not _allowed(bootstrap, "list", "certificates.k8s.io", "certificatesigningrequests")
     assert not _allowed(bootstrap, "update", GROUP, "cities/status")
 
     for city in CITIES:
@@ -254,9 +268,10 @@ def test_cities_join_with_the_charts_configuration_and_become_ready(joined: Join
     as_hub_sa = service_account_target(hub_admin, helm.HUB_NAMESPACE, "citynerve-hub",
                                        installed.scratch / "hub-check")
     sa_api = client.ApiClient(as_hub_sa.client_configuration())
-    # Kopf's annotations and the chart's labels on Cities; RBAC's escalation check on city Leases.
+    # Kopf's annotations on Cities (the admission policy keeps their spec and labels the
+    # administrator's); Leases and ConfigMaps only inside the cities' namespaces.
     assert _allowed(sa_api, "patch", GROUP, "cities")
-    assert _allowed(sa_api, "patch", "coordination.k8s.io", "leases")
+    assert not _allowed(sa_api, "patch", "coordination.k8s.io", "leases", "default")
     custom = client.CustomObjectsApi(installed.federation.api_client("hub"))
     for city in CITIES:
         assert joined.agents[city.name].config.city == city.name
@@ -266,6 +281,7 @@ def test_cities_join_with_the_charts_configuration_and_become_ready(joined: Join
         approve_city(hub_admin, city.name)
     for city in CITIES:
         helm.wait_until_city_ready(hub_admin, city.name, timeout=60)
+        assert _allowed(sa_api, "patch", "coordination.k8s.io", "leases", city_namespace(city.name))
     core = client.CoreV1Api(installed.federation.api_client(CITIES[0].cluster))
     key = core.read_namespaced_secret(IDENTITY_SECRET, installed.namespace)
     assert [o.kind for o in key.metadata.owner_references] == ["ServiceAccount"], "goes with the release"
@@ -284,7 +300,8 @@ def _federated_scenario(tier: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(180)
-def test_upgrading_a_city_label_moves_a_federated_scenario(joined: Joined, wait_for: Any) -> None:
+def test_a_label_the_chart_proposes_moves_a_federated_scenario_once_accepted(joined: Joined,
+                                                                             wait_for: Any) -> None:
     installed = joined.installed
     fed = installed.federation
     hub = client.CustomObjectsApi(fed.api_client("hub"))
@@ -318,8 +335,20 @@ def test_upgrading_a_city_label_moves_a_federated_scenario(joined: Joined, wait_
     assert checksum() != before, "a changed label rolls the operator pod, and with it the agent"
     joined.restart_agent(city)
 
-    wait_for(lambda: (_city(hub, city.name) or {}).get("metadata", {}).get("labels", {}).get("tier")
-             == "production", 30, what=f"City {city.name} labelled tier=production on the hub")
+    # The chart only proposes: labels place work, so the City keeps its own until the administrator
+    # accepts them.
+    def proposal() -> dict[str, Any]:
+        conditions = ((_city(hub, city.name) or {}).get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "LabelsAccepted"), {})
+
+    wait_for(lambda: proposal().get("reason") == "LabelsProposed", 30,
+             what=f"City {city.name} shows the labels its chart proposes")
+    assert "tier=production" in proposal()["message"]
+    assert (_city(hub, city.name) or {})["metadata"]["labels"]["tier"] == "pilot"
+    assert status()["selectedCities"] == 0
+    hub.patch_cluster_custom_object(GROUP, VERSION, "cities", city.name,
+                                    {"metadata": {"labels": {"tier": "production"}}})
+    wait_for(lambda: proposal().get("status") == "True", 30, what="the proposal accepted")
     wait_for(lambda: status().get("selectedCities") == 1 and status()["cities"][0]["city"] == city.name
              and status()["cities"][0]["propagated"] == "True", 60,
              what=f"the FederatedScenario placed on and applied in {city.name}")
@@ -475,6 +504,8 @@ HUB_NOT_USED_HERE = {
     "create core/events", "patch core/events", "create events.k8s.io/events", "patch events.k8s.io/events",
     "patch core/namespaces", *(f"patch rbac.authorization.k8s.io/{kind}"
                                for kind in ("roles", "rolebindings", "clusterroles", "clusterrolebindings")),
+    # An authorization check when it binds the two installed roles, never a request of its own.
+    "bind rbac.authorization.k8s.io/clusterroles",
 }
 
 

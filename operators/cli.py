@@ -145,7 +145,8 @@ def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         cmd.add_argument("--namespace", default="citynerve", help="release namespace (default: %(default)s)")
         if name == "onboard":
             cmd.add_argument("--hub-context", required=True,
-                             help="context of the hub cluster (read for its URL, CA and bootstrap token)")
+                             help="hub administrator's context of the hub cluster: invites the city (a "
+                                  "bootstrap token good for this city only) and reads the hub's URL and CA")
             cmd.add_argument("--values", type=Path, default=None,
                              help="a values file; wins over what is derived from the name and the hub")
             cmd.add_argument("--wait-ready", action="store_true",

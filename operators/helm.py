@@ -3,8 +3,8 @@
 ``citynerve hub install`` and ``citynerve city onboard`` are thin over this module:
 
 - ``install_hub``: the hub chart into ``citynerve-system`` of the hub cluster;
-- ``hub_connection``: what a city needs from the hub (API URL, CA bundle, the bootstrap
-  token of the hub chart's ``city-bootstrap-token`` Secret);
+- ``hub_connection``: what a city needs from the hub (API URL, CA bundle, and a bootstrap
+  token good for that one city, issued by inviting it);
 - ``onboard_city``: the city chart into a city cluster, its values filled from the hub;
 - ``agent_config_from_release``: the agent configuration the city chart rendered
   (ConfigMap ``citynerve-city-config``, key ``agent.json``), for an agent run in-process;
@@ -29,7 +29,7 @@ import semver
 import yaml
 from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.agent import AgentConfig, agent_config
-from citynerve.operators.federation.embedded import city_condition, join_request
+from citynerve.operators.federation.embedded import city_condition, invite_city, join_request
 from citynerve.operators.federation.placement import is_offboarded
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.runtime import KubeTarget, scratch_dir
@@ -42,7 +42,6 @@ HUB_RELEASE = "citynerve-hub"
 HUB_NAMESPACE = onboarding.SYSTEM_NAMESPACE
 CITY_RELEASE = "citynerve-city"
 CITY_NAMESPACE = "citynerve"
-BOOTSTRAP_TOKEN_SECRET = "city-bootstrap-token"  # noqa: S105 - a Secret's name, not a secret
 CITY_CONFIGMAP = "citynerve-city-config"
 AGENT_CONFIG_KEY = "agent.json"
 DEFAULT_TIMEOUT = "5m"
@@ -180,34 +179,15 @@ def uninstall_hub(hub: KubeTarget, *, namespace: str = HUB_NAMESPACE) -> None:
     uninstall(hub, HUB_RELEASE, namespace)
 
 
-def hub_connection(hub: KubeTarget, timeout: float = 30.0) -> HubConnection:
-    """The hub's URL and CA (from the kubeconfig) and the bootstrap token the hub chart issued.
+def hub_connection(hub: KubeTarget, city: str, hours: int = 24) -> HubConnection:
+    """The hub's URL and CA (from the kubeconfig) and a bootstrap token good for ``city`` only.
 
-    The token controller fills the Secret shortly after it is created, hence the wait.
+    Run with the hub administrator's credentials: it invites the city (its own bootstrap identity
+    on the hub) and issues a token that expires after ``hours``.
     """
     cfg = hub.client_configuration()
-    core = client.CoreV1Api(client.ApiClient(cfg))
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            secret = core.read_namespaced_secret(BOOTSTRAP_TOKEN_SECRET, HUB_NAMESPACE)
-        except client.ApiException as exc:
-            if exc.status != 404:
-                raise
-            secret = None
-        data = (secret.data or {}) if secret is not None else {}
-        if data.get("token"):
-            break
-        if time.monotonic() > deadline:
-            msg = (f"Secret {HUB_NAMESPACE}/{BOOTSTRAP_TOKEN_SECRET} on the hub holds no token after "
-                   f"{timeout:.0f} s; is the hub chart installed with bootstrap.enabled?")
-            raise TimeoutError(msg)
-        time.sleep(0.2)
     ca_pem = Path(cfg.ssl_ca_cert).read_text() if cfg.ssl_ca_cert else ""
-    if not ca_pem and data.get("ca.crt"):
-        ca_pem = base64.b64decode(data["ca.crt"]).decode()
-    return HubConnection(url=str(cfg.host), ca_pem=ca_pem,
-                         bootstrap_token=base64.b64decode(data["token"]).decode())
+    return HubConnection(url=str(cfg.host), ca_pem=ca_pem, bootstrap_token=invite_city(hub, city, hours))
 
 
 # -- a city -------------------------------------------------------------------------------
@@ -232,7 +212,7 @@ def city_values(city: str, connection: HubConnection | None) -> dict[str, Any]:
 def onboard_city(city: str, hub: KubeTarget, target: KubeTarget, values: Mapping[str, Any] | None = None,
                  *, namespace: str = CITY_NAMESPACE, wait: bool = True) -> ReleaseInfo:
     """Install or upgrade the city chart, joined to ``hub``; ``values`` override the derived ones."""
-    derived = city_values(city, hub_connection(hub))
+    derived = city_values(city, hub_connection(hub, city))
     return install(target, CITY_CHART, CITY_RELEASE, namespace, merge_values(derived, values or {}),
                    wait=wait)
 

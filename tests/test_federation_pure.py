@@ -19,10 +19,9 @@ from citynerve.operators.federation.placement import (
     work_changes,
 )
 from citynerve.operators.hub.status import (
-    CITY_LABELS_ANNOTATION,
     city_conditions,
-    city_label_changes,
     federated_scenario_status,
+    labels_accepted,
     merge_condition,
 )
 
@@ -117,20 +116,17 @@ def test_an_offboarded_city_is_marked_so_and_takes_no_work() -> None:
     assert placed_cities(spec, [gone]) == []
 
 
-def test_city_labels_follow_the_chart_and_leave_the_administrators_alone() -> None:
+def test_labels_a_chart_proposes_wait_for_the_administrator() -> None:
     shanghai = city("shanghai", "east")
-    shanghai["metadata"]["labels"] |= {"owner": "ops", "tier": "pilot"}
-    # First report: the labels it sets are already there; only the claim is recorded.
-    first = city_label_changes(shanghai, {"labels": {"region": "east", "tier": "pilot"}})
-    assert first == {"annotations": {CITY_LABELS_ANNOTATION: '["region", "tier"]'}}
-    shanghai["metadata"]["annotations"] = first["annotations"]
-    # An upgrade changes one, drops one and adds a reserved one, which is ignored.
-    report = {"labels": {"tier": "production", "citynerve.io/hub": "x"}}
-    assert city_label_changes(shanghai, report) == {
-        "labels": {"tier": "production", "region": None},
-        "annotations": {CITY_LABELS_ANNOTATION: '["tier"]'}}
-    assert city_label_changes(shanghai, {"objects": {}}) == {}  # an agent that reports none
-    assert city_label_changes(shanghai, {**report, "offboardedAt": "2026-11-25T07:59:58Z"}) == {}
+    shanghai["metadata"]["labels"] |= {"tier": "gold"}
+    assert labels_accepted(shanghai, {"objects": {}}) is None  # an agent that proposes none
+    assert labels_accepted(shanghai, {"labels": {"region": "east", "tier": "gold"}})[0] == "True"
+    status, reason, message = labels_accepted(shanghai, {"labels": {"region": "west", "tier": "gold"}})
+    assert (status, reason) == ("False", "LabelsProposed")
+    assert "kubectl label city shanghai region=west --overwrite" in message
+    conditions = city_conditions(shanghai, None, {"labels": {"region": "west"}}, {}, NOW)
+    assert {c["type"]: c["reason"] for c in conditions}["LabelsAccepted"] == "LabelsProposed"
+    assert shanghai["metadata"]["labels"]["region"] == "east"  # nothing is copied onto the City
 
 
 def test_merge_condition_moves_transition_time_only_on_change() -> None:
@@ -157,36 +153,74 @@ def test_federated_scenario_status_reports_each_city() -> None:
     assert propagated["reason"] == "Propagating"
 
 
-def _csr(city_name: str, subject_city: str, username: str) -> dict[str, Any]:
-    key = onboarding.new_private_key_pem()
-    manifest = onboarding.csr_manifest(subject_city, key)
+def _csr(city_name: str, subject_city: str, username: str, key: bytes | None = None,
+         renewal: bool = False) -> dict[str, Any]:
+    manifest = onboarding.csr_manifest(subject_city, key or onboarding.new_private_key_pem(), renewal=renewal)
     manifest["metadata"]["labels"][onboarding.CSR_CITY_LABEL] = city_name
     manifest["spec"]["username"] = username
     return manifest
 
 
-def test_csr_is_approved_only_for_an_approved_city_asking_for_itself() -> None:
-    boot = onboarding.bootstrap_user()
-    ok, why = onboarding.csr_decision(_csr("shanghai", "shanghai", boot), {"shanghai"})
+def _approved(name: str, key: bytes) -> dict[str, dict[str, Any]]:
+    return {name: {"metadata": {"name": name},
+                   "spec": {"approved": True, "agentKeyFingerprint": onboarding.key_fingerprint(key)}}}
+
+
+def test_csr_is_approved_only_for_the_key_the_administrator_approved() -> None:
+    key = onboarding.new_private_key_pem()
+    boot, own = onboarding.bootstrap_user("shanghai"), onboarding.city_user("shanghai")
+    cities = _approved("shanghai", key)
+    ok, why = onboarding.csr_decision(_csr("shanghai", "shanghai", boot, key), cities)
     assert ok, why
-    ok, why = onboarding.csr_decision(_csr("shanghai", "shanghai", boot), set())
+    ok, why = onboarding.csr_decision(_csr("shanghai", "shanghai", own, key, renewal=True), cities)
+    assert ok, why  # a renewal by the city itself, same key
+    # Identity theft: the right name and label, another key.
+    ok, why = onboarding.csr_decision(_csr("shanghai", "shanghai", boot), cities)
     assert not ok
-    assert "not approved" in why
-    ok, why = onboarding.csr_decision(_csr("shanghai", "chengdu", boot), {"shanghai", "chengdu"})
+    assert "spec.agentKeyFingerprint" in why
+    not_yet = {"shanghai": {**cities["shanghai"], "spec": {**cities["shanghai"]["spec"], "approved": False}}}
+    assert "not approved" in onboarding.csr_decision(_csr("shanghai", "shanghai", boot, key), not_yet)[1]
+    other_subject = _csr("shanghai", "chengdu", boot, key)
+    other_subject["metadata"]["name"] = onboarding.join_csr_name("shanghai")
+    ok, why = onboarding.csr_decision(other_subject, cities)
     assert not ok
     assert "CN=citynerve:city:shanghai" in why
-    ok, why = onboarding.csr_decision(_csr("shanghai", "shanghai", "mallory"), {"shanghai"})
-    assert not ok
-    assert "bootstrap" in why
-    bad = _csr("shanghai", "shanghai", boot)
+    # Another city's join credential, a stranger, or the city's renewal name from its bootstrap.
+    for requester in (onboarding.bootstrap_user("chengdu"), "mallory"):
+        assert not onboarding.csr_decision(_csr("shanghai", "shanghai", requester, key), cities)[0]
+    assert not onboarding.csr_decision(_csr("shanghai", "shanghai", boot, key, renewal=True), cities)[0]
+    bad = _csr("shanghai", "shanghai", boot, key)
     bad["spec"]["request"] = base64.b64encode(b"garbage").decode()
-    assert not onboarding.csr_decision(bad, {"shanghai"})[0]
+    assert not onboarding.csr_decision(bad, cities)[0]
+
+
+def test_key_fingerprint_is_the_public_key_s() -> None:
+    key = onboarding.new_private_key_pem()
+    fingerprint = onboarding.key_fingerprint(key)
+    assert fingerprint.startswith("sha256:")
+    assert len(fingerprint) == len("sha256:") + 64
+    assert onboarding.csr_key_fingerprint(onboarding.csr_manifest("x", key)) == fingerprint
+    assert onboarding.csr_key_fingerprint({"spec": {"request": "???"}}) is None
+
+
+def test_bootstrap_identity_is_good_for_one_city() -> None:
+    role = next(m for m in onboarding.bootstrap_rbac("wuhan") if m["kind"] == "ClusterRole")
+    named = {(r["resources"][0], v): r.get("resourceNames") for r in role["rules"] for v in r["verbs"]}
+    assert named[("cities", "get")] == ["wuhan"]
+    assert named[("certificatesigningrequests", "get")] == ["citynerve-join-wuhan"]
+    # create cannot be narrowed by RBAC: the admission policies narrow it, and nothing lists.
+    assert not any("list" in r["verbs"] or "watch" in r["verbs"] for r in role["rules"])
+
+
+def test_trust_file_in_the_hub_chart_is_generated() -> None:
+    assert onboarding.main(["--check"]) == 0
 
 
 def test_city_access_grants_no_create_and_names_its_objects() -> None:
     access = onboarding.city_access("chengdu")
     rules = [r for m in access if m["kind"] in ("Role", "ClusterRole") for r in m["rules"]]
-    assert all("create" not in r["verbs"] and "delete" not in r["verbs"] for r in rules)
+    assert all("create" not in r["verbs"] for r in rules)
+    assert all(r.get("resourceNames") == ["citynerve-renew-chengdu"] for r in rules if "delete" in r["verbs"])
     assert all("secrets" not in r["resources"] for r in rules)
     writes = [r for r in rules if set(r["verbs"]) & {"update", "patch"}]
     assert all(r.get("resourceNames") for r in writes)

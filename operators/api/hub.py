@@ -129,10 +129,18 @@ class CitySpec(CrdModel):
         default_factory=CityConnection, description="How the city's agent connects to the hub."
     )
     data_residency: DataResidency = Field(description="Which data may leave the city.")
+    agent_key_fingerprint: str | None = Field(
+        default=None,
+        description="SHA-256 of the public key (DER SubjectPublicKeyInfo) the city's agent holds, as "
+        "`sha256:<64 hex digits>`; recorded by the join request. The hub signs certificates for this key "
+        "and this city only; changing it (re-keying) is a hub administrator's act, like the approval.",
+        pattern=r"^sha256:[0-9a-f]{64}$",
+    )
     approved: bool = Field(
         default=False,
-        description="Set to true by a hub administrator to accept the city's request to join; until then "
-        "nothing is propagated to it.",
+        description="Set to true by a hub administrator to accept the city's request to join (its name, "
+        "labels and agent key); until then nothing is propagated to it. The API server refuses this "
+        "field, the agent key and the City's labels from anyone but a hub administrator.",
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (

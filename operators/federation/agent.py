@@ -52,6 +52,7 @@ from citynerve.operators.federation.placement import (
 from citynerve.operators.hub.status import LABELS_KEY, OFFBOARDED_KEY, REPORT_KEY
 from citynerve.operators.kube import Kube
 from citynerve.operators.runtime import KubeTarget, scratch_dir, token_kubeconfig
+from cryptography import x509
 from kubernetes import client, watch
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,17 @@ class AgentConfig:
     namespace: str = onboarding.SYSTEM_NAMESPACE
     deployment: str | None = None  # None: not run by a chart (embedded), never "uninstalled"
     service_account: str | None = None
+    # The hub's certificate for the agent: its lifetime, and the share of it after which the
+    # agent asks for the next one (with its own identity, for the same key).
+    certificate_seconds: int = onboarding.CERTIFICATE_SECONDS
+    renew_after: float = 2 / 3
 
 
 def agent_config(rendered: Mapping[str, Any], bootstrap_token: str, city_target: KubeTarget,
                  folder: Path) -> AgentConfig:
     """The agent's configuration from what the city chart renders (``agent.json``) and its token."""
     bootstrap = token_kubeconfig(rendered["hubServer"], rendered["hubCaPem"].encode(), bootstrap_token,
-                                 onboarding.BOOTSTRAP_SERVICE_ACCOUNT, folder)
+                                 onboarding.bootstrap_account(rendered["city"]), folder)
     return AgentConfig(
         city=rendered["city"],
         city_target=city_target,
@@ -192,6 +197,7 @@ class CityAgent:
         self.city = Kube(self.city_api)
         self.city_custom = client.CustomObjectsApi(self.city_api)
         self.hub_api: client.ApiClient | None = None
+        self._identity_pem: tuple[str, str] | None = None  # (certificate, key) the hub client uses
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"agent-{config.city}", daemon=True)
         self._applied: dict[str, str] = {}  # work name → hash applied in the city
@@ -323,45 +329,112 @@ class CityAgent:
     def _join(self) -> client.ApiClient | None:
         """Return a hub client with the city's own certificate, or None while waiting."""
         identity = self._identity()
-        if "tls.crt" not in identity:
+        cert = identity.get("tls.crt")
+        if cert is None or _seconds_left(cert) < 60:
+            # No certificate yet, or it lapsed while the agent was away: ask again for the same key.
             cert = self._request_certificate(identity["tls.key"].encode())
             if cert is None:
                 return None
             self._save_certificate(cert)
-            identity["tls.crt"] = cert
+        self._identity_pem = (cert, identity["tls.key"])
+        log.info("agent %s: joined the hub as %s", self.config.city, onboarding.city_user(self.config.city))
+        return self._hub_client(cert, identity["tls.key"])
+
+    def _hub_client(self, cert_pem: str, key_pem: str) -> client.ApiClient:
         folder = self.config.scratch
         folder.mkdir(parents=True, exist_ok=True)
+        serial = x509.load_pem_x509_certificate(cert_pem.encode()).serial_number
         for name, text in (("hub-ca.crt", self.config.hub_ca_pem.decode()),
-                           ("agent.crt", identity["tls.crt"]), ("agent.key", identity["tls.key"])):
+                           (f"agent-{serial}.crt", cert_pem), (f"agent-{serial}.key", key_pem)):
             (folder / name).write_text(text)
             (folder / name).chmod(0o600)
         cfg = client.Configuration()
         cfg.host = self.config.hub_server
         cfg.ssl_ca_cert = str(folder / "hub-ca.crt")
-        cfg.cert_file = str(folder / "agent.crt")
-        cfg.key_file = str(folder / "agent.key")
-        log.info("agent %s: joined the hub as %s", self.config.city, onboarding.city_user(self.config.city))
+        cfg.cert_file = str(folder / f"agent-{serial}.crt")
+        cfg.key_file = str(folder / f"agent-{serial}.key")
         return client.ApiClient(cfg)
 
+    def _join_request(self, key_pem: bytes) -> dict[str, Any]:
+        request: dict[str, Any] = json.loads(json.dumps(self.config.join_request))
+        request.setdefault("spec", {})["agentKeyFingerprint"] = onboarding.key_fingerprint(key_pem)
+        request["spec"]["approved"] = False
+        return request
+
     def _request_certificate(self, key_pem: bytes) -> str | None:
+        """Ask to join with the bootstrap credential; the certificate once the hub approved it."""
         boot = client.ApiClient(self.config.bootstrap.client_configuration())
         custom = client.CustomObjectsApi(boot)
+        mine = onboarding.key_fingerprint(key_pem)
         try:
-            custom.create_cluster_custom_object(GROUP, VERSION, "cities", self.config.join_request)
+            custom.create_cluster_custom_object(GROUP, VERSION, "cities", self._join_request(key_pem))
+            log.info("agent %s: asked the hub to join with agent key %s; a hub administrator who sees this "
+                     "key on City %s approves it", self.config.city, mine, self.config.city)
         except client.ApiException as exc:
             if exc.status != 409:
                 raise
-        certs = client.CertificatesV1Api(boot)
-        manifest = onboarding.csr_manifest(self.config.city, key_pem)
+            city = custom.get_cluster_custom_object(GROUP, VERSION, "cities", self.config.city)
+            recorded = city.get("spec", {}).get("agentKeyFingerprint")
+            if recorded != mine:
+                log.warning("agent %s: City %s on the hub records agent key %s, and this agent holds %s; "
+                            "it joins only once a hub administrator re-keys the City: kubectl patch city %s "
+                            "--type merge -p '{\"spec\":{\"agentKeyFingerprint\":\"%s\"}}'",
+                            self.config.city, self.config.city, recorded, mine, self.config.city, mine)
+        return self._certificate_from(client.CertificatesV1Api(boot), key_pem, renewal=False)
+
+    def _certificate_from(self, certs: client.CertificatesV1Api, key_pem: bytes, *,
+                          renewal: bool) -> str | None:
+        """The city's one join (or renewal) request: its fresh certificate, or None while pending.
+
+        A request for another key, denied, or whose certificate is already spent is replaced.
+        """
+        manifest = onboarding.csr_manifest(self.config.city, key_pem, renewal=renewal,
+                                           expiration_seconds=self.config.certificate_seconds)
+        name = manifest["metadata"]["name"]
         try:
+            csr = certs.api_client.sanitize_for_serialization(certs.read_certificate_signing_request(name))
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            csr = None
+        if csr is not None:
+            issued = (csr.get("status") or {}).get("certificate")
+            failed = any(c.get("type") in ("Denied", "Failed")
+                         for c in (csr.get("status") or {}).get("conditions") or [])
+            same_key = onboarding.csr_key_fingerprint(csr) == onboarding.key_fingerprint(key_pem)
+            current = self._identity_pem
+            if issued and same_key:
+                cert = base64.b64decode(issued).decode()
+                if _seconds_left(cert) >= 60 and (current is None or cert != current[0]):
+                    certs.delete_certificate_signing_request(name)  # spent: the next one starts afresh
+                    return cert
+            if issued or failed or not same_key:
+                certs.delete_certificate_signing_request(name)
+                csr = None
+        if csr is None:
             certs.create_certificate_signing_request(manifest)
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise
-        csr = certs.read_certificate_signing_request(manifest["metadata"]["name"])
-        if csr.status and csr.status.certificate:
-            return base64.b64decode(csr.status.certificate).decode()
-        return None  # the hub administrator has not approved the City yet
+        return None  # the hub has not approved it yet
+
+    def _renew_certificate(self) -> None:
+        """Past ``renew_after`` of its lifetime, ask for the next certificate for the same key and
+        swap to it when issued; the heartbeat goes on with the current one meanwhile."""
+        current = self._identity_pem
+        if current is None or self.hub_api is None:
+            return
+        cert = x509.load_pem_x509_certificate(current[0].encode())
+        lifetime = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
+        due = cert.not_valid_before_utc + dt.timedelta(seconds=lifetime * self.config.renew_after)
+        if dt.datetime.now(dt.UTC) < due:
+            return
+        renewed = self._certificate_from(client.CertificatesV1Api(self.hub_api), current[1].encode(),
+                                         renewal=True)
+        if renewed is None:
+            return
+        self._save_certificate(renewed)
+        self._identity_pem = (renewed, current[1])
+        self.hub_api = self._hub_client(renewed, current[1])
+        log.info("agent %s: renewed its certificate (valid for %.0f s more)", self.config.city,
+                 _seconds_left(renewed))
 
     # -- one cycle -------------------------------------------------------------------------
     def _cycle(self) -> None:
@@ -377,6 +450,7 @@ class CityAgent:
             self._apply_work(cm)
         self._remove_unlisted({cm["metadata"]["name"] for cm in items})
         self._heartbeat()
+        self._renew_certificate()
         self._report()
         self._write_city_status(city_status)
         self.cycles += 1
@@ -537,6 +611,12 @@ class CityAgent:
                 if self._stop.is_set():
                     stream.stop()
                     return
+
+
+def _seconds_left(cert_pem: str) -> float:
+    """Seconds until a PEM certificate expires (negative once it has)."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
 
 
 def _api_message(exc: Exception) -> str:

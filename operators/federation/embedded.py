@@ -1,9 +1,10 @@
 """The embedded default: hub operator and city agents in one process, on any clusters.
 
 ``EmbeddedFederation`` takes kubeconfig contexts (the local federation's, or real clusters')
-and does what the platform team and each city's IT department would do: install the CRDs,
-create the bootstrap identity on the hub, start the hub operator, start each city's agent
-with the bootstrap credential, and (as the hub administrator) approve the cities.
+and does what the platform team and each city's IT department would do: install the CRDs and
+the hub's admission policies, invite each city (its own bootstrap identity), start the hub
+operator, start each city's agent with its bootstrap credential, and (as the hub
+administrator) approve the cities.
 """
 
 from __future__ import annotations
@@ -76,18 +77,33 @@ def install_crds(target: KubeTarget, timeout: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-def issue_bootstrap_credential(hub: KubeTarget, folder: Path, hours: int = 24) -> Path:
-    """Create the bootstrap identity on the hub and write a kubeconfig for it."""
+def install_hub_trust(hub: KubeTarget) -> None:
+    """The hub administrator's install step: admission policies and the roles the hub only binds."""
+    kube = Kube(client.ApiClient(hub.client_configuration()))
+    for manifest in (*onboarding.admission_policies(), *onboarding.hub_install_rbac()):
+        kube.apply(manifest, field_manager="citynerve-install")
+
+
+def invite_city(hub: KubeTarget, city: str, hours: int = 24) -> str:
+    """The hub administrator invites one city: its own bootstrap identity, and a token for it.
+
+    The token is good for ``hours`` and for City ``city`` only (RBAC and the admission policies).
+    """
     api = client.ApiClient(hub.client_configuration())
     kube = Kube(api)
-    for manifest in onboarding.bootstrap_rbac():
+    for manifest in onboarding.bootstrap_rbac(city):
         kube.ensure(manifest)
-    token = client.CoreV1Api(api).create_namespaced_service_account_token(
-        onboarding.BOOTSTRAP_SERVICE_ACCOUNT, onboarding.SYSTEM_NAMESPACE,
+    token: str = client.CoreV1Api(api).create_namespaced_service_account_token(
+        onboarding.bootstrap_account(city), onboarding.SYSTEM_NAMESPACE,
         {"spec": {"expirationSeconds": hours * 3600}}).status.token
+    return token
+
+
+def bootstrap_kubeconfig(hub: KubeTarget, city: str, folder: Path, hours: int = 24) -> Path:
+    """Invite ``city`` and write a kubeconfig for its bootstrap identity."""
     cfg = hub.client_configuration()
-    ca_pem = Path(cfg.ssl_ca_cert).read_bytes()
-    return token_kubeconfig(cfg.host, ca_pem, token, "city-bootstrap", folder)
+    return token_kubeconfig(cfg.host, Path(cfg.ssl_ca_cert).read_bytes(), invite_city(hub, city, hours),
+                            onboarding.bootstrap_account(city), folder)
 
 
 def approve_city(hub: KubeTarget, city: str) -> None:
@@ -120,6 +136,7 @@ class EmbeddedFederation:
     def install(self) -> None:
         for context in (self.hub_context, *self.city_contexts.values()):
             install_crds(self.target(context))
+        install_hub_trust(self.hub)
 
     def start_hub(self) -> None:
         options = OperatorOptions(name="hub", target=self.hub)
@@ -127,7 +144,7 @@ class EmbeddedFederation:
             options, build_hub_registry(options, self.check_interval)).start()
 
     def start_agent(self, city: str, labels: Mapping[str, str] | None = None) -> CityAgent:
-        bootstrap = issue_bootstrap_credential(self.hub, self.scratch / city)
+        bootstrap = bootstrap_kubeconfig(self.hub, city, self.scratch / city)
         cfg = self.hub.client_configuration()
         agent = CityAgent(AgentConfig(
             city=city,

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from citynerve.observability import propagation_stamp, reconcile_span, record_city_health
@@ -32,7 +32,6 @@ from citynerve.operators.federation.placement import (
 from citynerve.operators.hub.promotion import city_pins, register_promotion_handlers
 from citynerve.operators.hub.status import (
     city_conditions,
-    city_label_changes,
     federated_scenario_status,
     read_report,
     status_changes,
@@ -74,6 +73,20 @@ class HubContext:
         # burst of changes from writing the same ConfigMap twice.
         self.written: dict[tuple[str, str], str | None] = {}
         self.lock = threading.Lock()
+        self._own_account: tuple[str, str] | bool | None = False  # False: not asked yet
+
+    def own_account(self) -> tuple[str, str] | None:
+        """(namespace, name) of the ServiceAccount this operator runs as; None if it is no account.
+
+        Asked of the API server (SelfSubjectReview), so the chart needs to tell it nothing.
+        """
+        if self._own_account is False:
+            review = client.AuthenticationV1Api(self.api_client).create_self_subject_review(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+            parts = str(review.status.user_info.username or "").split(":")
+            is_account = len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]
+            self._own_account = (parts[2], parts[3]) if is_account else None
+        return self._own_account if isinstance(self._own_account, tuple) else None
 
 
 class Indices:
@@ -217,18 +230,30 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
     @kopf.on.resume(GROUP, VERSION, "cities", registry=registry)
     @kopf.on.create(GROUP, VERSION, "cities", registry=registry)
     @kopf.on.update(GROUP, VERSION, "cities", field="spec.approved", registry=registry)
-    def city_admit(*, name: str, spec: kopf.Spec, **_: Any) -> None:
+    @kopf.on.update(GROUP, VERSION, "cities", field="spec.agentKeyFingerprint", registry=registry)
+    def city_admit(*, name: str, spec: kopf.Spec, body: kopf.Body, **kwargs: Any) -> None:
+        # Only an administrator can have set `approved` (the hub's admission policy refuses
+        # anyone else, this operator included), so an approved City is the administrator's word.
         if not spec.get("approved"):
             return
-        for manifest in onboarding.city_access(name):
-            ctx.kube.ensure(manifest)
-        approve_pending_csrs(ctx, {name})
+        try:
+            for manifest in onboarding.city_access(name, ctx.own_account()):
+                ctx.kube.ensure(manifest)
+        except client.ApiException as exc:
+            if exc.status != 403:
+                raise
+            # The RoleBinding that lets this operator write in city-<name> was just made; the
+            # API server's authorizer sees it a moment later.
+            raise kopf.TemporaryError(f"city-{name} access not effective yet: {exc.reason}", delay=1) from exc
+        cities = {c["metadata"]["name"]: c for c in Indices(kwargs).cities()}
+        cities[name] = _plain(body)
+        approve_pending_csrs(ctx, name, cities)
 
     @kopf.on.event("certificates.k8s.io", "v1", "certificatesigningrequests",
                    labels={onboarding.CSR_CITY_LABEL: kopf.PRESENT}, registry=registry)
     def csr_review(*, body: kopf.Body, **kwargs: Any) -> None:
-        approved = {c["metadata"]["name"] for c in Indices(kwargs).cities() if is_joined(c)}
-        review_csr(ctx, body, approved)
+        cities = {c["metadata"]["name"]: c for c in Indices(kwargs).cities()}
+        review_csr(ctx, body, cities)
 
     # -- propagation ------------------------------------------------------------------------
     @kopf.on.event(GROUP, VERSION, "sensortypes", registry=registry)
@@ -269,12 +294,6 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
         wanted = {"conditions": conditions, "observedGeneration": body["metadata"].get("generation")}
         for key, value in status_changes(body.get("status"), wanted).items():
             patch.status[key] = value
-        # The chart's labels reach the City, and with them the placements that select on them.
-        changes = city_label_changes(_plain(body), report)
-        for key, label in changes.get("labels", {}).items():
-            patch.metadata.labels[key] = label
-        for key, note in changes.get("annotations", {}).items():
-            patch.metadata.annotations[key] = note
         state = {c["type"]: c["status"] for c in conditions}
         renewed = parse_time((lease or {}).get("spec", {}).get("renewTime"))
         status = body.get("status") or {}
@@ -300,25 +319,33 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
     return registry
 
 
-def review_csr(ctx: HubContext, csr: Mapping[str, Any], approved_cities: set[str]) -> None:
-    """Approve a city's pending CSR when the pure decision says so; leave it pending otherwise."""
+def review_csr(ctx: HubContext, csr: Mapping[str, Any], cities: Mapping[str, Mapping[str, Any]]) -> None:
+    """Approve a city's pending CSR when the pure decision says so; leave it pending otherwise.
+
+    A request for an approved city with another key stays pending and is told on the City (an
+    Event): the administrator re-keys, or it was not the city's agent.
+    """
     conditions = (csr.get("status") or {}).get("conditions") or []
     if any(c.get("type") in ("Approved", "Denied") for c in conditions):
         return
-    ok, why = onboarding.csr_decision(csr, approved_cities)
+    name = csr["metadata"]["name"]
+    ok, why = onboarding.csr_decision(csr, cities)
     if not ok:
-        log.info("CSR %s stays pending: %s", csr["metadata"]["name"], why)
+        log.info("CSR %s stays pending: %s", name, why)
+        city = ((csr.get("metadata") or {}).get("labels") or {}).get(onboarding.CSR_CITY_LABEL)
+        known = cities.get(city or "")
+        if known is not None and known.get("spec", {}).get("approved"):
+            kopf.warn(kopf.Body(cast("kopf.RawBody", dict(known))), reason="CertificateRequestPending",
+                      message=f"Certificate request {name} is not approved: {why}.")
         return
     body = {"status": {"conditions": [{
         "type": "Approved", "status": "True", "reason": "CityApproved", "message": why,
         "lastUpdateTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}]}}
-    ctx.certificates.patch_certificate_signing_request_approval(csr["metadata"]["name"], body)
+    ctx.certificates.patch_certificate_signing_request_approval(name, body)
 
 
-def approve_pending_csrs(ctx: HubContext, cities: set[str]) -> None:
-    for city in cities:
-        pending = ctx.certificates.list_certificate_signing_request(
-            label_selector=f"{onboarding.CSR_CITY_LABEL}={city}")
-        for item in pending.items:
-            review_csr(ctx, ctx.api_client.sanitize_for_serialization(item), cities)
-
+def approve_pending_csrs(ctx: HubContext, city: str, cities: Mapping[str, Mapping[str, Any]]) -> None:
+    pending = ctx.certificates.list_certificate_signing_request(
+        label_selector=f"{onboarding.CSR_CITY_LABEL}={city}")
+    for item in pending.items:
+        review_csr(ctx, ctx.api_client.sanitize_for_serialization(item), cities)

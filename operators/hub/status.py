@@ -22,12 +22,9 @@ from citynerve.operators.federation.placement import (
 )
 
 REPORT_KEY = "report.json"
-# In the agent's report: the City labels its chart sets, and when it left (chart uninstalled).
+# In the agent's report: the City labels its chart proposes, and when it left (chart uninstalled).
 LABELS_KEY = "labels"
 OFFBOARDED_KEY = "offboardedAt"
-# On a City: the label keys its agent set last, so a label dropped from the chart is removed.
-CITY_LABELS_ANNOTATION = "citynerve.io/labels-from-city"
-RESERVED_LABEL_PREFIX = "citynerve.io/"
 
 
 def merge_condition(
@@ -117,31 +114,31 @@ def city_conditions(
     else:
         ready = ("True", "AllWorkApplied",
                  f"{name} runs all {len(work_hashes)} objects the hub placed there.")
-    return merge_condition(conditions, "Ready", *ready, now, generation)
+    conditions = merge_condition(conditions, "Ready", *ready, now, generation)
+    proposal = labels_accepted(city, report)
+    if proposal is not None:
+        conditions = merge_condition(conditions, "LabelsAccepted", *proposal, now, generation)
+    return conditions
 
 
-def city_label_changes(city: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
-    """The metadata patch that brings a City's labels in line with those its chart sets.
+def labels_accepted(city: Mapping[str, Any], report: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """The ``LabelsAccepted`` condition: whether the City carries the labels its chart proposes.
 
-    Labels the chart sets win; labels it set before and no longer does are removed; labels the
-    hub administrator set (or reserved ``citynerve.io/`` ones) are left alone. Empty: nothing to do.
+    Labels place work, so they are the hub administrator's: a city only proposes them (its
+    report), and the administrator accepts with ``kubectl label``. None: nothing proposed.
     """
-    reported = report.get(LABELS_KEY)
-    if not isinstance(reported, dict) or report.get(OFFBOARDED_KEY):
-        return {}
-    wanted = {str(k): str(v) for k, v in reported.items() if not str(k).startswith(RESERVED_LABEL_PREFIX)}
-    meta = city.get("metadata", {})
-    current = dict(meta.get("labels") or {})
-    before = set(json.loads((meta.get("annotations") or {}).get(CITY_LABELS_ANNOTATION, "[]")))
-    labels: dict[str, str | None] = {k: v for k, v in wanted.items() if current.get(k) != v}
-    labels.update({k: None for k in sorted(before - set(wanted)) if k in current})
-    claimed = json.dumps(sorted(wanted))
-    patch: dict[str, Any] = {}
-    if labels:
-        patch["labels"] = labels
-    if claimed != (meta.get("annotations") or {}).get(CITY_LABELS_ANNOTATION):
-        patch["annotations"] = {CITY_LABELS_ANNOTATION: claimed}
-    return patch
+    proposed = report.get(LABELS_KEY)
+    if not isinstance(proposed, dict) or not proposed:
+        return None
+    name = city["metadata"]["name"]
+    current = (city.get("metadata") or {}).get("labels") or {}
+    differ = {str(k): str(v) for k, v in sorted(proposed.items()) if current.get(k) != v}
+    if not differ:
+        return ("True", "ChartLabelsApplied", f"City {name} carries every label its chart proposes.")
+    pairs = " ".join(f"{k}={v}" for k, v in differ.items())
+    return ("False", "LabelsProposed",
+            f"City {name}'s chart proposes {pairs}; labels place work, so a hub administrator accepts "
+            f"them: kubectl label city {name} {pairs} --overwrite")
 
 
 def federated_scenario_status(
