@@ -324,9 +324,8 @@ def _agent(hub: Hub, *, renew_after: float) -> CityAgent:
     )).start()
 
 
-def _serial(federation: Any) -> int | None:
-    from cryptography import x509  # noqa: PLC0415
-
+def _identity_in_city(federation: Any, key: str) -> bytes | None:
+    """``tls.crt`` or ``tls.key`` of trust-r's agent identity Secret in its city (None: not yet)."""
     try:
         secret = client.CoreV1Api(federation.api_client("shanghai")).read_namespaced_secret(
             IDENTITY_SECRET, "citynerve-trust-r")
@@ -334,8 +333,15 @@ def _serial(federation: Any) -> int | None:
         if exc.status == 404:
             return None
         raise
-    pem = (secret.data or {}).get("tls.crt")
-    return x509.load_pem_x509_certificate(base64.b64decode(pem)).serial_number if pem else None
+    pem = (secret.data or {}).get(key)
+    return base64.b64decode(pem) if pem else None
+
+
+def _serial(federation: Any) -> int | None:
+    from cryptography import x509  # noqa: PLC0415
+
+    pem = _identity_in_city(federation, "tls.crt")
+    return x509.load_pem_x509_certificate(pem).serial_number if pem else None
 
 
 @pytest.mark.timeout(150)
@@ -368,7 +374,7 @@ def test_an_agent_renews_its_certificate_without_a_gap_and_re_keys_only_with_app
         IDENTITY_SECRET, "citynerve-trust-r")
     agent = _agent(hub, renew_after=2 / 3)
     try:
-        new_key = _wait(lambda: _key_in_city(hub.federation), 30, "the new key")
+        new_key = _wait(lambda: _identity_in_city(hub.federation, "tls.key"), 30, "the new key")
         _wait(lambda: _exists(client.CertificatesV1Api(hub.federation.api_client("hub"))
                               .read_certificate_signing_request, "citynerve-join-trust-r"), 30,
               "the new join request")
@@ -380,15 +386,3 @@ def test_an_agent_renews_its_certificate_without_a_gap_and_re_keys_only_with_app
         _wait(lambda: agent.hub_api is not None and agent.cycles > 0, 30, "the re-keyed agent joined")
     finally:
         agent.stop()
-
-
-def _key_in_city(federation: Any) -> bytes | None:
-    try:
-        secret = client.CoreV1Api(federation.api_client("shanghai")).read_namespaced_secret(
-            IDENTITY_SECRET, "citynerve-trust-r")
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    pem = (secret.data or {}).get("tls.key")
-    return base64.b64decode(pem) if pem else None
