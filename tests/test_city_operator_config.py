@@ -39,17 +39,24 @@ def test_command_line_options(tmp_path: Path) -> None:
     assert not options.clusterwide
     assert (options.target.context, options.peering) == ("shanghai", "citynerve")
     assert (city.city, city.workload_mode, city.mlflow_url) == ("chengdu", "kuberay", "http://127.0.0.1:5000")
-    options, _ = main.parse_options([])
+    options, _ = main.parse_options(["--city", "chengdu"])
     assert options.clusterwide
 
 
 def test_alert_secrets_are_named_one_by_one_and_never_the_agents_key() -> None:
-    _, city = main.parse_options(["--alert-secret", "duty-webhook", "--alert-secret=flood-webhook",
-                                  "--alert-secret", "duty-webhook"])
+    _, city = main.parse_options(["--city", "chengdu", "--alert-secret", "duty-webhook",
+                                  "--alert-secret=flood-webhook", "--alert-secret", "duty-webhook"])
     assert city.alert_secrets == ("duty-webhook", "flood-webhook")
-    assert main.parse_options([])[1].alert_secrets == ()
+    assert main.parse_options(["--city", "chengdu"])[1].alert_secrets == ()
     with pytest.raises(SystemExit):
-        main.parse_options(["--alert-secret", rbac.IDENTITY_SECRET])
+        main.parse_options(["--city", "chengdu", "--alert-secret", rbac.IDENTITY_SECRET])
+
+
+def test_the_city_is_named_never_assumed(capsys: pytest.CaptureFixture[str]) -> None:
+    # A Chengdu operator started without --city must not join the federation as another city.
+    with pytest.raises(SystemExit):
+        main.parse_options([])
+    assert "--city" in capsys.readouterr().err
 
 
 def test_rbac_rules_cover_every_kind_and_child() -> None:

@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="namespaces",
         help="namespace to watch (repeatable); none: cluster-wide",
     )
-    parser.add_argument("--city", default="shanghai", help="name of this city (default: %(default)s)")
+    # No default: an operator started without it would join the federation as another city.
+    parser.add_argument(
+        "--city", required=True,
+        help="name of this city, as its City on the hub is named (the chart sets it)"
+    )
     parser.add_argument(
         "--mlflow-url", default=None, help="MLflow tracking server AnalyticsModels resolve against"
     )
