@@ -90,7 +90,8 @@ def expand(catalogue: dict[str, Any]) -> list[SensorType]:
             unknown = set(entry["measures"]) - set(quantities)
             if unknown:
                 raise ValueError(
-                    f"{entry['name']}: unknown quantities {sorted(unknown)}; add them to `quantities`"
+                    f"{entry['name']}: unknown quantities {', '.join(sorted(unknown))}; "
+                    "add them to `quantities`"
                 )
             if "variants" not in entry:
                 types.append(
@@ -114,7 +115,7 @@ def expand(catalogue: dict[str, Any]) -> list[SensorType]:
     names = [t.metadata.name for t in types]
     duplicates = sorted({n for n in names if names.count(n) > 1 and n})
     if duplicates:
-        raise ValueError(f"catalogue names types twice: {duplicates}")
+        raise ValueError(f"catalogue names types twice: {', '.join(duplicates)}")
     return types
 
 

@@ -108,7 +108,8 @@ def _structural(
         node["items"] = _structural(node["items"], defs, f"{path}[*]", is_field=False)
     unknown = {key for key in node if not key.startswith("x-kubernetes-")} - _ALLOWED_KEYWORDS
     if unknown:
-        raise SchemaError(f"{path}: keywords {sorted(unknown)} are not allowed in a structural schema")
+        raise SchemaError(
+            f"{path}: keywords {', '.join(sorted(unknown))} are not allowed in a structural schema")
     if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
         raise SchemaError(f"{path}: every field needs a type")
     if is_field and not node.get("description"):

@@ -689,7 +689,8 @@ def _advance(step: _Step, promotion: Mapping[str, Any], obs: Observations) -> li
             if waiting:
                 for city in waiting:
                     step.set_outcome(city, "Unknown", ROLLING)
-                step.event("Normal", "CanaryPassed", f"canary {canary} passed; promoting {what} in {waiting}")
+                step.event("Normal", "CanaryPassed",
+                           f"canary {canary} passed; promoting {what} in {', '.join(waiting)}")
         else:
             canary_cond = (
                 "Unknown",
