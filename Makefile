@@ -31,9 +31,15 @@ $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	@touch $(STAMP)
+
+# mypy and import-linter see the citynerve.* packages through .typecheck/citynerve, a folder
+# of links to the source folders (the editable install's import hook is invisible to them).
+# Made whenever it is missing (`make clean` removes it).
+TYPECHECK_LINKS := .typecheck/citynerve/observability
+$(TYPECHECK_LINKS):
 	@mkdir -p .typecheck/citynerve
 	@for d in operators workloads models observability; do ln -sfn ../../$$d .typecheck/citynerve/$$d; done
-	@touch $(STAMP)
 
 tools: $(STAMP)
 	@echo "==> Pinned binaries (etcd, Kubernetes, kwok, helm, KubeRay; built once into ~/.cache/citynerve)"
@@ -42,12 +48,10 @@ tools: $(STAMP)
 lint: $(STAMP) typecheck layering
 	$(BIN)/ruff check .
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) $(TYPECHECK_LINKS)
 	$(BIN)/mypy
 
-# mypy and import-linter see the citynerve.* packages through .typecheck/citynerve, a folder
-# of links to the source folders (the editable install's import hook is invisible to them).
-layering: $(STAMP)
+layering: $(STAMP) $(TYPECHECK_LINKS)
 	PYTHONPATH=.typecheck $(BIN)/lint-imports
 
 crds: $(STAMP)

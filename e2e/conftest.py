@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 import uuid
@@ -21,6 +22,21 @@ from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import COMPONENTS, LocalCluster
 from citynerve.operators.localfed.federation import LocalFederation
 from kubernetes import client, config
+
+
+def _interrupt_on_sigterm() -> None:
+    """A SIGTERM (a CI time limit, ``timeout``) ends the run like Ctrl-C, so the session's
+    fixtures stop every control plane, MLflow server and Ray process they started."""
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    del config
+    _interrupt_on_sigterm()
 
 
 class Federation:
@@ -198,6 +214,7 @@ def local_ray() -> Iterator[None]:
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, namespace="citynerve", log_to_driver=False)
+        _interrupt_on_sigterm()  # ray.init made SIGTERM exit at once, skipping every teardown
     try:
         yield
     finally:

@@ -70,9 +70,10 @@ ALERT_SECRETS = ("water-dispatch-webhook", "flood-webhook", "event-command-webho
 class Step:
     """Prints a numbered step and times it."""
 
-    def __init__(self, result: DemoResult) -> None:
+    def __init__(self, result: DemoResult, after: Callable[[], None] | None = None) -> None:
         self.result = result
         self.number = 0
+        self.after = after
 
     def __call__(self, title: str, key: str) -> Callable[[], None]:
         self.number += 1
@@ -82,6 +83,8 @@ class Step:
         def done() -> None:
             self.result.timings[key] = time.monotonic() - started
             print(f"    done in {self.result.timings[key]:.1f} s", flush=True)
+            if self.after is not None:
+                self.after()
 
         return done
 
@@ -143,11 +146,12 @@ def load(path: Path) -> list[dict[str, Any]]:
 
 
 class Story:
-    def __init__(self, state_dir: Path | None, quick: bool) -> None:
+    def __init__(self, state_dir: Path | None, quick: bool,
+                 after_step: Callable[[], None] | None = None) -> None:
         self.quick = quick
         self.federation = LocalFederation(state_dir)
         self.result = DemoResult()
-        self.step = Step(self.result)
+        self.step = Step(self.result, after_step)
         self.scratch = scratch_dir("demo")
         self.hub_key = secrets.token_bytes(32)
         self.receiver = AlertReceiver(self.hub_key)
