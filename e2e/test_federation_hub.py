@@ -43,6 +43,13 @@ def ready(fed: EmbeddedFederation, city: str) -> bool:
     return city_condition(fed.hub, city, "Ready") == "True"
 
 
+def city_events(federation: Any, city: str) -> dict[str, str]:
+    """uid → reason of the Events on a City (those of cluster-scoped objects land in ``default``)."""
+    events = client.CoreV1Api(federation.api_client("hub")).list_namespaced_event(
+        "default", field_selector=f"involvedObject.kind=City,involvedObject.name={city}")
+    return {e.metadata.uid: e.reason for e in events.items}
+
+
 def scenario_in(federation: Any, cluster: str, name: str) -> dict[str, Any] | None:
     try:
         found: dict[str, Any] = custom(federation, cluster).get_namespaced_custom_object(
@@ -55,11 +62,15 @@ def scenario_in(federation: Any, cluster: str, name: str) -> dict[str, Any] | No
 
 
 @pytest.mark.timeout(90)
-def test_cities_join_after_approval_and_become_ready(fed: EmbeddedFederation, wait_for: Any) -> None:
+def test_cities_join_after_approval_and_become_ready(fed: EmbeddedFederation, federation: Any,
+                                                     wait_for: Any) -> None:
     for city in ("shanghai", "chengdu"):
         wait_for(lambda c=city: ready(fed, c), 60, what=f"City {city} Ready on the hub")
         assert city_condition(fed.hub, city, "Joined") == "True"
         assert city_condition(fed.hub, city, "Reachable") == "True"
+        # The hub writes it from the city's Lease along with Reachable.
+        status = custom(federation, "hub").get_cluster_custom_object(GROUP, VERSION, "cities", city)["status"]
+        assert status.get("lastHeartbeat")
 
 
 @pytest.mark.timeout(60)
@@ -164,6 +175,7 @@ def test_a_stopped_city_is_marked_unreachable_and_converges(fed: EmbeddedFederat
     before = {s["metadata"]["name"] for s in custom(federation, "chengdu").list_cluster_custom_object(
         GROUP, VERSION, "sensortypes")["items"]}
 
+    told_before = city_events(federation, "chengdu")
     chengdu = federation.cluster("chengdu")
     stopped = time.monotonic()
     chengdu.stop_component("kube-apiserver")
@@ -181,6 +193,13 @@ def test_a_stopped_city_is_marked_unreachable_and_converges(fed: EmbeddedFederat
     after = {s["metadata"]["name"] for s in custom(federation, "chengdu").list_cluster_custom_object(
         GROUP, VERSION, "sensortypes")["items"]}
     assert before <= after, f"deleted during the cut: {before - after}"
+
+    def told() -> set[str]:
+        return {r for uid, r in city_events(federation, "chengdu").items() if uid not in told_before}
+
+    # Events are posted in the background: both land shortly after the transitions.
+    wait_for(lambda: {"Unreachable", "Recovered"} <= told(), 15,
+             what="Unreachable and Recovered Events on City chengdu")
     print(f"unreachable after {marked_after:.1f} s; converged {converged_after:.1f} s after return")
 
 

@@ -20,9 +20,12 @@ from citynerve.operators.federation.placement import (
 )
 from citynerve.operators.hub.status import (
     city_conditions,
+    city_status,
     federated_scenario_status,
     labels_accepted,
+    lifecycle_events,
     merge_condition,
+    status_changes,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -99,6 +102,53 @@ def test_city_conditions_follow_the_lease_and_the_report() -> None:
     conds = {c["type"]: c for c in city_conditions(CITIES[0], fresh, failed, hashes, NOW)}
     assert conds["Ready"]["reason"] == "ApplyFailed"
     assert "spec.x: bad" in conds["Ready"]["message"]
+
+
+def test_last_heartbeat_is_the_lease_s_and_an_unchanged_check_writes_nothing() -> None:
+    report = {"objects": {"sensortype-a": {"hash": "h1", "applied": True}}}
+    lease = {"spec": {"renewTime": "2026-11-25T07:59:50.123456Z"}}
+    first = city_status(CITIES[0], lease, report, {"sensortype-a": "h1"}, NOW)
+    assert first["lastHeartbeat"] == "2026-11-25T07:59:50Z"
+    written = {**CITIES[0], "status": first}
+    # A check a moment later, with the same Lease, finds nothing to write.
+    again = city_status(written, lease, report, {"sensortype-a": "h1"}, NOW + dt.timedelta(seconds=2))
+    assert status_changes(first, again) == {}
+    renewed = {"spec": {"renewTime": "2026-11-25T08:00:00.000000Z"}}
+    later = city_status(written, renewed, report, {"sensortype-a": "h1"}, NOW + dt.timedelta(seconds=2))
+    assert status_changes(first, later)["lastHeartbeat"] == "2026-11-25T08:00:00Z"
+    assert "lastHeartbeat" not in city_status(CITIES[0], None, report, {}, NOW)
+    # Unreachable: the message says since when, so it does not change (and is not rewritten) each check.
+    stale = {"spec": {"renewTime": "2026-11-25T07:58:00.000000Z"}}
+    missed = city_status(CITIES[0], stale, report, {}, NOW)
+    assert status_changes(missed, city_status({**CITIES[0], "status": missed}, stale, report, {},
+                                              NOW + dt.timedelta(seconds=30))) == {}
+
+
+def test_lifecycle_events_follow_condition_transitions_only() -> None:
+    def conds(joined: str, reachable: tuple[str, str] = ("Unknown", "NoHeartbeat"),
+              joined_reason: str = "Approved") -> list[dict[str, Any]]:
+        return [{"type": "Joined", "status": joined, "reason": joined_reason, "message": "m"},
+                {"type": "Reachable", "status": reachable[0], "reason": reachable[1],
+                 "message": "No heartbeat from chengdu since 2026-11-25T07:58:00Z (timeout 40 s)."}]
+
+    up, down = ("True", "HeartbeatReceived"), ("False", "HeartbeatMissed")
+    approved = lifecycle_events("chengdu", conds("False", joined_reason="AwaitingApproval"), conds("True"))
+    assert [(t, r) for t, r, _ in approved] == [("Normal", "Joined")]
+    assert lifecycle_events("chengdu", [], conds("True"))[0][1] == "Joined"  # created approved
+    assert lifecycle_events("chengdu", conds("True", up), conds("True", up)) == []
+    [(kind, reason, message)] = lifecycle_events("chengdu", conds("True", up), conds("True", down))
+    assert (kind, reason) == ("Warning", "Unreachable")
+    assert "City chengdu stopped sending heartbeats" in message
+    assert "since 2026-11-25T07:58:00Z" in message
+    assert lifecycle_events("chengdu", conds("True", down), conds("True", down)) == []
+    assert [r for _, r, _ in lifecycle_events("chengdu", conds("True", down), conds("True", up))] == [
+        "Recovered"]
+    assert lifecycle_events("chengdu", conds("True"), conds("True", up)) == []  # first heartbeat
+    gone = conds("False", ("False", "Offboarded"), joined_reason="Offboarded")
+    [(kind, reason, message)] = lifecycle_events("chengdu", conds("True", up), gone)
+    assert (kind, reason) == ("Normal", "Offboarded")
+    assert "kubectl delete city chengdu" in message
+    assert lifecycle_events("chengdu", gone, gone) == []
 
 
 def test_an_offboarded_city_is_marked_so_and_takes_no_work() -> None:

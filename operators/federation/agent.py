@@ -583,7 +583,9 @@ class CityAgent:
         if status == self._last_status:
             return
         assert self.hub_api is not None
-        body = {"status": {**status, "lastHeartbeat": rfc3339(dt.datetime.now(dt.UTC))}}
+        # lastHeartbeat is the hub's to write (from this agent's Lease): one writer, and it moves
+        # with every heartbeat, not only when this roll-up changes.
+        body = {"status": status}
         client.CustomObjectsApi(self.hub_api).patch_cluster_custom_object_status(
             GROUP, VERSION, "cities", self.config.city, body)
         self._last_status = status

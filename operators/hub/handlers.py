@@ -31,8 +31,9 @@ from citynerve.operators.federation.placement import (
 )
 from citynerve.operators.hub.promotion import city_pins, register_promotion_handlers
 from citynerve.operators.hub.status import (
-    city_conditions,
+    city_status,
     federated_scenario_status,
+    lifecycle_events,
     read_report,
     status_changes,
 )
@@ -290,10 +291,14 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
         lease = idx.first(idx.lease, ns)
         report = read_report(idx.first(idx.report, ns))
         now = dt.datetime.now(dt.UTC)
-        conditions = city_conditions(_plain(body), lease, report, hashes, now)
-        wanted = {"conditions": conditions, "observedGeneration": body["metadata"].get("generation")}
+        wanted = city_status(_plain(body), lease, report, hashes, now)
+        conditions = wanted["conditions"]
         for key, value in status_changes(body.get("status"), wanted).items():
             patch.status[key] = value
+        old_conditions = (body.get("status") or {}).get("conditions") or []
+        for type_, reason, message in lifecycle_events(name, old_conditions, conditions):
+            # kopf.event, not kopf.info: these are posted whatever the operator's posting level.
+            kopf.event(body, type=type_, reason=reason, message=message)
         state = {c["type"]: c["status"] for c in conditions}
         renewed = parse_time((lease or {}).get("spec", {}).get("renewTime"))
         status = body.get("status") or {}

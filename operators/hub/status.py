@@ -90,10 +90,10 @@ def city_conditions(
     if renewed is None:
         reachable = ("Unknown", "NoHeartbeat", f"City {name}'s agent has not sent a heartbeat yet.")
     elif (now - renewed).total_seconds() > timeout:
-        age = int((now - renewed).total_seconds())
+        # Since when, not for how long: a message that grew every check would be written every check.
         reachable = ("False", "HeartbeatMissed",
-                     f"No heartbeat from {name} for {age} s (timeout {timeout} s); its last applied "
-                     "work keeps running there, and nothing is deleted.")
+                     f"No heartbeat from {name} since {rfc3339(renewed)} (timeout {timeout} s); its last "
+                     "applied work keeps running there, and nothing is deleted.")
     else:
         reachable = ("True", "HeartbeatReceived", f"{name}'s agent checked in at {rfc3339(renewed)}.")
     conditions = merge_condition(conditions, "Reachable", *reachable, now, generation)
@@ -119,6 +119,68 @@ def city_conditions(
     if proposal is not None:
         conditions = merge_condition(conditions, "LabelsAccepted", *proposal, now, generation)
     return conditions
+
+
+def city_status(
+    city: Mapping[str, Any],
+    lease: Mapping[str, Any] | None,
+    report: Mapping[str, Any],
+    work_hashes: Mapping[str, str],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The part of a City's status the hub owns: its conditions, observedGeneration and
+    ``lastHeartbeat`` (the agent's Lease ``renewTime``; the agent writes only its roll-up)."""
+    wanted: dict[str, Any] = {
+        "conditions": city_conditions(city, lease, report, work_hashes, now),
+        "observedGeneration": city.get("metadata", {}).get("generation"),
+    }
+    renewed = parse_time((lease or {}).get("spec", {}).get("renewTime"))
+    if renewed is not None:
+        # The Lease renews every heartbeat, so this changes, and is written, once per heartbeat;
+        # the checks in between find it unchanged and write nothing.
+        wanted["lastHeartbeat"] = rfc3339(renewed)
+    return wanted
+
+
+# Events on a City when its conditions cross these lines: (type, reason, message).
+LifecycleEvent = tuple[str, str, str]
+
+
+def lifecycle_events(name: str, old: Iterable[Mapping[str, Any]],
+                     new: Iterable[Mapping[str, Any]]) -> list[LifecycleEvent]:
+    """The Events a City's condition transitions call for, from its conditions before and after.
+
+    Only transitions count, so a check that changes nothing, or a restarted hub operator that
+    finds the same conditions, tells nothing twice.
+    """
+    before = {c.get("type"): c for c in old}
+    after = {c.get("type"): c for c in new}
+
+    def state(conditions: Mapping[Any, Mapping[str, Any]], type_: str) -> tuple[Any, Any]:
+        condition = conditions.get(type_) or {}
+        return condition.get("status"), condition.get("reason")
+
+    joined_was, joined = state(before, "Joined"), state(after, "Joined")
+    if joined[1] == OFFBOARDED_REASON:
+        if joined_was[1] == OFFBOARDED_REASON:
+            return []
+        return [("Normal", "Offboarded",
+                 f"City {name}'s chart was uninstalled, so it takes no more work. Run `kubectl delete "
+                 f"city {name}` to remove its namespace city-{name} and its access to the hub.")]
+    events: list[LifecycleEvent] = []
+    if joined[0] == "True" and joined_was[0] != "True":
+        events.append(("Normal", "Joined",
+                       f"City {name} was approved and joined the federation; the work placed on it "
+                       f"propagates through namespace city-{name}."))
+    reachable_was, reachable = state(before, "Reachable"), state(after, "Reachable")
+    if reachable_was[0] == "True" and reachable[0] == "False":
+        events.append(("Warning", "Unreachable",
+                       f"City {name} stopped sending heartbeats. {after['Reachable'].get('message', '')} "
+                       "Check that its operator runs and can reach the hub."))
+    elif reachable_was == ("False", "HeartbeatMissed") and reachable[0] == "True":
+        events.append(("Normal", "Recovered",
+                       f"City {name} is reachable again; work changed while it was away propagates now."))
+    return events
 
 
 def labels_accepted(city: Mapping[str, Any], report: Mapping[str, Any]) -> tuple[str, str, str] | None:
