@@ -104,7 +104,7 @@ def test_registry_has_thin_event_handlers_named_by_kind(tmp_path: Path) -> None:
         "current-context: c\n"
     )
     options = OperatorOptions("city-test", KubeTarget(kubeconfig, "c"))
-    registry = build_registry(options, CityOptions(workload_mode="kuberay"))
+    registry = build_registry(options, CityOptions(city="shanghai", workload_mode="kuberay"))
     names = {h.id.rsplit(".", 1)[-1] for h in registry._watching.get_all_handlers()}
     assert {
         "sensorfleet_event",

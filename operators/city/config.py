@@ -43,7 +43,7 @@ class AlertPolicy:
 class CityOptions:
     """City-specific settings of the operator."""
 
-    city: str = "shanghai"
+    city: str  # the City this operator's cluster is; no default, so no city joins as another
     mlflow_url: str | None = None
     workload_mode: WorkloadMode = "local"
     ingest_image: str = "ghcr.io/citynerve/ingest:0.1.0"
