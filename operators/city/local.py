@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from citynerve.observability.logs import adopt_logger
 from citynerve.operators.city.children import local_actor_name, parse_local_actor_name
 from citynerve.operators.city.status import WorkloadObservation
 from citynerve.operators.conditions import rfc3339
@@ -76,6 +77,7 @@ class LocalRayWorkloads:
     def _ray(self) -> Any:
         import ray  # noqa: PLC0415 - Ray is only loaded in the local workload mode
 
+        adopt_logger("ray")
         with self._lock:
             if not ray.is_initialized():
                 ray.init(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from pathlib import Path
 
 from citynerve.observability import configure_telemetry
+from citynerve.observability.logs import configure_logging
 from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.city.rbac import IDENTITY_SECRET
@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds between full resyncs (default: %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="a line of text or a JSON object per event "
+                             "(default: $CITYNERVE_LOG_FORMAT, else text)")
     parser.add_argument(
         "--agent-config",
         type=Path,
@@ -126,9 +129,7 @@ def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Name
             allow_link_local=args.alerts_allow_link_local,
         ),
     )
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     return options, city, args
 
 

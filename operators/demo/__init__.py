@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
+from citynerve.observability.logs import configure_logging
 from citynerve.operators.demo.story import Story
 from citynerve.operators.localfed.federation import LocalFederation
 
@@ -49,6 +50,8 @@ def run(state_dir: Path | None = None, keep: bool = False, quick: bool = False, 
     """Play the story on fresh state; tear everything down afterwards unless ``keep`` (then wait
     for Ctrl-C or SIGTERM, and tear down then)."""
     _stop_on_signals()
+    # The story is the output; the operators hosted here say only what needs attention.
+    configure_logging("WARNING")
     try:
         state = fresh_state(state_dir)
     except RuntimeError as exc:

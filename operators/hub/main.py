@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from citynerve.observability import configure_telemetry
+from citynerve.observability.logs import configure_logging
 from citynerve.operators.hub.handlers import build_registry
 from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_signal
 
@@ -26,8 +26,11 @@ def main(argv: list[str]) -> int:
                              "registry identities this operator (MLflow's admin) creates and keeps")
     parser.add_argument("--peering", default=None,
                         help="Kopf peering name, so that two replicas never both act")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="a line of text or a JSON object per event "
+                             "(default: $CITYNERVE_LOG_FORMAT, else text)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO", args.log_format)
     configure_telemetry("citynerve-hub-operator", cluster=args.context or "in-cluster")
     options = OperatorOptions(name="hub", target=KubeTarget(args.kubeconfig, args.context),
                               peering=args.peering)

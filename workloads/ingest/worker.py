@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from citynerve.observability.logs import configure_logging
 from citynerve.workloads.ingest.pipeline import IngestPipeline
 from citynerve.workloads.ingest.sensor_type import CATALOGUE, SensorType
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster or $KUBECONFIG)")
     parser.add_argument("--context", default=None, help="context in --kubeconfig")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     try:
         config = FleetConfig.parse(os.environ.get(args.config_env, ""))
         writer = ReportWriter(_namespace(args.namespace), config.report_config_map, config.fleet, args.worker,
