@@ -413,3 +413,52 @@ def test_city_values_follow_the_known_cities_and_user_values_win(tmp_path: Path)
     with pytest.raises(TypeError, match="must hold a mapping"):
         helm.read_values_file(bad)
     assert cli.main(["hub", "install", "--values", str(bad)]) == 1
+
+
+# -- each city's own fleets -------------------------------------------------------------------
+SAMPLE_CITY_VALUES = sorted((Path(__file__).resolve().parents[1] / "samples" / "city").glob("values-*.yaml"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("values_file", SAMPLE_CITY_VALUES, ids=lambda p: p.stem)
+def test_a_city_values_file_renders_its_own_fleets(values_file: Path) -> None:
+    values = helm.read_values_file(values_file)
+    docs = render("city", values)
+    fleets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "SensorFleet"}
+    assert list(fleets) == [f["name"] for f in values["fleets"]]
+    for given in values["fleets"]:
+        rendered = fleets[given["name"]]
+        assert rendered["spec"] == given["spec"]
+        assert rendered["metadata"]["namespace"] == NAMESPACES["city"]
+        assert rendered["metadata"]["labels"]["app.kubernetes.io/component"] == "sensor-fleet"
+
+
+@pytest.mark.timeout(30)
+def test_the_cities_sample_values_name_different_fleets() -> None:
+    names = [{f["name"] for f in helm.read_values_file(p)["fleets"]} for p in SAMPLE_CITY_VALUES]
+    assert len(names) >= 2
+    assert not set.intersection(*names), "two cities' sample values share fleet names"
+
+
+@pytest.mark.timeout(30)
+def test_the_fleet_schema_of_the_values_follows_the_sensorfleet_model() -> None:
+    from citynerve.operators.api.city import SensorFleetSpec  # noqa: PLC0415
+
+    model = SensorFleetSpec.model_json_schema(by_alias=True)
+    schema = json.loads((CHARTS["city"] / "values.schema.json").read_text())
+    spec = schema["properties"]["fleets"]["items"]["properties"]["spec"]
+    assert set(spec["properties"]) == set(model["properties"])
+    assert set(spec["required"]) == set(model.get("required", []))
+    for name, node in model["properties"].items():
+        assert spec["properties"][name].get("enum") == node.get("enum"), name
+
+
+@pytest.mark.timeout(60)
+def test_a_fleet_with_an_unknown_field_is_refused_by_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"fleets": [{"name": "pudong-pressure", "spec": {
+        "sensorType": "pipe-pressure-gauge", "district": "pudong", "count": 10, "owner": "operator",
+        "samplingInterval": 60}}]}))
+    proc = helm_run("lint", "--strict", str(CHARTS["city"]), "--values", str(path))
+    assert proc.returncode != 0
+    assert "samplingInterval" in proc.stdout + proc.stderr

@@ -145,6 +145,11 @@ def load(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def city_values_file(city: str) -> Path:
+    """The city chart values a city's IT department keeps (its own fleets)."""
+    return SAMPLES / "city" / f"values-{city}.yaml"
+
+
 class Story:
     def __init__(self, state_dir: Path | None, quick: bool,
                  after_step: Callable[[], None] | None = None) -> None:
@@ -204,9 +209,12 @@ class Story:
         release = helm.install_hub(self.admin("hub"))
         print(f"    hub: {release.name} revision {release.revision} ({release.status})")
         for city in CITIES:
-            release = helm.onboard_city(city, self.admin("hub"), self.admin(city),
-                                        {"alerts": {"secretNames": list(ALERT_SECRETS)}})
-            print(f"    {city}: {release.name} revision {release.revision} ({release.status})")
+            # Each city's IT department's own values file: its fleets, districts and counts.
+            values = helm.merge_values(helm.read_values_file(city_values_file(city)),
+                                       {"alerts": {"secretNames": list(ALERT_SECRETS)}})
+            release = helm.onboard_city(city, self.admin("hub"), self.admin(city), values)
+            print(f"    {city}: {release.name} revision {release.revision} ({release.status}), "
+                  f"{len(values.get('fleets', []))} fleets from {city_values_file(city).name}")
         done()
 
     def start_operators(self) -> None:
@@ -299,7 +307,8 @@ class Story:
         done()
 
     def prepare_cities(self) -> None:
-        done = self.step("Each city registers its fleets and the alert routes' HMAC key", "city setup")
+        done = self.step("Each city's own fleets (from its chart values) are provisioned; the alert routes' "
+                         "HMAC key is stored", "city setup")
         for city in CITIES:
             core = client.CoreV1Api(self.api(city))
             for secret in ALERT_SECRETS:
@@ -312,16 +321,24 @@ class Story:
                 except client.ApiException as exc:
                     if exc.status != 409:
                         raise
-            for fleet in load(SAMPLES / "city" / "sensorfleets.yaml"):
-                try:
-                    self.custom(city).create_namespaced_custom_object(
-                        GROUP, VERSION, WORK_NS, "sensorfleets", fleet
-                    )
-                except client.ApiException as exc:
-                    if exc.status != 409:
-                        raise
-            print(f"    {city}: {len(load(SAMPLES / 'city' / 'sensorfleets.yaml'))} fleets")
+            fleets = self.fleets(city)
+            districts = sorted({f["spec"]["district"] for f in fleets})
+            terminals = sum(int(f["spec"]["count"]) for f in fleets)
+            print(f"    {city}: {len(fleets)} fleets, {terminals} terminals in {', '.join(districts)}")
         done()
+
+    def fleets(self, city: str) -> list[dict[str, Any]]:
+        """The city's SensorFleets, as its chart created them."""
+        return sorted(self.city_objects(city, "sensorfleets"), key=lambda f: str(f["metadata"]["name"]))
+
+    def bound_fleets(self, city: str, *sensor_types: str) -> list[dict[str, str]]:
+        """A scenario's fleet references in ``city``: its own fleets of those SensorTypes."""
+        found = [{"name": f["metadata"]["name"]} for t in sensor_types for f in self.fleets(city)
+                 if f["spec"]["sensorType"] == t]
+        if not found:
+            msg = f"{city} has no fleet of SensorType {' or '.join(sensor_types)} in {city_values_file(city)}"
+            raise RuntimeError(msg)
+        return found
 
     def start_terminals(self) -> None:
         done = self.step(
@@ -332,7 +349,7 @@ class Story:
         gateway_seconds = 15.0
         for city in CITIES:
             apps = client.AppsV1Api(self.api(city))
-            for fleet in load(SAMPLES / "city" / "sensorfleets.yaml"):
+            for fleet in self.fleets(city):
                 name = fleet["metadata"]["name"]
                 deployment = wait(
                     partial(apps.read_namespaced_deployment, f"{name}-ingest", WORK_NS),
@@ -443,32 +460,35 @@ class Story:
     def federated_scenarios(self) -> None:
         done = self.step(
             "Platform team places three drills from the hub: a pipe burst in Shanghai (WNTR), "
-            "a typhoon rainstorm over a Chengdu underpass (SWMM), a Grand Prix crowd surge "
-            "in Shanghai",
+            "a rainstorm over a Chengdu underpass (SWMM), a Grand Prix crowd surge "
+            "in Shanghai; each bound to that city's own fleets",
             "scenarios",
         )
         route = {"url": self.receiver.url}
         water = load(SAMPLES / "city" / "scenario-water-burst.yaml")[0]["spec"]
         water.update(
+            fleets=self.bound_fleets("shanghai", "pipe-pressure-gauge", "electromagnetic-flow-meter"),
             mode="drill",
             models=[{"name": "water-burst-detector", "role": "detector"}],
             simulation={"engine": "wntr", "network": "Net3", "event": f"burst:{BURST_NODE}"},
         )
         flood = load(SAMPLES / "city" / "scenario-urban-flood.yaml")[0]["spec"]
         flood.update(
+            fleets=self.bound_fleets("chengdu", "water-level-gauge-underpass", "tipping-bucket-rain-gauge"),
             mode="drill",
             models=[],
-            simulation={"engine": "swmm", "network": "example-catchment", "event": "storm:typhoon"},
+            simulation={"engine": "swmm", "network": "example-catchment", "event": "storm:50y"},
         )
         crowd = load(SAMPLES / "city" / "scenario-major-event.yaml")[0]["spec"]
         crowd.update(
+            fleets=self.bound_fleets("shanghai", "crowd-density-camera", "car-park-counter"),
             mode="drill",
             models=[],
             simulation={"engine": "pedestrian-counts", "network": "grand-prix", "event": "surge:3"},
         )
         for name, spec, city in (
             ("pipe-burst-drill", water, "shanghai"),
-            ("typhoon-underpass-drill", flood, "chengdu"),
+            ("rainstorm-underpass-drill", flood, "chengdu"),
             ("grand-prix-crowd-drill", crowd, "shanghai"),
         ):
             for r in spec.get("alertRoutes", []):
@@ -483,7 +503,7 @@ class Story:
             self.custom("hub").create_namespaced_custom_object(
                 GROUP, VERSION, helm.HUB_NAMESPACE, "federatedscenarios", body
             )
-            print(f"    {name} → {city}")
+            print(f"    {name} → {city} (fleets {', '.join(f['name'] for f in spec['fleets'])})")
         done()
 
     def follow_incidents(self) -> None:
@@ -567,6 +587,11 @@ class Story:
             f"Ready={city_condition(self.admin('hub'), 'shanghai', 'Ready')}"
         )
         drill = load(SAMPLES / "city" / "scenario-mountain-flood.yaml")[0]
+        streams = self.bound_fleets("chengdu", "water-level-gauge-mountain-stream")
+        drill["spec"]["fleets"] = [*streams, *self.bound_fleets("chengdu", "tipping-bucket-rain-gauge")]
+        district = next(f["spec"]["district"] for f in self.fleets("chengdu")
+                        if f["metadata"]["name"] == streams[0]["name"])
+        drill["metadata"]["name"] = f"{district}-mountain-flood-drill"
         self.custom("chengdu").create_namespaced_custom_object(GROUP, VERSION, WORK_NS, "scenarios", drill)
         print("    Chengdu's own mountain-flood drill starts while the link is down")
         wait(
@@ -759,7 +784,7 @@ class Story:
 
     def teardown(self) -> None:
         if self.map_server is not None:
-            self.map_server.shutdown()
+            self.map_server.stop()  # its poller first: no "cannot read the hub" once the hub is gone
         self.gateways_stop.set()
         for _, running, _ in self.ingest:
             running.stop()
