@@ -29,6 +29,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
     ("kopf", "OS signals are ignored: running not in the main thread",
      "operators hosted on a thread (the demo, tests) stop through their stop flag, not signals"),
+    ("urllib3.connectionpool", "Connection pool is full, discarding connection",
+     "more requests at once than the client's pool keeps open; the extra connection is closed after "
+     "its request, nothing is lost"),
 )
 
 
