@@ -17,7 +17,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,11 +25,18 @@ from typing import Any
 import numpy as np
 import yaml
 from citynerve.models.registry import TRAINER_IDENTITY
+from citynerve.models.scenario_runs import read_scenario_run
 from citynerve.operators import helm
 from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry as build_city_registry
 from citynerve.operators.city.signing import ReplayGuard, verify_alert
-from citynerve.operators.demo.report import DemoResult, IncidentRecord, summary_text, write_report
+from citynerve.operators.demo.report import (
+    DemoResult,
+    incident_record,
+    runs_named_by,
+    summary_text,
+    write_report,
+)
 from citynerve.operators.federation.agent import CityAgent
 from citynerve.operators.federation.embedded import approve_city, city_condition
 from citynerve.operators.hub.handlers import build_registry as build_hub_registry
@@ -639,39 +645,20 @@ class Story:
 
     # -- figures ---------------------------------------------------------------------------------
     def collect(self) -> None:
+        """Read back what the report shows: each city's Incidents, the MLflow runs they name (what
+        each workload scored), and the cities' status on the hub. Nothing is simulated again."""
         during = self.result.cut.get("names", set())
-        flood_onsets = self._flood_onsets()
-        for city in CITIES:
-            for inc in sorted(self.city_objects(city, "incidents"), key=lambda i: i["spec"]["detectedAt"]):
-                spec, status = inc["spec"], inc.get("status") or {}
-                evidence = {
-                    e["metric"]: float(e["value"])
-                    for e in spec.get("evidence", [])
-                    if e.get("unitCode") == "MIN"
-                }
-                minute = evidence.get("simulatedMinute")
-                lead = None
-                if spec["kind"] == "urban-flood" and minute is not None:
-                    onset = flood_onsets.get(spec["location"].get("assetId", ""))
-                    lead = (onset / 60 - minute) if onset is not None else None
-                self.result.incidents.append(
-                    IncidentRecord(
-                        city=city,
-                        name=inc["metadata"]["name"],
-                        kind=spec["kind"],
-                        severity=spec["severity"],
-                        asset=spec["location"].get("assetId", ""),
-                        detected_at=spec["detectedAt"],
-                        state=spec["state"],
-                        simulated_minute=minute,
-                        detection_delay_min=evidence.get("detectionDelayMinutes"),
-                        lead_time_min=lead,
-                        dispatch_s=status.get("dispatchSeconds"),
-                        response_s=status.get("responseSeconds"),
-                        resolution_s=status.get("resolutionSeconds"),
-                        during_cut=inc["metadata"]["name"] in during,
-                    )
-                )
+        incidents = {
+            city: sorted(self.city_objects(city, "incidents"), key=lambda i: i["spec"]["detectedAt"])
+            for city in CITIES
+        }
+        self.result.mlflow_url = self.mlflow.url
+        self.result.runs = {
+            run_id: read_scenario_run(self.mlflow.url, run_id)
+            for run_id in runs_named_by([i for items in incidents.values() for i in items])
+        }
+        for city, items in incidents.items():
+            self.result.incidents += [incident_record(city, i, self.result.runs, during) for i in items]
         self.result.webhook_deliveries = len(self.receiver.alerts)
         for city in CITIES:
             body = self.custom("hub").get_cluster_custom_object(GROUP, VERSION, "cities", city)
@@ -688,73 +675,6 @@ class Story:
                     "open": status.get("openIncidents", 0),
                 }
             )
-        self._series()
-
-    def _flood_onsets(self) -> dict[str, float]:
-        """Flooding onset per node of the same storm the Chengdu drill ran (same engine, same seed)."""
-        from citynerve.workloads.sim.drainage import (  # noqa: PLC0415
-            DrainageScenarioSpec,
-            StormSpec,
-            simulate_drainage,
-        )
-
-        run = simulate_drainage(
-            DrainageScenarioSpec(
-                model="model_lids", storm=StormSpec(peak_intensity=2.0, start_s=2 * 3600, duration_s=3 * 3600)
-            )
-        )
-        self._flood_run = run
-        onsets = {}
-        for node in run.nodes:
-            onset = run.flood_onset_s(node)
-            if onset is not None:
-                onsets[str(node)] = float(onset)
-        return onsets
-
-    def _series(self) -> None:
-        import numpy as np  # noqa: PLC0415
-        from citynerve.workloads.sim.water import (  # noqa: PLC0415
-            LeakSpec,
-            WaterScenarioSpec,
-            choose_sensors,
-            model_baseline,
-            simulate_water,
-        )
-        from citynerve.workloads.water import window_of  # noqa: PLC0415
-
-        burst = next((i for i in self.result.incidents if i.kind == "water-burst"), None)
-        base = WaterScenarioSpec(network="Net3", sensors=choose_sensors("Net3", 10), seed=0)
-        onset_s = int(24 * 3600 * 0.4)  # where the operator's drill starts a `burst:<node>` event
-        run = simulate_water(replace(base, leaks=(LeakSpec(node=BURST_NODE, area_m2=0.02, start_s=onset_s),)))
-        window = window_of(run, model_baseline(base))
-        field_p, model_p = window["pressure"], window["pressure_model"]
-        residual = np.nan_to_num(field_p.values - model_p.values)
-        after = field_p.times_s >= onset_s
-        drop = residual[after].mean(axis=0) - residual[~after].mean(axis=0)
-        nearest = [int(i) for i in np.argsort(drop)[:3]]
-        self.result.series["water"] = {
-            "network": "Net3",
-            "node": BURST_NODE,
-            "hours": (field_p.times_s / 3600).tolist(),
-            "onset_h": onset_s / 3600,
-            "detected_h": burst.simulated_minute / 60 if burst and burst.simulated_minute else None,
-            "pressure": {field_p.sensors[i]: residual[:, i].tolist() for i in nearest},
-        }
-        flood = next((i for i in self.result.incidents if i.kind == "urban-flood"), None)
-        run_f = getattr(self, "_flood_run", None)
-        if flood and run_f is not None and flood.asset in [str(n) for n in run_f.nodes]:
-            from citynerve.workloads.sim.drainage import critical_levels  # noqa: PLC0415
-
-            idx = [str(n) for n in run_f.nodes].index(flood.asset)
-            onset = run_f.flood_onset_s(run_f.nodes[idx])
-            self.result.series["flood"] = {
-                "node": flood.asset,
-                "hours": (run_f.times_s / 3600).tolist(),
-                "level": run_f.level[:, idx].tolist(),
-                "critical": float(critical_levels("model_lids", (run_f.nodes[idx],))[run_f.nodes[idx]]),
-                "warned_h": flood.simulated_minute / 60 if flood.simulated_minute else None,
-                "flooded_h": onset / 3600 if onset is not None else None,
-            }
 
     def situation_map(self) -> None:
         from citynerve.observability.situation.server import serve_hub  # noqa: PLC0415
@@ -783,6 +703,10 @@ class Story:
         return report
 
     def teardown(self) -> None:
+        # Operators stopped mid-work cancel their handlers and drop open connections: what a
+        # stop means, not news (Kopf says so per handler, asyncio per aiohttp session).
+        for noisy in ("kopf", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
         if self.map_server is not None:
             self.map_server.stop()  # its poller first: no "cannot read the hub" once the hub is gone
         self.gateways_stop.set()
