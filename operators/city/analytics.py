@@ -28,16 +28,28 @@ def _water_simulation(simulation: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _crowd_simulation(simulation: Mapping[str, Any]) -> dict[str, Any]:
-    """``surge:<factor>`` replays the counts with a crowd surge of that peak factor."""
+def _crowd_simulation(simulation: Mapping[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``surge:<factor>`` adds a crowd surge of that peak factor. The drill's cameras report at the
+    sampling interval of the bound crowd-camera fleet, and its detector warns at the Scenario's
+    `crowdDensityPer100Sqm` levels."""
+    from citynerve.workloads.sim.crowd import CROWD_SENSOR_TYPE  # noqa: PLC0415 - simulators load on first run
+
+    out: dict[str, Any] = {}
     kind, _, factor = str(simulation.get("event") or "").partition(":")
-    if kind != "surge":
-        return {}
-    try:
-        peak = float(factor or 3.0)
-    except ValueError:
-        peak = 3.0
-    return {"surge": {"peakFactor": peak}}
+    if kind == "surge":
+        try:
+            peak = float(factor or 3.0)
+        except ValueError:
+            peak = 3.0
+        out["surge"] = {"peakFactor": peak}
+    cameras = [f for f in payload.get("fleets") or [] if f.get("sensorType") == CROWD_SENSOR_TYPE]
+    if cameras:
+        out["samplingIntervalSeconds"] = int(cameras[0]["samplingIntervalSeconds"])
+    for threshold in payload["spec"].get("thresholds") or []:
+        if threshold.get("metric") == "crowdDensityPer100Sqm" and threshold.get("unitCode") == "C62":
+            out["warningDensityPer100Sqm"] = threshold["warning"]
+            out["alarmDensityPer100Sqm"] = threshold["alarm"]
+    return out
 
 
 def runner_spec(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,7 +65,7 @@ def runner_spec(payload: Mapping[str, Any]) -> dict[str, Any]:
     elif spec["kind"] in ("urban-flood", "mountain-flood"):
         sim = {k: v for k, v in simulation.items() if k == "seed"}
     else:
-        sim = _crowd_simulation(simulation)
+        sim = _crowd_simulation(simulation, payload)
     return {
         "kind": spec["kind"],
         "mode": spec["mode"],
