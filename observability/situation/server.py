@@ -1,7 +1,9 @@
 """The situation map's web server: one page, its local assets, the picture as JSON and as a live feed.
 
-    GET /                   the page (the map of China is inline SVG; nothing is fetched from outside)
+    GET /                   the page; everything it loads comes from this server (CSP 'self')
     GET /static/<file>      the page's script and style sheet
+    GET /vendor/leaflet/…   the mapping library (Leaflet), from web/node_modules (``make web``)
+    GET /data/china-boundaries.geojson   administrative boundaries (``boundaries.py``, ``make web``)
     GET /api/situation      the current picture (JSON)
     GET /api/events         server-sent events: the picture, each time it changes
     GET /healthz            200 once the hub has been read at least once
@@ -12,6 +14,7 @@ is served from it, so the hub sees one reader however many duty officers watch.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import threading
@@ -22,11 +25,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from citynerve.observability.situation.geo import china_svg
+from citynerve.observability.situation.assets import BOUNDARIES, LEAFLET, STATIC
 
-STATIC = Path(__file__).resolve().parent / "static"
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-          ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml"}
+          ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+          ".geojson": "application/geo+json"}
+#: Every file served besides the page: URL path -> file. Nothing else under web/ is reachable.
+ASSETS: dict[str, Path] = {
+    "/static/app.js": STATIC / "app.js",
+    "/static/style.css": STATIC / "style.css",
+    "/vendor/leaflet/leaflet.js": LEAFLET / "leaflet.js",
+    "/vendor/leaflet/leaflet.css": LEAFLET / "leaflet.css",
+    **{f"/vendor/leaflet/images/{name}": LEAFLET / "images" / name
+       for name in ("layers.png", "layers-2x.png", "marker-icon.png", "marker-icon-2x.png",
+                    "marker-shadow.png")},
+    "/data/china-boundaries.geojson": BOUNDARIES,
+}
+CSP = ("default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 KEEPALIVE_SECONDS = 15.0
 
 log = logging.getLogger(__name__)
@@ -88,8 +104,25 @@ class PictureFeed:
 
 
 def page() -> bytes:
-    template = (STATIC / "index.html").read_text(encoding="utf-8")
-    return template.replace("<!--CHINA_SVG-->", china_svg()).encode()
+    return (STATIC / "index.html").read_bytes()
+
+
+def missing_assets() -> list[Path]:
+    """The served files that are not there (``make web`` installs them)."""
+    return [file for file in ASSETS.values() if not file.is_file()]
+
+
+_ASSET_CACHE: dict[Path, tuple[float, bytes, bytes]] = {}
+
+
+def _asset(file: Path) -> tuple[bytes, bytes]:
+    """A served file's bytes and their gzip (boundaries: 1.7 MB, 0.5 MB gzipped), kept until it changes."""
+    mtime = file.stat().st_mtime
+    cached = _ASSET_CACHE.get(file)
+    if cached is None or cached[0] != mtime:
+        body = file.read_bytes()
+        cached = _ASSET_CACHE[file] = (mtime, body, gzip.compress(body, compresslevel=6, mtime=0))
+    return cached[1], cached[2]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -99,14 +132,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, cache: bool = False) -> None:
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, cache: bool = False,
+              gzipped: bytes | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if gzipped is not None and "gzip" in self.headers.get("Accept-Encoding", ""):
+            body = gzipped
+            self.send_header("Content-Encoding", "gzip")
+        if gzipped is not None:
+            self.send_header("Vary", "Accept-Encoding")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "max-age=60" if cache else "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy",
-                         "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:")
+        self.send_header("Content-Security-Policy", CSP)
         self.end_headers()
         self.wfile.write(body)
 
@@ -115,13 +153,15 @@ class _Handler(BaseHTTPRequestHandler):
         feed = self.server.feed
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, self.server.page, _TYPES[".html"])
-        elif path.startswith("/static/"):
-            name = path.removeprefix("/static/")
-            file = STATIC / name
-            if "/" in name or name.startswith(".") or file.suffix not in _TYPES or not file.is_file():
-                self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+        elif path in ASSETS:
+            file = ASSETS[path]
+            if not file.is_file():
+                self._send(HTTPStatus.NOT_FOUND, f"{path} is not installed: run `make web`\n".encode(),
+                           "text/plain")
                 return
-            self._send(HTTPStatus.OK, file.read_bytes(), _TYPES[file.suffix], cache=True)
+            body, packed = _asset(file)
+            self._send(HTTPStatus.OK, body, _TYPES[file.suffix], cache=True,
+                       gzipped=None if file.suffix == ".png" else packed)
         elif path == "/api/situation":
             self._send(HTTPStatus.OK, feed.payload, "application/json")
         elif path == "/api/events":
@@ -167,6 +207,10 @@ class SituationServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.feed = feed
         self.page = page()
+        missing = missing_assets()
+        if missing:
+            log.warning("the map's library and boundaries are missing (run `make web`): %s",
+                        ", ".join(str(f) for f in missing))
         self._thread: threading.Thread | None = None
 
     @property
