@@ -41,7 +41,8 @@ from citynerve.observability.telemetry import enabled as telemetry_enabled
 from citynerve.observability.telemetry import tracer
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACEPARENT_ANNOTATION = "citynerve.io/traceparent"
@@ -273,8 +274,21 @@ def incident_span(
         if city:
             counted[ATTR_CITY] = city
         instruments().incidents_created.add(1, counted)
-        yield inject_traceparent()
+        yield inject_traceparent(None if span.get_span_context().is_valid else _fresh_trace())
         span.set_status(Status(StatusCode.OK))
+
+
+def _fresh_trace() -> otel_context.Context:
+    """A new trace for an Incident raised where no trace is recorded (telemetry off in the workload).
+
+    The Incident still carries a ``traceparent``, so the city operator's reconciles and webhooks of
+    that Incident share one trace id (and record it, if their telemetry is on: the sampled flag is
+    set because the decision to record is theirs). Its parent span is never exported.
+    """
+    ids = RandomIdGenerator()
+    parent = SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False,
+                         trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 # ---- the city operator: webhooks and lifecycle ----------------------------------------------------

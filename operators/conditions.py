@@ -25,6 +25,20 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def duration(seconds: int) -> str:
+    """Seconds as `kubectl get` shows a duration, largest unit first: ``4s``, ``2m10s``, ``1h2m``, ``3d``.
+
+    The API's DURATION pattern accepts exactly these; zero is ``0s``.
+    """
+    seconds = max(0, int(seconds))
+    parts = []
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
 def parse_time(value: str | None) -> datetime | None:
     """An RFC 3339 timestamp (as the API server or a client wrote it), or None."""
     if not value:

@@ -19,12 +19,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from citynerve.operators.api.hub import ModelPromotionSpec
-from citynerve.operators.hub.promotion import REQUESTED_BY_ANNOTATION
+from citynerve.operators.hub.promotion import REQUESTED_BY_ANNOTATION, SOAK_INCIDENTS, selection_refusal
+
+if TYPE_CHECKING:
+    from citynerve.models.registry import ModelVersionRecord
 
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 DEFAULT_NAMESPACE = "citynerve-system"
@@ -137,9 +140,63 @@ def caller_identity(api_client: Any) -> str:
     return username
 
 
-def create_promotion(api_client: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+def promotion_refusal(
+    manifest: Mapping[str, Any], cities: Sequence[Mapping[str, Any]], record: ModelVersionRecord | None
+) -> str | None:
+    """Why the hub would refuse this promotion for its input alone, as a sentence, or None (pure).
+
+    ``cities`` are the hub's City objects; ``record`` is what MLflow holds of the source version
+    (None: not read). What only the hub decides (gate thresholds met, the artifact's digest) is
+    left to it, and recorded on the ModelPromotion.
+    """
+    spec = ModelPromotionSpec.model_validate(manifest["spec"])
+    refusal = selection_refusal(spec, cities)
+    if refusal is not None:
+        return f"The promotion of {spec.model_name} is refused: {refusal[1]}."
+    if record is None:
+        return None
+    missing = sorted({g.metric for g in spec.gates if g.metric != SOAK_INCIDENTS} - set(record.metrics))
+    if missing:
+        recorded = ", ".join(sorted(record.metrics)) or "none"
+        return (
+            f"The promotion of {spec.model_name} version {record.version} is refused: its gates name "
+            f"{', '.join(missing)}, which the version's run does not record (it records: {recorded}); "
+            f"correct the --gate metric names."
+        )
+    return None
+
+
+def check_promotion(api_client: Any, manifest: Mapping[str, Any], tracking_uri: str | None) -> None:
+    """Raise a ValueError naming what is wrong, before anything is created, when the hub would refuse
+    the promotion for its input: no such model, version or alias in MLflow (read at ``tracking_uri``;
+    not read when None), a gate on a metric the version does not record, a selector that picks no
+    joined City, or a canary it does not pick."""
+    from citynerve.models.registry import ModelResolutionError, read_model_version  # noqa: PLC0415
     from kubernetes import client  # noqa: PLC0415
 
+    spec = ModelPromotionSpec.model_validate(manifest["spec"])
+    record = None
+    if tracking_uri:
+        try:
+            record = read_model_version(
+                tracking_uri, spec.model_name, version=spec.source.version, alias=spec.source.alias
+            )
+        except ModelResolutionError as exc:
+            raise ValueError(f"The promotion of {spec.model_name} is refused: {exc.message}.") from exc
+    listed = client.CustomObjectsApi(api_client).list_cluster_custom_object(GROUP, VERSION, "cities")
+    refusal = promotion_refusal(manifest, listed.get("items") or [], record)
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def create_promotion(
+    api_client: Any, manifest: dict[str, Any], tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """Check the promotion (``check_promotion``; MLflow at ``tracking_uri``, else $MLFLOW_TRACKING_URI,
+    else not read), then create it: a promotion refused for its input leaves nothing behind."""
+    from kubernetes import client  # noqa: PLC0415
+
+    check_promotion(api_client, manifest, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     namespace = manifest["metadata"]["namespace"]
     core = client.CoreV1Api(api_client)
     try:
@@ -269,9 +326,10 @@ def _promote(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         actor="",
     )  # validated before anything is sent
+    tracking_uri = _tracking_uri(args)  # the version and its metrics are checked before anything is created
     api_client = client.ApiClient(KubeTarget(args.kubeconfig, args.context).client_configuration())
     manifest["metadata"]["annotations"][REQUESTED_BY_ANNOTATION] = caller_identity(api_client)
-    created = create_promotion(api_client, manifest)
+    created = create_promotion(api_client, manifest, tracking_uri)
     name = created["metadata"]["name"]
     _say(
         f"modelpromotion {args.namespace}/{name} created; follow it with "
@@ -347,6 +405,12 @@ def add_models_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     promote.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help="hub namespace (default: %(default)s)"
+    )
+    promote.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow server the version and its gate metrics are checked in before anything is created "
+        "(default: $MLFLOW_TRACKING_URI)",
     )
     promote.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig of the hub")
     promote.add_argument("--context", default=None, help="hub context in --kubeconfig")

@@ -29,7 +29,7 @@ def _iso(moment: datetime) -> str:
 def fleet(status: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "metadata": {"name": "pudong-pressure", "namespace": "city", "generation": 2},
-        "spec": {"samplingIntervalSeconds": 60, "count": 10},
+        "spec": {"sensorType": "pipe-pressure-gauge", "samplingIntervalSeconds": 60, "count": 10},
         "status": status,
     }
 

@@ -1,11 +1,13 @@
-"""`citynerve models promote`: gates, selectors and the ModelPromotion it creates (pure)."""
+"""`citynerve models promote`: gates, selectors, the checks before it creates anything, and the
+ModelPromotion it creates (pure)."""
 
 from __future__ import annotations
 
 import pytest
+from citynerve.models.registry import ModelVersionRecord
 from citynerve.operators.cli import build_parser
 from citynerve.operators.hub.promotion import REQUESTED_BY_ANNOTATION
-from citynerve.operators.models_cli import parse_gate, parse_selector, promotion_manifest
+from citynerve.operators.models_cli import parse_gate, parse_selector, promotion_manifest, promotion_refusal
 
 
 @pytest.mark.timeout(10)
@@ -118,3 +120,40 @@ def test_promote_exits_1_with_a_message_on_a_bad_gate(capsys: pytest.CaptureFixt
     )
     assert code == 1
     assert "error:" in capsys.readouterr().err
+
+
+def _manifest(**overrides: object) -> dict[str, object]:
+    options: dict[str, object] = {
+        "version": "3", "from_alias": None, "alias": "champion", "cities": "", "canary": "shanghai",
+        "gates": ["detectionRate>=0.5", "soakIncidents<=2"], "soak_seconds": 5, "max_failed_cities": 0,
+        "timeout_seconds": 600, "name": "p", "namespace": "n", "actor": "a",
+    }
+    options.update(overrides)
+    return promotion_manifest("water-burst-detector", **options)  # type: ignore[arg-type]
+
+
+CITIES = [
+    {"metadata": {"name": "shanghai", "labels": {"region": "east"}}, "spec": {"approved": True}},
+    {"metadata": {"name": "chengdu", "labels": {"region": "west"}}, "spec": {"approved": True}},
+]
+RECORD = ModelVersionRecord("water-burst-detector", "3", "sha256:" + "a" * 64, "run",
+                            {"detectionRate": 0.75, "falseAlarmsPerDay": 0.0})
+
+
+@pytest.mark.timeout(10)
+def test_a_promotion_the_hub_would_refuse_for_its_input_is_refused_before_it_is_created() -> None:
+    assert promotion_refusal(_manifest(), CITIES, RECORD) is None  # soakIncidents is observed in cities
+    assert promotion_refusal(_manifest(), CITIES, None) is None
+    canary = promotion_refusal(_manifest(cities="region=west"), CITIES, RECORD)
+    assert canary == (
+        "The promotion of water-burst-detector is refused: canary city shanghai is not among the selected "
+        "cities (chengdu); select it with spec.citySelector or choose a selected city as spec.canaryCity."
+    )
+    nobody = promotion_refusal(_manifest(cities="region=north", canary=None), CITIES, RECORD)
+    assert nobody == (
+        "The promotion of water-burst-detector is refused: the city selector picks no joined city."
+    )
+    unknown = promotion_refusal(_manifest(gates=["f1Permille>=800"]), CITIES, RECORD)
+    assert unknown is not None
+    assert "its gates name f1Permille, which the version's run does not record" in unknown
+    assert "(it records: detectionRate, falseAlarmsPerDay)" in unknown

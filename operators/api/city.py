@@ -10,6 +10,7 @@ from citynerve.operators.api.common import (
     DECIMAL,
     DNS_LABEL,
     DNS_SUBDOMAIN,
+    DURATION,
     LIST_ATOMIC,
     MODEL_NAME,
     MODEL_NAME_MAX_LENGTH,
@@ -109,6 +110,14 @@ class SensorFleetStatus(StatusBase):
     )
     data_freshness_seconds: int | None = Field(
         default=None, ge=0, description="Age in seconds of the newest accepted reading."
+    )
+    data_freshness: str | None = Field(
+        default=None,
+        description="dataFreshnessSeconds with its units, as `kubectl get` shows it (for example `15s` or "
+        "`2m10s`).",
+        pattern=DURATION,
+        min_length=2,
+        max_length=32,
     )
     quality_score: int | None = Field(
         default=None,
@@ -369,6 +378,18 @@ class WorkloadReference(CrdModel):
     name: str = Field(description="Name of the workload in the scenario's namespace.")
 
 
+class RunningModel(CrdModel):
+    """A model version the scenario's workload scores with."""
+
+    name: str = Field(description="Name of the AnalyticsModel.", pattern=DNS_SUBDOMAIN, max_length=253)
+    version: str | None = Field(
+        default=None, description="Registry version the AnalyticsModel resolved to.", max_length=10
+    )
+    artifact_digest: str | None = Field(
+        default=None, description="sha256 digest of the artifact the workload loads.", max_length=71
+    )
+
+
 class ScenarioStatus(StatusBase):
     """Observed state of the scenario's workload and incidents."""
 
@@ -381,6 +402,13 @@ class ScenarioStatus(StatusBase):
     )
     last_evaluation_time: datetime | None = Field(
         default=None, description="When the workload last scored a window of readings."
+    )
+    models: list[RunningModel] = Field(
+        default_factory=list,
+        max_length=16,
+        description="The model versions the running workload scores with; when one changes, the "
+        "operator posts a ModelSwapped Event.",
+        json_schema_extra=list_map("name"),
     )
 
 
@@ -579,6 +607,14 @@ class IncidentStatus(StatusBase):
     )
     response_seconds: int | None = Field(
         default=None, ge=0, description="Seconds from detection to a crew on site."
+    )
+    response_time: str | None = Field(
+        default=None,
+        description="responseSeconds with its units, as `kubectl get` shows it (for example `4s` or "
+        "`1h2m`).",
+        pattern=DURATION,
+        min_length=2,
+        max_length=32,
     )
     resolution_seconds: int | None = Field(
         default=None, ge=0, description="Seconds from detection to resolution."

@@ -39,6 +39,8 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 CAMEL_IDENTIFIER = r"^[a-z][A-Za-z0-9]*$"
 # A decimal number written as a string, so that no float ever enters a spec.
 DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"
+# A duration as `kubectl get` shows one: days, hours, minutes and seconds, largest first (`2m10s`).
+DURATION = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 # UN/CEFACT Recommendation 20 common codes, as FIWARE Smart Data Models use them.
 UNIT_CODE = r"^[A-Z0-9]{2,3}$"
 # A City's name: a DNS label short enough that its hub namespace `city-<name>` is one too.

@@ -303,9 +303,8 @@ KINDS: tuple[KindInfo, ...] = (
             PrinterColumn("Online", ".status.terminalsOnline", "integer", "Terminals reporting."),
             PrinterColumn(
                 "Freshness",
-                ".status.dataFreshnessSeconds",
-                "integer",
-                "Age of the newest reading in seconds.",
+                ".status.dataFreshness",
+                description="Age of the newest reading (for example 15s or 2m10s).",
             ),
             PrinterColumn("Quality", ".status.qualityScore", "integer", "Percent of valid readings."),
             _condition_column("Ready", "Ingestion provisioned and data fresh."),
@@ -363,7 +362,8 @@ KINDS: tuple[KindInfo, ...] = (
             PrinterColumn("State", ".spec.state", description="Lifecycle state."),
             PrinterColumn("Detected", ".spec.detectedAt", "date", "When it was detected."),
             PrinterColumn(
-                "Response", ".status.responseSeconds", "integer", "Seconds from detection to a crew on site."
+                "Response", ".status.responseTime", description="Time from detection to a crew on site (for "
+                "example 4m30s); empty until a crew is on site."
             ),
             _AGE,
         ),

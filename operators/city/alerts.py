@@ -104,6 +104,24 @@ def record_delivery(notified: Sequence[str], delivery: Delivery) -> list[str]:
     return sorted([*kept, f"{delivery.route_name}:{delivery.state}"])
 
 
+def delivered_event_message(delivery: Delivery) -> str:
+    """The AlertDelivered Event's message: which state went to which route (its path and query left
+    out: they may hold the receiver's token)."""
+    return (
+        f"State {delivery.state} was delivered to alert route {delivery.route_name} "
+        f"({display_url(str(delivery.route['url']))}), signed."
+    )
+
+
+def failure_event_message(retry: DeliveryRetry) -> str:
+    """The AlertFailed Event's message: the failure as the retry records it, with the attempt and when
+    the route is tried again."""
+    return (
+        f"Delivering state {retry.state} to alert route {retry.route} failed ({retry.reason}): "
+        f"{retry.message}."
+    )
+
+
 # --- retries --------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
 from citynerve.observability import reconcile_span, record_incident_transitions, webhook_span
 from citynerve.operators.api import API_VERSION
+from citynerve.operators.api.events import ALERT_DELIVERED, ALERT_FAILED, INCIDENT_DETECTED, EventReason
 from citynerve.operators.city import alerts
 from citynerve.operators.city.children import (
     child_conflict,
@@ -39,13 +40,17 @@ from citynerve.operators.city.children import (
 from citynerve.operators.city.config import LABEL_MANAGED_BY, LABEL_SCENARIO, MANAGED_BY, CityOptions
 from citynerve.operators.city.local import LocalRayWorkloads
 from citynerve.operators.city.status import (
+    SensorTypeLookup,
     WorkloadObservation,
     compute_fleet_status,
     compute_incident_status,
     compute_model_status,
     compute_scenario_status,
+    incident_detected_message,
     merge_ingest_reports,
     missing_references,
+    running_models,
+    scenario_events,
 )
 from citynerve.operators.conditions import find_condition, rfc3339, status_patch
 from citynerve.operators.kube import KubeRest, object_path
@@ -98,6 +103,7 @@ class CityReconciler:
         self.kube = KubeRest(client.ApiClient(configuration), options.request_timeout)
         self.local = LocalRayWorkloads(city.city, options.target) if city.workload_mode == "local" else None
         self._models: dict[tuple[str, str], _CachedResolution] = {}
+        self.sensor_types = SensorTypeCatalogue(self.kube)
         # A Scenario's open Incidents come from this index, never from listing Incidents.
         self.open_incidents = OpenIncidents()
         self._open_counted: dict[tuple[str, str], int] = {}
@@ -140,8 +146,15 @@ class CityReconciler:
         """Every object of ``kind`` in ``namespace`` (None: all), listed in pages."""
         return self.kube.list(object_path(API_VERSION, PLURALS[kind], namespace))
 
-    def write_status(self, kind: str, obj: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
-        """Patch the status only where it differs; post an Event when Ready flips. True if written."""
+    def write_status(
+        self,
+        kind: str,
+        obj: Mapping[str, Any],
+        desired: Mapping[str, Any],
+        events: Sequence[tuple[EventReason, str]] = (),
+    ) -> bool:
+        """Patch the status only where it differs, then post ``events`` (what the change means), or
+        else an Event with the Ready condition's reason when Ready flips. True if written."""
         patch = status_patch(obj.get("status"), desired)
         if patch is None:
             return False
@@ -156,10 +169,13 @@ class CityReconciler:
             if _not_found(exc):
                 return False
             raise
+        for reason, message in events:
+            self.post_event(kind, obj, reason, message)
         before = find_condition(obj.get("status"), "Ready")
         after = find_condition(desired, "Ready")
         if (
-            before
+            not events
+            and before
             and after
             and before.get("status") != after.get("status")
             and not {before.get("reason"), after.get("reason")} & TRANSIENT_REASONS
@@ -174,8 +190,17 @@ class CityReconciler:
         return True
 
     def post_event(
-        self, kind: str, obj: Mapping[str, Any], reason: str, message: str, event_type: str
+        self,
+        kind: str,
+        obj: Mapping[str, Any],
+        reason: EventReason | str,
+        message: str,
+        event_type: str | None = None,
     ) -> None:
+        """Post a core/v1 Event on ``obj``; an ``EventReason`` brings its own type."""
+        if isinstance(reason, EventReason):
+            event_type = event_type or reason.type
+            reason = reason.reason
         meta = obj["metadata"]
         now = _now()
         event = {
@@ -189,7 +214,7 @@ class CityReconciler:
             },
             "reason": reason,
             "message": message[:1024],
-            "type": event_type,
+            "type": event_type or "Normal",
             "source": {"component": MANAGED_BY},
             "firstTimestamp": rfc3339(now),
             "lastTimestamp": rfc3339(now),
@@ -230,7 +255,10 @@ class CityReconciler:
                     replacement(desired, deployment),
                 )
             merged = merge_ingest_reports((report or {}).get("data") or {})
-            self.write_status("SensorFleet", fleet, compute_fleet_status(fleet, deployment, merged, _now()))
+            lookup = self.sensor_types.lookup(str(fleet["spec"]["sensorType"]))
+            self.write_status(
+                "SensorFleet", fleet, compute_fleet_status(fleet, deployment, merged, _now(), lookup)
+            )
 
     def _ensure_ingest_identity(self, fleet: Mapping[str, Any]) -> None:
         """The fleet's ServiceAccount, Role and RoleBinding, checked at most once per resync period."""
@@ -333,8 +361,9 @@ class CityReconciler:
             models = {m["metadata"]["name"]: m for m in self.list_objects("AnalyticsModel", namespace)}
             unmet = missing_references(scenario, fleets, models)
             workload: WorkloadObservation | None = None
+            payload: dict[str, Any] = {}
             if unmet is None and int(scenario["spec"].get("replicas", 1)) > 0:
-                payload = scenario_payload(scenario, fleets, models, self.city.city)
+                payload = scenario_payload(scenario, fleets, models, self.city.city, self.city.mlflow_url)
                 revision = workload_revision(payload)
                 if self.local is not None:
                     workload = self.local.ensure(
@@ -355,11 +384,10 @@ class CityReconciler:
                 for route in scenario["spec"].get("alertRoutes") or []
                 if (refusal := alerts.secret_refusal(route, self.city.alert_secrets))
             ]
-            self.write_status(
-                "Scenario",
-                scenario,
-                compute_scenario_status(scenario, unmet, workload, open_incidents, _now(), refused),
+            desired = compute_scenario_status(
+                scenario, unmet, workload, open_incidents, _now(), refused, running_models(payload)
             )
+            self.write_status("Scenario", scenario, desired, scenario_events(scenario, desired))
 
     def _ensure_rayjob(self, scenario: Mapping[str, Any], payload: Mapping[str, Any]) -> WorkloadObservation:
         desired = desired_rayjob(scenario, payload, self.city)
@@ -418,6 +446,9 @@ class CityReconciler:
         # An Incident is reconciled inside the trace of the detection that raised it.
         with reconcile_span("Incident", namespace, name, incident["metadata"].get("annotations")):
             record_incident_transitions(incident)
+            detected = incident_detected_message(incident)
+            if detected is not None:
+                self.post_event("Incident", incident, INCIDENT_DETECTED, detected)
             scenario = self.get("Scenario", namespace, incident["spec"]["scenarioRef"]["name"])
             routes = list((scenario or {}).get("spec", {}).get("alertRoutes") or [])
             notified = list((incident.get("status") or {}).get("notifiedRoutes") or [])
@@ -431,10 +462,14 @@ class CityReconciler:
                         retries, delivery, exc, _now(),
                         self.city.alert_retry_seconds, self.city.alert_retry_max_seconds,
                     )
-                    log.warning("%s/%s: %s", namespace, name, retries[delivery.route_name].message)
+                    failure = retries[delivery.route_name]
+                    log.warning("%s/%s: %s", namespace, name, failure.message)
+                    self.post_event("Incident", incident, ALERT_FAILED, alerts.failure_event_message(failure))
                     continue
                 retries = {k: v for k, v in retries.items() if k != delivery.route_name}
                 notified = alerts.record_delivery(notified, delivery)
+                delivered = alerts.delivered_event_message(delivery)
+                self.post_event("Incident", incident, ALERT_DELIVERED, delivered)
             now = _now()
             self.write_status(
                 "Incident", incident,
@@ -492,6 +527,7 @@ class CityReconciler:
         requests and no per-object reads. The listing also rebuilds the open-Incident index.
         """
         namespaces: list[str | None] = list(self.options.namespaces) or [None]
+        self.sensor_types.refresh()  # before the fleets are queued: a type that came or went is seen
         existing: set[tuple[str, str]] = set()
         for namespace in namespaces:
             routes: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -516,6 +552,51 @@ class CityReconciler:
         if self.local is not None and self.local.started:
             watched = set(self.options.namespaces)
             self.local.sweep(existing, lambda ns: not watched or ns in watched)
+
+
+class SensorTypeCatalogue:
+    """Names of the SensorTypes in the city (cluster-scoped, applied by the agent from the hub).
+
+    Listed at every resync, which then queues every fleet; a name not in the last listing is
+    looked up at once, so a fleet whose SensorType just arrived is Ready at its next reconcile,
+    and a missing type costs one read per reconcile of its fleet. An operator whose account may
+    not list SensorTypes says so on each fleet (``unreadable``) instead of guessing.
+    """
+
+    def __init__(self, kube: KubeRest) -> None:
+        self.kube = kube
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+
+    def _list(self, **query: Any) -> set[str]:
+        listed = self.kube.list(object_path(API_VERSION, "sensortypes"), **query)
+        return {item["metadata"]["name"] for item in listed}
+
+    def refresh(self) -> None:
+        try:
+            names = self._list()
+        except client.ApiException as exc:
+            if exc.status != 403:
+                raise
+            log.warning("The city operator may not list SensorTypes (%s); fleets go unchecked.", exc.reason)
+            return
+        with self._lock:
+            self._names = names
+
+    def lookup(self, name: str) -> SensorTypeLookup:
+        with self._lock:
+            if name in self._names:
+                return "found"
+        try:
+            found = name in self._list(fieldSelector=f"metadata.name={name}")
+        except client.ApiException as exc:
+            if exc.status != 403:
+                raise
+            return "unreadable"
+        if found:
+            with self._lock:
+                self._names.add(name)
+        return "found" if found else "missing"
 
 
 class OpenIncidents:

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from citynerve.models.registry import REFUSED_ARTIFACT_REASONS, ModelResolutionError, ResolvedModel
 from citynerve.operators.api.city import INCIDENT_STATES
+from citynerve.operators.api.events import MODEL_SWAPPED, WORKLOAD_FAILED, WORKLOAD_STARTED, EventReason
 from citynerve.operators.conditions import (
+    duration,
     find_condition,
     make_condition,
     parse_time,
@@ -81,13 +83,51 @@ def _recent(worker: Mapping[str, Any], newest: str, seconds: float = WORKER_STAL
     return bool(reported and latest and (latest - reported).total_seconds() <= seconds)
 
 
+# Whether a fleet's SensorType is in the city's catalogue: found, missing, or not readable by the
+# operator (its account may not list SensorTypes; the city chart grants it).
+SensorTypeLookup = Literal["found", "missing", "unreadable"]
+
+
+def sensor_type_condition(
+    fleet: Mapping[str, Any], lookup: SensorTypeLookup, generation: int | None
+) -> dict[str, Any]:
+    """``SensorTypeFound``: whether the SensorType the fleet names exists in the city."""
+    name, sensor_type = fleet["metadata"]["name"], fleet["spec"].get("sensorType")
+    if lookup == "found":
+        return make_condition(
+            "SensorTypeFound", "True", "SensorTypeFound", f"SensorType {sensor_type} exists.", generation
+        )
+    if lookup == "missing":
+        return make_condition(
+            "SensorTypeFound",
+            "False",
+            "SensorTypeNotFound",
+            f"SensorFleet {name} names SensorType {sensor_type}, which does not exist in this city, so its "
+            "readings cannot be validated. Create the SensorType on the hub (it propagates to every city) "
+            "or correct spec.sensorType.",
+            generation,
+        )
+    return make_condition(
+        "SensorTypeFound",
+        "Unknown",
+        "CatalogueUnreadable",
+        f"The city operator may not list SensorTypes, so it cannot tell whether SensorType {sensor_type} "
+        "exists. Grant its account list on sensortypes.citynerve.io (the city chart does).",
+        generation,
+    )
+
+
 def compute_fleet_status(
     fleet: Mapping[str, Any],
     deployment: Mapping[str, Any] | None,
     report: Mapping[str, Any] | None,
     now: datetime,
+    sensor_type: SensorTypeLookup = "found",
 ) -> dict[str, Any]:
-    """Status of a SensorFleet from its ingestion Deployment and the ingest report's counters.
+    """Status of a SensorFleet from its SensorType, its ingestion Deployment and the ingest report.
+
+    A fleet whose SensorType does not exist is not Ready (``SensorTypeNotFound``), whatever its
+    workers do: nothing can validate its readings.
 
     ``report`` is the data of the ingest-report ConfigMap: ``reportedAt``, ``terminalsOnline``,
     ``lastReadingTime``, ``acceptedReadings``, ``rejectedReadings``, ``quarantinedPayloads``.
@@ -98,7 +138,8 @@ def compute_fleet_status(
     name = fleet["metadata"]["name"]
     generation = _generation(fleet)
     interval = int(fleet["spec"].get("samplingIntervalSeconds", 300))
-    conditions = []
+    type_found = sensor_type_condition(fleet, sensor_type, generation)
+    conditions = [type_found]
 
     if deployment is None:
         available = make_condition(
@@ -154,6 +195,8 @@ def compute_fleet_status(
             "lastReadingTime": rfc3339(last) if last else None,
             "dataFreshnessSeconds": max(0, int((reported - last).total_seconds())) if last else None,
         }
+        if fields["dataFreshnessSeconds"] is not None:
+            fields["dataFreshness"] = duration(fields["dataFreshnessSeconds"])
         limit = STALE_AFTER_INTERVALS * interval
         newest = last or reported
         if (now - newest).total_seconds() > limit:
@@ -171,7 +214,11 @@ def compute_fleet_status(
             )
     conditions.append(fresh)
 
-    if available["status"] != "True":
+    if type_found["status"] == "False":
+        ready_condition = make_condition(
+            "Ready", "False", type_found["reason"], type_found["message"], generation
+        )
+    elif available["status"] != "True":
         ready_condition = make_condition(
             "Ready", "False", available["reason"], available["message"], generation
         )
@@ -348,6 +395,15 @@ def missing_references(
     return None
 
 
+def running_models(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The model versions a workload payload scores with, as ``status.models`` lists them (pure)."""
+    return [
+        {k: v for k, v in (("name", m["name"]), ("version", m.get("version")),
+                           ("artifactDigest", m.get("artifactDigest"))) if v is not None}
+        for m in payload.get("models") or []
+    ]
+
+
 def compute_scenario_status(
     scenario: Mapping[str, Any],
     unmet: tuple[str, str] | None,
@@ -355,15 +411,20 @@ def compute_scenario_status(
     open_incidents: int,
     now: datetime,
     refused_routes: Sequence[str] = (),
+    models: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Status of a Scenario: its workload's readiness, and whether its alert routes are allowed.
 
     ``refused_routes`` are the messages of routes the city's alert policy refuses (one per route).
+    ``models`` are the versions the workload's payload carries (``running_models``); they become
+    ``status.models`` once that workload runs, so a swap is seen when it takes effect.
     """
     generation = _generation(scenario)
     replicas = int(scenario["spec"].get("replicas", 1))
     fields: dict[str, Any] = {"openIncidents": open_incidents}
     if workload is not None:
+        # A new revision that is not running yet has not swapped anything: the old models stand.
+        fields["models"] = (scenario.get("status") or {}).get("models") or None
         fields["workload"] = {
             "apiVersion": workload.api_version,
             "kind": workload.kind,
@@ -371,6 +432,8 @@ def compute_scenario_status(
         }
         fields["readyReplicas"] = workload.ready_replicas
         fields["lastEvaluationTime"] = workload.last_evaluation_time
+        if workload.state in ("Running", "Succeeded"):
+            fields["models"] = [dict(m) for m in models] or None
     if unmet is not None:
         ready = make_condition("Ready", "False", unmet[0], unmet[1], generation)
     elif replicas == 0:
@@ -423,6 +486,54 @@ def compute_scenario_status(
             generation,
         )
     return with_conditions(scenario.get("status"), fields, [ready, accepted], generation, rfc3339(now))
+
+
+ScenarioEvent = tuple[EventReason, str]
+_RUNNING_REASONS = ("WorkloadRunning", "WorkloadSucceeded")
+
+
+def _model_text(model: Mapping[str, Any]) -> str:
+    digest = model.get("artifactDigest")
+    return f"version {model.get('version', 'unknown')}" + (f" (artifact {digest})" if digest else "")
+
+
+def scenario_events(scenario: Mapping[str, Any], desired: Mapping[str, Any]) -> list[ScenarioEvent]:
+    """The Events a Scenario's status change calls for: workload started or failed, model swapped (pure).
+
+    Only changes count, so a reconcile that writes nothing, or a restarted operator that finds
+    the same status, tells nothing twice.
+    """
+    name = scenario["metadata"]["name"]
+    before = scenario.get("status") or {}
+    old_ready, new_ready = find_condition(before, "Ready") or {}, find_condition(desired, "Ready") or {}
+    old_reason, new_reason = old_ready.get("reason"), new_ready.get("reason")
+    old_workload = (before.get("workload") or {}).get("name")
+    workload = desired.get("workload") or {}
+    new_workload = workload.get("name")
+    replaced = new_workload is not None and new_workload != old_workload
+    events: list[ScenarioEvent] = []
+    if new_reason in _RUNNING_REASONS and (replaced or old_reason not in _RUNNING_REASONS):
+        models = ", ".join(f"{m['name']} {_model_text(m)}" for m in desired.get("models") or [])
+        events.append((
+            WORKLOAD_STARTED,
+            f"Scenario {name} started {workload.get('kind')} {new_workload}"
+            + (f", scoring with {models}." if models else "."),
+        ))
+    if new_reason == "WorkloadFailed" and (replaced or old_reason != "WorkloadFailed"):
+        events.append((WORKLOAD_FAILED, f"Scenario {name}'s workload failed: {new_ready.get('message', '')}"))
+    if new_reason in _RUNNING_REASONS:
+        old_models = {m["name"]: m for m in before.get("models") or []}
+        for model in desired.get("models") or []:
+            old = old_models.get(model["name"])
+            if old is not None and (old.get("version"), old.get("artifactDigest")) != (
+                model.get("version"), model.get("artifactDigest")
+            ):
+                events.append((
+                    MODEL_SWAPPED,
+                    f"Scenario {name} now scores with AnalyticsModel {model['name']} {_model_text(model)}; "
+                    f"it scored with {_model_text(old)} before.",
+                ))
+    return events
 
 
 MAX_CONDITION_MESSAGE = 4096
@@ -490,8 +601,10 @@ def compute_incident_status(
     spec = incident["spec"]
     generation = _generation(incident)
     times, measured = measure_response_times(spec, now, generation)
+    response = times.get("responseSeconds")
     fields: dict[str, Any] = {
         **times,
+        "responseTime": duration(response) if response is not None else None,
         "notifiedRoutes": sorted(notified) or None,
         "deliveryRetries": list(retries) or None,
     }
@@ -509,6 +622,23 @@ def compute_incident_status(
             generation,
         )
     return with_conditions(incident.get("status"), fields, [condition, measured], generation, rfc3339(now))
+
+
+def incident_detected_message(incident: Mapping[str, Any]) -> str | None:
+    """The IncidentDetected Event's message, for an Incident the operator has never reconciled (pure).
+
+    An Incident with conditions was seen before (by this operator or an earlier run of it).
+    """
+    if (incident.get("status") or {}).get("conditions"):
+        return None
+    spec = incident["spec"]
+    location = spec.get("location") or {}
+    where = location.get("assetId") or location.get("description") or "an unnamed asset"
+    return (
+        f"{'Drill scenario' if spec.get('drill') else 'Scenario'} {spec['scenarioRef']['name']} detected a "
+        f"{spec['kind']} incident of severity {spec['severity']} at {where} "
+        f"({location.get('latitude')}, {location.get('longitude')}) at {spec.get('detectedAt')}."
+    )
 
 
 def state_index(state: str) -> int:

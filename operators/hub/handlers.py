@@ -35,6 +35,7 @@ from citynerve.operators.hub.status import (
     federated_scenario_status,
     lifecycle_events,
     read_report,
+    sensor_type_status,
     status_changes,
 )
 from citynerve.operators.kube import Kube
@@ -75,6 +76,8 @@ class HubContext:
         self.written: dict[tuple[str, str], str | None] = {}
         self.lock = threading.Lock()
         self._own_account: tuple[str, str] | bool | None = False  # False: not asked yet
+        # The SensorType statuses this operator wrote last, by name (the index catches up later).
+        self.sensor_type_status: dict[str, dict[str, Any]] = {}
 
     def own_account(self) -> tuple[str, str] | None:
         """(namespace, name) of the ServiceAccount this operator runs as; None if it is no account.
@@ -121,6 +124,11 @@ class Indices:
 
     def promotions(self) -> list[dict[str, Any]]:
         return self._values(self.promotion)
+
+    def reports(self, cities: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Each city's agent report, by city name (empty for a city that has not reported)."""
+        names = [c["metadata"]["name"] for c in cities]
+        return {name: read_report(self.first(self.report, city_namespace(name))) for name in names}
 
 
 def sync_city_work(ctx: HubContext, city: Mapping[str, Any], sensor_types: Iterable[Mapping[str, Any]],
@@ -221,6 +229,30 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
     def promotion_index(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {f"{namespace}/{name}": _plain(body)}
 
+    def sync_sensor_types(idx: Indices) -> int:
+        """Write each SensorType's propagation status where it changed; returns writes made."""
+        cities = idx.cities()
+        reports = idx.reports(cities)
+        now = dt.datetime.now(dt.UTC)
+        writes = 0
+        for sensor_type in idx.sensor_types():
+            name = sensor_type["metadata"]["name"]
+            wanted = sensor_type_status(sensor_type, cities, reports, now)
+            changes = status_changes(sensor_type.get("status"), wanted)
+            # The index catches up with a write a moment later; until then, do not write it again.
+            if not changes or ctx.sensor_type_status.get(name) == wanted:
+                continue
+            try:
+                ctx.custom.patch_cluster_custom_object_status(GROUP, VERSION, "sensortypes", name,
+                                                              {"status": changes})
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+                continue
+            ctx.sensor_type_status[name] = wanted
+            writes += 1
+        return writes
+
     def sync(city: Mapping[str, Any], idx: Indices) -> int:
         ns = city_namespace(city["metadata"]["name"])
         observed = {cm["metadata"]["name"]: cm for cm in idx.work.get(ns, [])}
@@ -266,10 +298,19 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
         with reconcile_span(resource.kind or resource.plural, namespace, name):
             for city in idx.cities():
                 sync(city, idx)
+            if resource.plural == "sensortypes":
+                sync_sensor_types(idx)
+
+    @kopf.on.event("configmaps", field="metadata.name", value=REPORT_CONFIGMAP, registry=registry)
+    def report_changed(*, namespace: str | None, **kwargs: Any) -> None:
+        # An agent applied (or removed) work: which SensorTypes each city holds may have changed.
+        with reconcile_span("SensorType", namespace, REPORT_CONFIGMAP):
+            sync_sensor_types(Indices(kwargs))
 
     @kopf.on.event(GROUP, VERSION, "cities", registry=registry)
     def propagate_to_city(*, body: kopf.Body, type: str, **kwargs: Any) -> None:
         if type == "DELETED":
+            sync_sensor_types(Indices(kwargs))  # one city fewer to hold them
             return
         # A City's labels decide its placements: its own work may change with them.
         with reconcile_span("City", None, body["metadata"]["name"]):
@@ -314,8 +355,7 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
 
     def check_federated(body: kopf.Body, patch: kopf.Patch, idx: Indices) -> None:
         cities = idx.cities()
-        reports = {c["metadata"]["name"]: read_report(idx.first(idx.report, city_namespace(
-            c["metadata"]["name"]))) for c in cities}
+        reports = idx.reports(cities)
         wanted = federated_scenario_status(_plain(body), cities, reports, dt.datetime.now(dt.UTC))
         for key, value in status_changes(body.get("status"), wanted).items():
             patch.status[key] = value

@@ -327,8 +327,8 @@ def selection_refusal(
     if spec.canary_city and spec.canary_city not in selected:
         return (
             "CanaryNotSelected",
-            f"canary city {spec.canary_city!r} is not among the selected cities {selected}; select it with "
-            "spec.citySelector or choose a selected city as spec.canaryCity",
+            f"canary city {spec.canary_city} is not among the selected cities ({', '.join(selected)}); "
+            "select it with spec.citySelector or choose a selected city as spec.canaryCity",
         )
     return None
 
@@ -434,7 +434,7 @@ def _conditions(
 
 def _start(step: _Step, obs: Observations) -> list[dict[str, Any]]:
     spec = step.spec
-    source = f"version {spec.source.version}" if spec.source.version else f"alias {spec.source.alias!r}"
+    source = f"version {spec.source.version}" if spec.source.version else f"alias {spec.source.alias}"
     what = f"{spec.model_name} {source}"
     refusal = selection_refusal(spec, obs.cities)
     if refusal is not None:
@@ -490,7 +490,8 @@ def _start(step: _Step, obs: Observations) -> list[dict[str, Any]]:
     gates_text = ", ".join(gate_text(g) for g in spec.gates) or "no gates"
     step.audit(
         "Started",
-        f"promote {what} (artifact digest {registry.digest}) to alias {spec.target_alias!r} in {selected}, "
+        f"promote {what} (artifact digest {registry.digest}) to alias {spec.target_alias} in "
+        f"{', '.join(selected)}, "
         f"canary {spec.canary_city or 'none'}, soak {spec.soak_seconds} s, gates: {gates_text}; "
         f"previous version {registry.previous_version or 'none'}",
         actor=step.actor,
@@ -514,13 +515,13 @@ def _start(step: _Step, obs: Observations) -> list[dict[str, Any]]:
     step.event(
         "Normal",
         "Started",
-        f"promoting {what} to {spec.target_alias!r}: "
+        f"promoting {what} to {spec.target_alias}: "
         f"{'canary ' + spec.canary_city if spec.canary_city else 'all cities'} first",
     )
     return _conditions(
         gates=("True", "GatesPassed", f"{what} meets {gates_text}"),
         canary=("Unknown", "Rolling", f"pinning canary {spec.canary_city}") if spec.canary_city else None,
-        complete=("Unknown", "InProgress", f"promoting {what} to {spec.target_alias!r}"),
+        complete=("Unknown", "InProgress", f"promoting {what} to {spec.target_alias}"),
         rolled_back=("False", "NotRolledBack", ""),
     )
 
@@ -707,10 +708,10 @@ def _advance(step: _Step, promotion: Mapping[str, Any], obs: Observations) -> li
     promoted = [o.city for o in status.cities if o.reason == PROMOTED]
     assert version is not None
     step.actions.append(MoveAlias(spec.model_name, spec.target_alias, version))
-    message = f"{what} is {spec.target_alias!r}, running in {', '.join(promoted)}"
+    message = f"{what} is {spec.target_alias}, running in {', '.join(promoted)}"
     if failed_cities:
         message += f"; rolled back in {', '.join(failed_cities)}"
-    step.audit("Completed", f"alias {spec.target_alias!r} moved to version {version}; {message}")
+    step.audit("Completed", f"alias {spec.target_alias} moved to version {version}; {message}")
     step.event("Normal", "Completed", message)
     return _conditions(
         canary=canary_cond,
@@ -764,7 +765,7 @@ def expected_at_gate(resolved: ResolvedModel, chain: Mapping[str, tuple[str, str
 
 def gate_refusal(resolved: ResolvedModel, chain: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
     """(reason, message) when the artifact the hub downloaded is not the one recorded; None when it is."""
-    what = f"version {resolved.version} of {resolved.name!r}"
+    what = f"version {resolved.version} of {resolved.name}"
     expected, whose = expected_at_gate(resolved, chain)
     if expected is None:
         return (

@@ -25,8 +25,9 @@ def cluster_rules() -> list[dict[str, Any]]:
         # account any change of a City's spec (approval, agent key) or labels.
         {"apiGroups": [GROUP], "resources": ["cities", "federatedscenarios", "modelpromotions"],
          "verbs": ["patch"]},
-        {"apiGroups": [GROUP], "resources": ["cities/status", "federatedscenarios/status",
-                                             "modelpromotions/status"], "verbs": ["patch"]},
+        {"apiGroups": [GROUP], "resources": ["cities/status", "sensortypes/status",
+                                             "federatedscenarios/status", "modelpromotions/status"],
+         "verbs": ["patch"]},
         # Each approved city's namespace (patch: its labels put right if they drift).
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "create", "patch"]},
         # Every city's work, report and Lease are watched; writes happen only in city-<name>

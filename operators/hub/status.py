@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
+from citynerve.operators.api.events import CITY_JOINED, CITY_OFFBOARDED, CITY_RECOVERED, CITY_UNREACHABLE
 from citynerve.operators.conditions import (
     ConditionStatus,
     make_condition,
@@ -16,7 +17,10 @@ from citynerve.operators.conditions import (
 )
 from citynerve.operators.federation.placement import (
     OFFBOARDED_REASON,
+    manifest_hash,
     placed_cities,
+    render_sensor_type,
+    takes_work,
     unselected_overrides,
     work_name,
 )
@@ -164,21 +168,21 @@ def lifecycle_events(name: str, old: Iterable[Mapping[str, Any]],
     if joined[1] == OFFBOARDED_REASON:
         if joined_was[1] == OFFBOARDED_REASON:
             return []
-        return [("Normal", "Offboarded",
+        return [(CITY_OFFBOARDED.type, CITY_OFFBOARDED.reason,
                  f"City {name}'s chart was uninstalled, so it takes no more work. Run `kubectl delete "
                  f"city {name}` to remove its namespace city-{name} and its access to the hub.")]
     events: list[LifecycleEvent] = []
     if joined[0] == "True" and joined_was[0] != "True":
-        events.append(("Normal", "Joined",
+        events.append((CITY_JOINED.type, CITY_JOINED.reason,
                        f"City {name} was approved and joined the federation; the work placed on it "
                        f"propagates through namespace city-{name}."))
     reachable_was, reachable = state(before, "Reachable"), state(after, "Reachable")
     if reachable_was[0] == "True" and reachable[0] == "False":
-        events.append(("Warning", "Unreachable",
+        events.append((CITY_UNREACHABLE.type, CITY_UNREACHABLE.reason,
                        f"City {name} stopped sending heartbeats. {after['Reachable'].get('message', '')} "
                        "Check that its operator runs and can reach the hub."))
     elif reachable_was == ("False", "HeartbeatMissed") and reachable[0] == "True":
-        events.append(("Normal", "Recovered",
+        events.append((CITY_RECOVERED.type, CITY_RECOVERED.reason,
                        f"City {name} is reachable again; work changed while it was away propagates now."))
     return events
 
@@ -237,10 +241,61 @@ def federated_scenario_status(
         waiting = [c["city"] for c in per_city if c["propagated"] != "True"]
         cond = ("False", "Propagating", f"Not yet applied in {', '.join(waiting)}.")
     conditions = merge_condition(conditions, "Propagated", *cond, now, generation)
+    conditions = merge_condition(conditions, "Ready", *federated_ready(per_city), now, generation)
     conditions = merge_condition(conditions, "OverridesMatched", *overrides_matched(body["spec"], cities),
                                  now, generation)
     return {"observedGeneration": generation, "selectedCities": len(selected),
             "readyCities": ready_count, "cities": per_city, "conditions": conditions}
+
+
+def federated_ready(per_city: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """The ``Ready`` condition of a FederatedScenario: its Scenario is Ready in every selected city."""
+    if not per_city:
+        return ("False", "NoCitySelected", "The placement selects no joined city: the scenario runs nowhere.")
+    waiting = [c for c in per_city if c["ready"] != "True"]
+    if not waiting:
+        return ("True", "ReadyInEveryCity", f"The Scenario is Ready in all {len(per_city)} selected cities.")
+    first = waiting[0]
+    why = f" ({first['reason']}: {first.get('message', '')})" if first.get("reason") else ""
+    names = ", ".join(c["city"] for c in waiting)
+    ready = len(per_city) - len(waiting)
+    return ("False", "NotReadyInSomeCities",
+            f"The Scenario is Ready in {ready} of {len(per_city)} selected cities, not in {names}. In "
+            f"{first['city']} its Ready is {first['ready']}{why}.")
+
+
+def sensor_type_status(
+    body: Mapping[str, Any],
+    cities: Iterable[Mapping[str, Any]],
+    reports: Mapping[str, Mapping[str, Any]],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """``propagatedCities`` and ``Propagated`` of a SensorType, from the cities' agent reports (pure).
+
+    A city holds the current spec when its agent reports the work of this SensorType applied
+    with the hash of what the hub writes now; every city that takes work should.
+    """
+    name = body["metadata"]["name"]
+    generation = body["metadata"].get("generation")
+    wname = work_name("SensorType", name)
+    wanted = manifest_hash(render_sensor_type(body))
+    taking = sorted(c["metadata"]["name"] for c in cities if takes_work(c))
+    holding = [c for c in taking if (reports.get(c, {}).get("objects", {}).get(wname) or {}).get("applied")
+               and reports[c]["objects"][wname].get("hash") == wanted]
+    if not taking:
+        cond = ("False", "NoCityJoined", f"No city has joined the federation yet, so SensorType {name} is "
+                "held by none.")
+    elif len(holding) == len(taking):
+        cond = ("True", "Propagated",
+                f"All {len(taking)} joined cities hold the current spec of SensorType {name}.")
+    else:
+        waiting = ", ".join(c for c in taking if c not in holding)
+        cond = ("False", "Propagating",
+                f"{len(holding)} of {len(taking)} joined cities hold the current spec of SensorType {name}; "
+                f"waiting for {waiting}.")
+    conditions = merge_condition((body.get("status") or {}).get("conditions") or [], "Propagated", *cond, now,
+                                 generation)
+    return {"observedGeneration": generation, "propagatedCities": len(holding), "conditions": conditions}
 
 
 def overrides_matched(spec: Mapping[str, Any], cities: Iterable[Mapping[str, Any]]) -> tuple[str, str, str]:
