@@ -164,5 +164,8 @@ def test_the_drill_reads_the_fleets_interval_and_the_scenarios_levels() -> None:
     assert summary["samplingIntervalSeconds"] == 60
     assert summary["alerts"] == len(sink.events) == summary["breaches"] > 0
     assert summary["lead_time_s"]
-    assert all(lead > 0 for lead in summary["lead_time_s"].values())
+    assert set(summary["lead_time_s"]) == set(summary["breach_at_s"])
+    for site, lead in summary["lead_time_s"].items():
+        alert = next(e for e in sink.events if e.location.asset_id == site)
+        assert lead == summary["breach_at_s"][site][0] - alert.detected_at_s > 0
     assert summary["alerts_without_breach"] == summary["missed_breaches"] == 0

@@ -235,6 +235,7 @@ def _major_event(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
         "alerts": len(events),
         "surge": surge is not None,
         "breaches": sum(len(times) for times in breaches.values()),
+        "breach_at_s": {site: times for site, times in breaches.items() if times},
         "lead_time_s": {m.site: m.lead_time_s for m in score.matched},
         "alerts_without_breach": score.alerts_without_breach,
         "missed_breaches": score.missed_breaches,
