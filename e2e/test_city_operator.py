@@ -29,11 +29,18 @@ from typing import Any
 import pytest
 import yaml
 from citynerve.models.registry import register_model_version
+from citynerve.observability import TRACEPARENT_ANNOTATION
+from citynerve.operators.api.events import (
+    ALERT_DELIVERED,
+    ALERT_FAILED,
+    INCIDENT_DETECTED,
+    WORKLOAD_STARTED,
+)
 from citynerve.operators.city import rbac
 from citynerve.operators.city.config import MANAGED_BY, AlertPolicy, CityOptions, WorkloadMode
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.city.signing import ReplayGuard, verify_alert
-from citynerve.operators.conditions import now_rfc3339
+from citynerve.operators.conditions import duration, now_rfc3339
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import free_port
 from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
@@ -224,6 +231,14 @@ def condition(obj: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]
     return {}
 
 
+def events_of(federation: Any, namespace: str, kind: str, name: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the core/v1 Events on one object, oldest first."""
+    listed = client.CoreV1Api(federation.api_client(CITY)).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}")
+    items = sorted(listed.items, key=lambda e: str(e.first_timestamp or ""))
+    return [(e.type, e.reason, e.message) for e in items]
+
+
 def apply(federation: Any, namespace: str, text: str) -> None:
     federation.kubectl(CITY, "apply", "-n", namespace, "-f", "-", input=text)
 
@@ -389,7 +404,32 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
         incident = incidents[0]
         assert incident["spec"]["drill"] is True
         assert incident["spec"]["scenarioRef"]["name"] == "pudong-burst-drill"
+        # The trace of its detection, as docs/alerts.md promises (telemetry is off in this process).
+        traceparent = incident["metadata"]["annotations"][TRACEPARENT_ANNOTATION]
+        assert len(traceparent.split("-")) == 4
         wait_for(lambda: ("Detected", True) in webhook.states(), 20, what="the Detected alert, signed")
+        trace_id = traceparent.split("-")[1]
+        assert any(trace_id in headers.get("traceparent", "") for headers, _, _ in webhook.raw)
+        name = incident["metadata"]["name"]
+        def incident_events() -> list[tuple[str, str, str]] | None:
+            seen = events_of(federation, namespace, "Incident", name)
+            wanted = {INCIDENT_DETECTED.reason, ALERT_DELIVERED.reason}
+            return seen if wanted <= {reason for _, reason, _ in seen} else None
+
+        told = wait_for(incident_events, 20, what="IncidentDetected and AlertDelivered Events")
+        detected = next(e for e in told if e[1] == INCIDENT_DETECTED.reason)
+        assert detected[0] == "Warning"
+        assert "Drill scenario pudong-burst-drill detected a water-burst incident" in detected[2]
+        delivered = next(e for e in told if e[1] == ALERT_DELIVERED.reason)
+        assert delivered[:2] == ("Normal", ALERT_DELIVERED.reason)
+        assert "State Detected was delivered to alert route duty-desk" in delivered[2]
+        started = wait_for(
+            lambda: [e for e in events_of(federation, namespace, "Scenario", "pudong-burst-drill")
+                     if e[1] == WORKLOAD_STARTED.reason],
+            20, what="a WorkloadStarted Event",
+        )
+        assert "Scenario pudong-burst-drill started RayActor" in started[0][2]
+        assert "burst-detector version" in started[0][2]
         ready = wait_for(
             lambda: condition(get(federation, "scenarios", namespace, "pudong-burst-drill")) or None,
             20,
@@ -397,7 +437,6 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
         )
         assert ready["status"] == "True", ready
 
-        name = incident["metadata"]["name"]
         transitions = [
             *incident["spec"]["transitions"],
             {"state": "Dispatched", "time": now_rfc3339(), "actor": "duty-officer-wang"},
@@ -433,7 +472,19 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
 
         opened, _ = wait_for(open_counts, 20, what="openIncidents equal to the open Incidents")
         assert opened >= 1
-        resolved = [*transitions, {"state": "Resolved", "time": now_rfc3339(), "actor": "crew"}]
+        on_site = [*transitions, {"state": "OnSite", "time": now_rfc3339(), "actor": "crew-pd-07"}]
+        custom(federation).patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, "incidents", name,
+            {"spec": {"state": "OnSite", "transitions": on_site}},
+        )
+
+        def response_measured() -> dict[str, Any] | None:
+            status = (get(federation, "incidents", namespace, name) or {}).get("status") or {}
+            return status if status.get("responseTime") else None
+
+        measured = wait_for(response_measured, 20, what="the response time")
+        assert measured["responseTime"] == duration(measured["responseSeconds"])
+        resolved = [*on_site, {"state": "Resolved", "time": now_rfc3339(), "actor": "crew"}]
         custom(federation).patch_namespaced_custom_object(
             GROUP, VERSION, namespace, "incidents", name,
             {"spec": {"state": "Resolved", "transitions": resolved}},
@@ -540,6 +591,13 @@ def test_alerts_are_replay_proof_backed_off_never_redirected_and_refused_where_t
             assert "moved-desk" in notified["message"]
             assert "never followed" in notified["message"]
             assert "duty-desk:Detected" in incident_status("harbour-burst-1")["notifiedRoutes"]
+            failed = wait_for(
+                lambda: [e for e in events_of(federation, namespace, "Incident", "harbour-burst-1")
+                         if e[1] == ALERT_FAILED.reason and "moved-desk" in e[2]],
+                20, what="an AlertFailed Event for the redirect",
+            )
+            assert failed[0][0] == "Warning"
+            assert "Delivering state Detected to alert route moved-desk failed (Redirected)" in failed[0][2]
 
             # (d) ... and on the Incident, never delivered.
             refused = wait_for(lambda: retry("metadata-burst-1", "metadata"), 20, what="the refused route")
@@ -673,6 +731,51 @@ def test_fleet_children_follow_spec_drift_and_deletion(
         )
         wait_for(lambda: not fleet_children(federation, namespace), 30,
                  what="the workers' account, Role, RoleBinding and report collected")
+
+
+@pytest.mark.timeout(90)
+def test_a_fleet_naming_a_missing_sensor_type_is_not_ready_until_the_type_arrives(
+    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
+) -> None:
+    """The operator's account may list SensorTypes as the city chart grants it (the agent's rules)."""
+    kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "local")
+    api = federation.api_client(CITY)
+    rbac_api = client.RbacAuthorizationV1Api(api)
+    role = f"citynerve-catalogue-{namespace}"
+    rbac_api.create_cluster_role({"metadata": {"name": role}, "rules": rbac.agent_cluster_rules()})
+    rbac_api.create_cluster_role_binding({
+        "metadata": {"name": role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}]})
+    sample_type = ROOT / "samples" / "sensortypes" / "tunnel-settlement-sensor.yaml"
+    sensor_type = yaml.safe_load(sample_type.read_text())
+    type_name = sensor_type["metadata"]["name"] = f"settlement-{namespace}"[:63]  # cluster-scoped: unique
+    fleet = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SensorFleet",
+             "metadata": {"name": "metro-settlement"},
+             "spec": {"sensorType": type_name, "district": "huangpu", "count": 120, "owner": "operator",
+                      "samplingIntervalSeconds": 600}}
+
+    def fleet_condition(kind: str, wanted: tuple[str, str]) -> dict[str, Any] | None:
+        seen = condition(get(federation, "sensorfleets", namespace, "metro-settlement"), kind)
+        return seen if (seen.get("status"), seen.get("reason")) == wanted else None
+
+    catalogue = client.CustomObjectsApi(api)
+    try:
+        with running_operator(kubeconfig, "hub", (namespace,), "local"):
+            apply(federation, namespace, json.dumps(fleet))
+            missing = wait_for(lambda: fleet_condition("Ready", ("False", "SensorTypeNotFound")), 30,
+                               what="the fleet's Ready naming the missing SensorType")
+            assert f"names SensorType {type_name}, which does not exist in this city" in missing["message"]
+            catalogue.create_cluster_custom_object(GROUP, VERSION, "sensortypes", sensor_type)
+            wait_for(lambda: fleet_condition("Ready", ("True", "IngestionReady")), 30,
+                     what="the fleet Ready once its SensorType arrived")
+            assert fleet_condition("SensorTypeFound", ("True", "SensorTypeFound")) is not None
+    finally:
+        with contextlib.suppress(client.ApiException):
+            catalogue.delete_cluster_custom_object(GROUP, VERSION, "sensortypes", type_name)
+        for delete in (rbac_api.delete_cluster_role_binding, rbac_api.delete_cluster_role):
+            with contextlib.suppress(client.ApiException):
+                delete(role)
 
 
 def fleet_children(federation: Any, namespace: str) -> list[str]:

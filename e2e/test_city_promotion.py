@@ -341,6 +341,36 @@ def test_a_version_failing_its_gate_is_refused_with_metric_and_threshold(setup: 
     assert "detectionRate >= 0.99" in warnings[0][2]
 
 
+def promotion_names(s: Setup) -> set[str]:
+    listed = client.CustomObjectsApi(s.federation.api_client("hub")).list_namespaced_custom_object(
+        GROUP, VERSION, HUB_NS, "modelpromotions")
+    return {item["metadata"]["name"] for item in listed.get("items") or []}
+
+
+@pytest.mark.timeout(90)
+def test_a_promotion_refused_for_its_input_leaves_nothing_behind(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = promotion_names(setup)
+    v2 = setup.versions["v2"]
+    for name, version, extra, why in (
+        ("no-such-version", "999", (), f"has no version 999 in the MLflow registry at {setup.url}"),
+        ("unknown-metric", v2, ("--gate", "f1Permille>=800"),
+         "its gates name f1Permille, which the version's run does not record"),
+        ("no-city", v2, ("--cities", "region=north"), "the city selector picks no joined city"),
+        ("canary-elsewhere", v2, ("--cities", "region=west", "--canary", "shanghai"),
+         "canary city shanghai is not among the selected cities (chengdu)"),
+    ):
+        capsys.readouterr()
+        code = promote(setup, name, version, *(extra or ("--cities", "")))
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert why in err, err
+        assert err.startswith(f"error: The promotion of {MODEL}")
+    assert promotion_names(setup) == before  # nothing was created, so nothing is left behind
+    assert alias_version(setup.url, MODEL, "champion") in (setup.versions["v1"], v2)
+
+
 @pytest.mark.timeout(120)
 def test_a_tampered_artifact_is_refused_at_the_gate_and_no_city_receives_it(setup: Setup) -> None:
     v2, v3 = setup.versions["v2"], setup.versions["v3"]

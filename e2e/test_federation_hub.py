@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,78 @@ def test_placement_and_overrides_decide_where_a_scenario_runs(fed: EmbeddedFeder
     matched = next(c for c in fs_status()["conditions"] if c["type"] == "OverridesMatched")
     assert (matched["status"], matched["reason"]) == ("False", "OverrideForUnselectedCity")
     assert "spec.overrides names shanghai" in matched["message"]
+
+
+def table(federation: Any, cluster: str, path: str) -> dict[str, dict[str, Any]]:
+    """What `kubectl get` shows, as the API server computes it (the Table form): name → column → cell."""
+    api = federation.api_client(cluster)
+    _, url, headers, _, _ = api.param_serialize(
+        "GET", path, header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"])
+    response = api.call_api("GET", url, header_params=headers)
+    response.read()
+    data = json.loads(response.data)
+    names = [c["name"] for c in data["columnDefinitions"]]
+    return {row["cells"][0]: dict(zip(names, row["cells"], strict=True)) for row in data["rows"]}
+
+
+def empty_columns(rows: dict[str, dict[str, Any]], name: str) -> list[str]:
+    return [column for column, cell in rows.get(name, {}).items() if cell in (None, "", "<none>")]
+
+
+@pytest.mark.timeout(120)
+def test_every_hub_column_is_filled_and_ready_and_propagated_tell_the_truth(
+    fed: EmbeddedFederation, federation: Any, wait_for: Any
+) -> None:
+    for city in ("shanghai", "chengdu"):
+        wait_for(lambda c=city: ready(fed, c), 60, what=f"City {city} Ready on the hub")
+    manifest = yaml.safe_load((SAMPLES / "sensortypes" / "weather-station.yaml").read_text())
+    name = manifest["metadata"]["name"]
+    hub = custom(federation, "hub")
+    hub.create_cluster_custom_object(GROUP, VERSION, "sensortypes", manifest)
+    path = f"/apis/{GROUP}/{VERSION}/sensortypes"
+    def propagated() -> dict[str, dict[str, Any]] | None:
+        rows = table(federation, "hub", path)
+        return rows if rows.get(name, {}).get("PROPAGATED") == "True" else None
+
+    rows = wait_for(propagated, 30, what=f"SensorType {name} Propagated")
+    assert empty_columns(rows, name) == []
+    status = hub.get_cluster_custom_object(GROUP, VERSION, "sensortypes", name)["status"]
+    assert status["propagatedCities"] == 2
+    # A changed spec is not propagated until both agents report it applied.
+    hub.patch_cluster_custom_object(GROUP, VERSION, "sensortypes", name,
+                                    {"spec": {"defaultSamplingIntervalSeconds": 120}})
+    def propagated_again() -> bool:
+        got = hub.get_cluster_custom_object(GROUP, VERSION, "sensortypes", name)["status"]
+        return bool(got.get("observedGeneration") == 2 and propagated())
+
+    wait_for(propagated_again, 30, what="the changed SensorType propagated again")
+
+    cities = table(federation, "hub", f"/apis/{GROUP}/{VERSION}/cities")
+    for city in ("shanghai", "chengdu"):
+        assert empty_columns(cities, city) == [], cities[city]
+
+    fs = yaml.safe_load((SAMPLES / "hub" / "federatedscenario-urban-flood.yaml").read_text())
+    fs["metadata"]["name"] = "flood-columns"
+    fs["spec"]["placement"] = {"cities": ["shanghai", "chengdu"]}
+    fs["spec"]["overrides"] = []
+    hub.create_namespaced_custom_object(GROUP, VERSION, "default", "federatedscenarios", fs)
+    try:
+        fs_path = f"/apis/{GROUP}/{VERSION}/namespaces/default/federatedscenarios"
+        def filled() -> dict[str, dict[str, Any]] | None:
+            rows = table(federation, "hub", fs_path)
+            return rows if "flood-columns" in rows and not empty_columns(rows, "flood-columns") else None
+
+        rows = wait_for(filled, 30, what="every FederatedScenario column filled")
+        body = hub.get_namespaced_custom_object(GROUP, VERSION, "default", "federatedscenarios",
+                                                "flood-columns")
+        ready_cond = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+        assert rows["flood-columns"]["READY"] == ready_cond["status"]
+        if ready_cond["status"] != "True":  # no fleets in these cities: it says where and why
+            assert ready_cond["reason"] == "NotReadyInSomeCities"
+            assert "chengdu" in ready_cond["message"] or "shanghai" in ready_cond["message"]
+    finally:
+        hub.delete_namespaced_custom_object(GROUP, VERSION, "default", "federatedscenarios", "flood-columns")
 
 
 @pytest.mark.timeout(180)

@@ -567,6 +567,7 @@ class SensorTypeCatalogue:
         self.kube = kube
         self._lock = threading.Lock()
         self._names: set[str] = set()
+        self._forbidden = False
 
     def _list(self, **query: Any) -> set[str]:
         listed = self.kube.list(object_path(API_VERSION, "sensortypes"), **query)
@@ -578,10 +579,12 @@ class SensorTypeCatalogue:
         except client.ApiException as exc:
             if exc.status != 403:
                 raise
-            log.warning("The city operator may not list SensorTypes (%s); fleets go unchecked.", exc.reason)
+            if not self._forbidden:  # said once, and on every fleet's SensorTypeFound condition
+                log.warning("The city operator may not list SensorTypes (%s): fleets unchecked.", exc.reason)
+            self._forbidden = True
             return
         with self._lock:
-            self._names = names
+            self._names, self._forbidden = names, False
 
     def lookup(self, name: str) -> SensorTypeLookup:
         with self._lock:
