@@ -5,14 +5,21 @@ from __future__ import annotations
 import copy
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import yaml
+from citynerve.models.incidents import DrillTruth, IncidentEvent, IncidentLocation, Measurement
 from citynerve.operators.api import from_manifest
 from citynerve.operators.city import children
 from citynerve.operators.city.config import CityOptions
+from citynerve.workloads.ingest.sensor_type import SensorType
+from citynerve.workloads.sim.gateway import gateway_batch
 
 pytestmark = pytest.mark.timeout(10)
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 OPTIONS = CityOptions(city="shanghai")
 
 
@@ -211,40 +218,192 @@ def test_a_replace_keeps_what_other_controllers_put_in_the_metadata() -> None:
     assert body["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
 
 
+PRESSURE_FLEETS = [
+    {"fleet": "pudong-pressure", "sensorType": "pipe-pressure-gauge", "count": 4200},
+    {"fleet": "pudong-flow", "sensorType": "electromagnetic-flow-meter", "count": 310},
+]
+THRESHOLDS = [
+    {"metric": "pressureDropKpa", "unitCode": "KPA", "warning": 50, "alarm": 120},
+    {"metric": "flowSurgePercent", "unitCode": "P1", "warning": 20, "alarm": 45},
+]
+
+
+def burst_event(drop_kpa: float, surge_percent: float | None = None, **location: Any) -> dict[str, Any]:
+    """A water-burst detection as the runner hands it on (``IncidentEvent.to_dict()``)."""
+    measurements = [
+        Measurement("pressureDropKpa", "KPA", drop_kpa, "pressure", "145", 6),
+        Measurement("pressureDropKpa", "KPA", drop_kpa / 2, "pressure", "159", 3),
+    ]
+    if surge_percent is not None:
+        measurements.append(Measurement("flowSurgePercent", "P1", surge_percent, "flow"))
+    return IncidentEvent(
+        kind="water-burst",
+        location=IncidentLocation(asset_id="125", **location),
+        severity="warning",
+        detected_at_s=38700.0,
+        onset_s=36000.0,
+        evidence={"cusum": 16.0, "threshold": 12.0},
+        measurements=tuple(measurements),
+        rule="the CUSUM reached 16.0, past the detector's threshold 12",
+        truth=DrillTruth(true_asset="123", distance_m=740.6, hops=2),
+    ).to_dict()
+
+
+def burst_payload(thresholds: list[dict[str, Any]] = THRESHOLDS, city: str = "shanghai") -> dict[str, Any]:
+    payload = children.scenario_payload(
+        scenario(thresholds=thresholds), {"pudong-pressure": fleet()}, MODELS, city)
+    return {**payload, "fleets": PRESSURE_FLEETS}
+
+
+PLACED: dict[str, Any] = {
+    "lat": 31.250795, "lon": 121.469359, "placement": "Drill placement: junction 125 of Net3."}
+
+
 def test_incident_manifest_is_a_valid_incident_with_a_stable_name() -> None:
-    payload = children.scenario_payload(scenario(), {"pudong-pressure": fleet()}, MODELS, "shanghai")
-    event = {
-        "kind": "water-burst",
-        "severity": "warning",
-        "detected_at_s": 38700.0,
-        "onset_s": 36000.0,
-        "location": {"asset_id": "22", "lat": 40.0, "lon": 50.0},
-        "evidence": {
-            "cusum": 16.0,
-            "threshold": 12.0,
-            "pressure_drop_m": {"23": 14.2, "22": 15.0},
-            "candidates": [["22", 0.99]],
-        },
-    }
+    payload = burst_payload()
+    event = burst_event(147.1, 30.0, **PLACED)
     when = datetime(2026, 7, 12, 4, 15, tzinfo=UTC)
     manifest = children.incident_manifest(event, payload, when, OPTIONS.centre)
     incident = from_manifest("Incident", manifest)
     assert incident.spec.drill is True  # type: ignore[attr-defined]
-    assert manifest["spec"]["severity"] == "alarm"  # 15 m of water is 147 kPa, above the 120 kPa alarm
-    assert manifest["spec"]["location"]["latitude"] == "31.2304"  # drill coordinates are not geographic
-    assert {e["metric"] for e in manifest["spec"]["evidence"]} == {
-        "simulatedMinute", "detectionDelayMinutes", "cusum", "threshold", "pressureDropKpa"}
-    timing = {e["metric"]: e["value"] for e in manifest["spec"]["evidence"] if e["unitCode"] == "MIN"}
-    assert timing == {"simulatedMinute": "645", "detectionDelayMinutes": "45"}  # 38700 s; 2700 s after onset
+    assert manifest["spec"]["severity"] == "alarm"  # 147 kPa is past the 120 kPa alarm
+    evidence = {(e["metric"], e.get("terminal")): (e["fleet"], e["value"], e["unitCode"])
+                for e in manifest["spec"]["evidence"]}
+    assert evidence == {
+        ("simulatedMinute", None): ("pudong-pressure", "645", "MIN"),  # 38700 s
+        ("detectionDelayMinutes", None): ("pudong-pressure", "45", "MIN"),  # 2700 s after onset
+        ("drillDistanceMetres", None): ("pudong-pressure", "741", "MTR"),
+        ("drillDistanceHops", None): ("pudong-pressure", "2", "C62"),
+        ("pressureDropKpa", "pudong-pressure-6"): ("pudong-pressure", "147.1", "KPA"),
+        ("pressureDropKpa", "pudong-pressure-3"): ("pudong-pressure", "73.55", "KPA"),
+        ("flowSurgePercent", None): ("pudong-flow", "30", "P1"),
+    }
+    location = manifest["spec"]["location"]
+    assert (location["latitude"], location["longitude"]) == ("31.250795", "121.469359")
+    assert location["assetId"] == "125"
+    assert location["description"].startswith("Drill placement: junction 125 of Net3.")
+    assert "pudong-pressure-6 (junction 145)" in location["description"]
+    note = manifest["spec"]["transitions"][0]["note"]
+    assert "pressureDropKpa 147.1 KPA reached the alarm level 120" in note
+    assert "flowSurgePercent 30 P1 reached the warning level 20" in note
+    assert ("the burst was at junction 123: the reported junction 125 is 741 m along the pipes from it "
+            "(2 pipes)") in note
     again = children.incident_manifest(event, payload, datetime.now(UTC), OPTIONS.centre)
     assert again["metadata"]["name"] == manifest["metadata"]["name"]
     other = children.incident_manifest({**event, "detected_at_s": 39600.0}, payload, when, OPTIONS.centre)
     assert other["metadata"]["name"] != manifest["metadata"]["name"]
 
 
-def test_critical_detections_stay_critical() -> None:
-    assert children.incident_severity("critical", {}, []) == "critical"
-    assert children.incident_severity("warning", {"x": 1.0}, [{"metric": "x", "alarm": 5}]) == "warning"
+@pytest.mark.parametrize(
+    ("drop_kpa", "surge", "severity", "said"),
+    [
+        (19.3, None, None, "Not raised: below the Scenario's thresholds: pressureDropKpa 19.3 KPA is below "
+                           "the warning level 50."),
+        (19.3, 44.7, "warning", "flowSurgePercent 44.7 P1 reached the warning level 20; pressureDropKpa "
+                                "19.3 KPA is below the warning level 50."),
+        (50.0, None, "warning", "pressureDropKpa 50 KPA reached the warning level 50."),
+        (119.9, 45.0, "alarm", "flowSurgePercent 45 P1 reached the alarm level 45; pressureDropKpa 119.9 KPA "
+                               "reached the warning level 50."),
+    ],
+)
+def test_severity_follows_the_scenarios_thresholds_in_its_units(
+    drop_kpa: float, surge: float | None, severity: str | None, said: str
+) -> None:
+    decision = children.incident_severity(burst_event(drop_kpa, surge), THRESHOLDS)
+    assert decision.severity == severity
+    assert decision.reason.endswith(said)
+
+
+def test_a_below_threshold_detection_is_no_incident() -> None:
+    with pytest.raises(ValueError, match="not an Incident: Not raised: below the Scenario's thresholds"):
+        children.incident_manifest(burst_event(19.3, **PLACED), burst_payload(), datetime.now(UTC),
+                                   OPTIONS.centre)
+
+
+def test_a_forecast_is_held_to_its_metrics_threshold() -> None:
+    event = IncidentEvent(
+        kind="urban-flood", location=IncidentLocation("10"), severity="warning", detected_at_s=8700.0,
+        measurements=(Measurement("waterLevelMm", "MMT", 103.5, "waterLevel", "10", 1),
+                      Measurement("forecastWaterLevelMm", "MMT", 352.4, "waterLevel", "10", 1)),
+    ).to_dict()
+    levels = [{"metric": "waterLevelMm", "unitCode": "MMT", "warning": 150, "alarm": 270}]
+    decision = children.incident_severity(event, levels)
+    assert decision.severity == "alarm"
+    assert "forecastWaterLevelMm 352.4 MMT reached the alarm level 270" in decision.reason
+
+
+def test_without_an_applicable_threshold_the_detectors_own_rule_is_named() -> None:
+    in_centimetres = [{"metric": "pressureDropKpa", "unitCode": "CMT", "warning": 5, "alarm": 12}]
+    for thresholds, unapplied in (([], ""), (in_centimetres, " (pressureDropKpa is measured in KPA, not the "
+                                                            "threshold's CMT)")):
+        decision = children.incident_severity(burst_event(19.3), thresholds)
+        assert decision.severity == "warning"
+        assert decision.reason == (
+            "Severity warning by the detector's own rule, as no threshold of the Scenario applies to what it "
+            f"measured{unapplied}: the CUSUM reached 16.0, past the detector's threshold 12.")
+    # a detector that reports no measurements keeps its severity when no threshold names its figures
+    crowd = {"kind": "major-event", "severity": "critical", "evidence": {"count": 900.0}}
+    assert children.incident_severity(crowd, THRESHOLDS).severity == "critical"
+    # ... and its scalar evidence is held to a threshold that names it
+    assert children.incident_severity(
+        crowd, [{"metric": "count", "unitCode": "C62", "warning": 1000, "alarm": 2000}]).severity is None
+
+
+def test_terminal_ids_are_the_fleets_gateway_ids() -> None:
+    gauge = SensorType.from_resource(
+        "pipe-pressure-gauge",
+        yaml.safe_load((SAMPLES / "sensortypes" / "pipe-pressure-gauge.yaml").read_text())["spec"])
+    batch = json.loads(gateway_batch(gauge, 8, 0, np.random.default_rng(0), prefix="pudong-pressure-"))
+    assert [e["id"] for e in batch] == [
+        f"urn:ngsi-ld:{gauge.data_model}:{children.terminal_id('pudong-pressure', i)}" for i in range(8)]
+    assert children.fleet_measuring("flow", PRESSURE_FLEETS) == PRESSURE_FLEETS[1]
+    assert children.fleet_measuring("pressure", PRESSURE_FLEETS) == PRESSURE_FLEETS[0]
+    # no fleet of the scenario measures rainfall: its first fleet stands for the scenario
+    assert children.fleet_measuring("rainfallIntensity", PRESSURE_FLEETS) == PRESSURE_FLEETS[0]
+    small = [{"fleet": "tiny", "sensorType": "pipe-pressure-gauge", "count": 4}]
+    entries, terminals = children.incident_evidence(burst_event(60.0), small, "tiny", "2026-07-12T04:15:00Z")
+    assert [e["terminal"] for e in entries] == ["tiny-2", "tiny-3"]  # sensors 6 and 3 of a 4-terminal fleet
+    assert terminals == ["tiny-2 (junction 145)", "tiny-3 (junction 159)"]
+
+
+def test_coordinates_are_the_assets_or_the_city_centre_never_zero() -> None:
+    payload = burst_payload()
+    when = datetime(2026, 7, 12, 4, 15, tzinfo=UTC)
+    # a drill's raw model coordinates are not the city's: without a placement the centre is used, and said
+    raw = children.incident_manifest(burst_event(147.1, lat=25.64, lon=24.59), payload, when, OPTIONS.centre)
+    where = raw["spec"]["location"]
+    assert (where["latitude"], where["longitude"]) == ("31.2304", "121.4737")
+    assert "city centre" in where["description"]
+    live = {**payload, "spec": {**payload["spec"], "mode": "live"}}
+    surveyed = children.incident_manifest(burst_event(147.1, lat=31.1, lon=121.5), live, when, OPTIONS.centre)
+    where = surveyed["spec"]["location"]
+    assert (where["latitude"], where["longitude"]) == ("31.1", "121.5")
+    nowhere = burst_payload(city="atlantis")
+    assert CityOptions(city="atlantis").centre is None
+    with pytest.raises(children.IncidentLocationUnknownError, match="city 'atlantis' has no known centre"):
+        children.incident_manifest(burst_event(147.1), nowhere, when, CityOptions(city="atlantis").centre)
+    placed = children.incident_manifest(burst_event(147.1, **PLACED), nowhere, when, None)
+    assert placed["spec"]["location"]["latitude"] == "31.250795"
+
+
+def test_flood_warnings_say_whether_the_node_flooded_and_the_lead_time() -> None:
+    payload = {**burst_payload([]), "spec": {**burst_payload([])["spec"], "kind": "urban-flood"}}
+    when = datetime(2026, 7, 12, 4, 15, tzinfo=UTC)
+
+    def warned(truth: DrillTruth) -> dict[str, Any]:
+        event = IncidentEvent(kind="urban-flood", location=IncidentLocation("21", **PLACED),
+                              severity="warning", detected_at_s=8700.0, truth=truth).to_dict()
+        return children.incident_manifest(event, payload, when, OPTIONS.centre)["spec"]
+
+    dry = warned(DrillTruth(true_asset="21", flooded=False))
+    assert {e["metric"]: e["value"] for e in dry["evidence"]}["drillFlooded"] == "0"
+    assert "drillLeadTimeMinutes" not in {e["metric"] for e in dry["evidence"]}
+    assert dry["transitions"][0]["note"].endswith("In the drill node 21 did not flood.")
+    wet = warned(DrillTruth(true_asset="21", flooded=True, flood_onset_s=9600.0, lead_time_s=900.0))
+    evidence = {e["metric"]: e["value"] for e in wet["evidence"]}
+    assert (evidence["drillFlooded"], evidence["drillLeadTimeMinutes"]) == ("1", "15")
+    assert wet["transitions"][0]["note"].endswith(
+        "In the drill node 21 flooded at simulated minute 160: the warning came 15 min ahead.")
 
 
 def test_local_actor_names_round_trip() -> None:
@@ -253,6 +412,7 @@ def test_local_actor_names_round_trip() -> None:
     assert children.parse_local_actor_name("unrelated") is None
 
 
+@pytest.mark.timeout(60)  # imports the simulators (WNTR, SciPy)
 def test_runner_spec_translates_the_scenario_for_the_runner() -> None:
     from citynerve.operators.city.analytics import runner_spec  # noqa: PLC0415
     from citynerve.workloads.sim.water import LeakSpec  # noqa: PLC0415
@@ -261,6 +421,9 @@ def test_runner_spec_translates_the_scenario_for_the_runner() -> None:
     spec = runner_spec(payload)
     assert (spec["kind"], spec["mode"], spec["thresholds"]) == ("water-burst", "drill", {})
     assert spec["simulation"]["network"] == "Net1"
+    # the drill's network is placed at the city's centre, from the platform's one table
+    assert spec["simulation"]["anchor"] == {"latitude": 31.2304, "longitude": 121.4737,
+                                            "name": "the centre of Shanghai"}
     (leak,) = spec["simulation"]["leaks"]
     assert LeakSpec(**leak).node == "22"
     assert spec["models"] == [
@@ -276,7 +439,12 @@ def test_runner_spec_translates_the_scenario_for_the_runner() -> None:
             },
         }
     )
-    assert flood["simulation"] == {}
+    assert flood["simulation"] == {"anchor": spec["simulation"]["anchor"]}
+    mountain = runner_spec({**payload, "spec": {**payload["spec"], "kind": "mountain-flood", "thresholds": [
+        {"metric": "forecastDischargePercent", "unitCode": "P1", "warning": 130, "alarm": 200}]}})
+    assert (mountain["simulation"]["warnFactor"], mountain["simulation"]["evacuateFactor"]) == (1.3, 2.0)
+    with pytest.raises(ValueError, match="city 'atlantis' has no known centre"):
+        runner_spec({**payload, "city": "atlantis"})
 
 
 def test_a_major_event_drill_names_its_surge() -> None:

@@ -12,7 +12,9 @@ from citynerve.workloads.sim.drainage import (
     DrainageScenarioSpec,
     StormSpec,
     critical_levels,
+    drainage_placement,
     model_path,
+    model_units,
     simulate_drainage,
 )
 
@@ -108,3 +110,41 @@ def test_mountain_flood_predict_prewarn_rehearse_preplan(capsys: pytest.CaptureF
     events = detector.predict(drills["peak-3.0"])
     assert {e.kind for e in events} == {"mountain-flood"}
     assert detector.explain(events[0])["params"] is not None
+
+
+@pytest.mark.timeout(60)
+def test_warnings_are_measured_in_millimetres_from_the_models_own_units(dry: DrainageRun) -> None:
+    units = model_units("model_lids")
+    assert (units.flow_units, units.metres_per_length, units.mm_per_hour_per_rain) == ("CFS", 0.3048, 25.4)
+    run = simulate_drainage(DrainageScenarioSpec(storm=StormSpec(2.0), watched_nodes=WATCHED, seed=3))
+    detector = UrbanFloodWarning(critical_levels("model_lids", WATCHED), step_s=300,
+                                 mm_per_unit=304.8, rain_mm_per_hour_per_unit=25.4).fit(window(dry))
+    events = detector.predict(window(run))
+    assert events
+    for event in events:
+        t = int(np.flatnonzero(run.times_s == event.detected_at_s)[0])
+        j = run.nodes.index(event.location.asset_id)
+        measured = {m.metric: m for m in event.measurements}
+        assert measured["waterLevelMm"].value == pytest.approx(run.level[t, j] * 304.8)
+        assert (measured["waterLevelMm"].sensor, measured["waterLevelMm"].sensor_index) == (run.nodes[j], j)
+        assert measured["forecastWaterLevelMm"].value >= measured["drainFullLevelMm"].value or (
+            event.evidence["trigger"] == "level")
+        assert measured["rainfallIntensityMmPerHour"].value == pytest.approx(run.rainfall[t].max() * 25.4)
+        assert event.rule is not None
+        assert "drain-full level" in event.rule
+
+
+@pytest.mark.timeout(30)
+def test_a_swmm_model_is_placed_in_the_city_nodes_and_subcatchments() -> None:
+    anchor = (30.5728, 104.0668)
+    placement = drainage_placement("model_lids", anchor, "the centre of Chengdu")
+    run = simulate_drainage(DrainageScenarioSpec(storm=StormSpec(0.0)))
+    points = [placement.locate(n) for n in run.nodes] + [
+        placement.locate(f"subcatchment:{c}") for c in run.catchments]
+    assert None not in points
+    lats = [p[0] for p in points if p is not None]
+    lons = [p[1] for p in points if p is not None]
+    # Example 1 is a catchment of about a kilometre: its assets lie within 0.01 degree of the anchor
+    assert max(abs(lat - anchor[0]) for lat in lats) < 0.01
+    assert max(abs(lon - anchor[1]) for lon in lons) < 0.01
+    assert len(set(points)) == len(points)  # every asset has a place of its own

@@ -7,13 +7,17 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import wntr
 from citynerve.workloads.sim.water import (
     LeakSpec,
     WaterScenarioSpec,
     choose_sensors,
+    graph_distances,
     model_baseline,
+    network_path,
     run_water_scenarios,
     simulate_water,
+    water_placement,
 )
 from citynerve.workloads.water import evaluate_water_detection, leak_set
 
@@ -87,3 +91,43 @@ def test_detection_quality(network: str, ray_local: None, capsys: pytest.Capture
     assert report.median_delay_min <= floor["delay_min"]
     assert report.median_localisation_hops <= floor["hops"]
     assert report.false_alarms_per_day <= floor["false_per_day"]
+
+
+def _metres_between(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Great-circle distance (haversine, mean Earth radius) between two (lat, lon) points."""
+    lat1, lon1, lat2, lon2 = map(np.radians, (a[0], a[1], b[0], b[1]))
+    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    return float(2 * 6_371_000.0 * np.arcsin(np.sqrt(h)))
+
+
+@pytest.mark.timeout(30)
+def test_a_drill_network_is_placed_in_the_city_at_the_scale_of_its_pipes() -> None:
+    wn = wntr.network.WaterNetworkModel(str(network_path("Net3")))
+    anchor = (31.2304, 121.4737)
+    placement = water_placement("Net3", anchor, "the centre of Shanghai")
+    # on the ground, a pipe is at least as long as the straight line between its ends, and
+    # half the pipes are longer than that line (the scale is the median of the ratios)
+    ratios = []
+    for _name, pipe in wn.pipes():
+        a, b = placement.locate(pipe.start_node_name), placement.locate(pipe.end_node_name)
+        assert a is not None
+        assert b is not None
+        straight = _metres_between(a, b)
+        if straight > 0:
+            ratios.append(pipe.length / straight)
+    assert np.median(ratios) == pytest.approx(1.0, rel=0.01)
+    xy = np.array([wn.get_node(n).coordinates for n in wn.node_name_list])
+    middle = placement.place(*((xy.min(axis=0) + xy.max(axis=0)) / 2))
+    assert _metres_between(middle, anchor) < 0.5
+    assert placement.locate("no-such-junction") is None
+    assert "1 unit = 225 m" in placement.describe("junction 125")
+
+
+@pytest.mark.timeout(30)
+def test_graph_distances_count_pipes_and_their_metres() -> None:
+    wn = wntr.network.WaterNetworkModel(str(network_path("Net3")))
+    pipe = wn.get_link(wn.pipe_name_list[10])
+    hops, metres = graph_distances("Net3", pipe.start_node_name, [pipe.start_node_name, pipe.end_node_name])
+    assert hops.tolist() == [0.0, 1.0]
+    assert metres[0] == 0.0
+    assert metres[1] <= pipe.length  # a parallel path may be shorter, never longer

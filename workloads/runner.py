@@ -32,7 +32,7 @@ from citynerve.models.detectors.base import SensorWindow, Window
 from citynerve.models.detectors.crowd import CrowdCongestionDetector, score_drill
 from citynerve.models.detectors.flood import UrbanFloodWarning
 from citynerve.models.detectors.mountain import Area, MountainFloodWarning
-from citynerve.models.incidents import IncidentEvent, IncidentSink
+from citynerve.models.incidents import DrillTruth, IncidentEvent, IncidentSink
 from citynerve.observability.telemetry import configure_telemetry, shutdown_telemetry
 from citynerve.observability.tracing import (
     detection_span,
@@ -54,14 +54,19 @@ from citynerve.workloads.sim.drainage import (
     DrainageScenarioSpec,
     StormSpec,
     critical_levels,
+    drainage_placement,
+    model_units,
     simulate_drainage,
 )
+from citynerve.workloads.sim.placement import Placement
 from citynerve.workloads.sim.water import (
     LeakSpec,
     WaterScenarioSpec,
     choose_sensors,
+    graph_distances,
     model_baseline,
     simulate_water,
+    water_placement,
 )
 from citynerve.workloads.water import build_detector, window_of
 
@@ -124,8 +129,15 @@ def _water(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) 
         readings = int(run.pressure.size)
         span.set_attribute("citynerve.ingest.batch_size", readings)
         record_ingest(WATER_SENSOR_TYPE, readings)
+    placement = _placement(sim, lambda anchor, name: water_placement(network, anchor, name))
     with detection_span("water-burst", type(detector).__name__):
-        events = detector.predict(window, sink)
+        events = [
+            _placed(replace(event, truth=_burst_truth(network, leaks, event)), placement,
+                    label=f"junction {event.location.asset_id}")
+            for event in detector.predict(window)
+        ]
+        for event in events:
+            sink(event)
     return {"network": network, "leaks": len(leaks), "detections": len(events)}
 
 
@@ -153,10 +165,22 @@ def _urban_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
     )
     dry = simulate_drainage(replace(spec, storm=_storm(sim, 0.0)))
     run = simulate_drainage(spec)
-    detector = UrbanFloodWarning(critical_levels(model, run.nodes), step_s=spec.report_step_s, **thresholds)
+    units = model_units(model)
+    detector = UrbanFloodWarning(
+        critical_levels(model, run.nodes), step_s=spec.report_step_s,
+        **{"mm_per_unit": 1000.0 * units.metres_per_length,
+           "rain_mm_per_hour_per_unit": units.mm_per_hour_per_rain, **thresholds},
+    )
     detector.fit(_drainage_window(dry))
+    placement = _placement(sim, lambda anchor, name: drainage_placement(model, anchor, name))
     with detection_span("urban-flood", type(detector).__name__):
-        events = detector.predict(_drainage_window(run), sink)
+        events = [
+            _placed(replace(event, truth=_flood_truth(run.flood_onset_s(event.location.asset_id), event)),
+                    placement, label=f"node {event.location.asset_id}")
+            for event in detector.predict(_drainage_window(run))
+        ]
+        for event in events:
+            sink(event)
     lead = {}
     for event in events:
         onset = run.flood_onset_s(event.location.asset_id)
@@ -172,11 +196,17 @@ def _mountain_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incid
     )
     warn_factor = float(sim.get("warnFactor", 1.2))
     evacuate_factor = float(sim.get("evacuateFactor", 1.8))
+    # each area's levels are set against its catchment's peak in the calibration storm
     areas = [
-        Area(c, f"area-{c}", warn_factor * q, evacuate_factor * q)
+        Area(c, f"area-{c}", warn_factor * q, evacuate_factor * q, reference_discharge=q)
         for c, q in zip(calibration.catchments, calibration.runoff.max(axis=0), strict=True)
     ]
-    detector = MountainFloodWarning(areas, step_s=300, **thresholds)
+    units = model_units(model)
+    detector = MountainFloodWarning(
+        areas, step_s=300,
+        **{"flow_m3s_per_unit": units.cubic_metres_per_second_per_flow,
+           "rain_mm_per_hour_per_unit": units.mm_per_hour_per_rain, **thresholds},
+    )
     detector.fit(
         _drainage_window(calibration),
         dict(zip(calibration.catchments, calibration.catchment_area, strict=True)),
@@ -185,15 +215,77 @@ def _mountain_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incid
         DrainageScenarioSpec(model=model, storm=_storm(sim), seed=int(sim.get("seed", 0)))
     )
     window = _drainage_window(storm)
-    with detection_span("mountain-flood", type(detector).__name__):
-        events = detector.predict(window, sink)
     drills = detector.rehearse({"scenario-storm": window})
+    passed = {d.catchment: d.exceeded_at_s for d in drills}
+    catchment_of = {a.name: a.catchment for a in areas}
+    placement = _placement(sim, lambda anchor, name: drainage_placement(model, anchor, name))
+    with detection_span("mountain-flood", type(detector).__name__):
+        events = [
+            _placed(
+                replace(event, truth=_flood_truth(passed.get(catchment_of[event.location.asset_id]), event)),
+                placement,
+                f"subcatchment:{catchment_of[event.location.asset_id]}",
+                f"{event.location.asset_id} (subcatchment {catchment_of[event.location.asset_id]})",
+            )
+            for event in detector.predict(window)
+        ]
+        for event in events:
+            sink(event)
     return {
         "model": model,
         "prewarnings": len(events),
         "rehearsal": [{"catchment": d.catchment, "lead_time_s": d.lead_time_s} for d in drills],
         "evacuation_plan": detector.preplan(window),
     }
+
+
+def _placement(
+    sim: dict[str, Any], place: Callable[[tuple[float, float], str], Placement]
+) -> Placement | None:
+    """The drill's network placed at `simulation.anchor` ({latitude, longitude, name}), if one is given."""
+    anchor = sim.get("anchor")
+    if not anchor:
+        return None
+    point = (float(anchor["latitude"]), float(anchor["longitude"]))
+    return place(point, str(anchor.get("name") or "the anchor"))
+
+
+def _placed(
+    event: IncidentEvent, placement: Placement | None, point: str | None = None, label: str | None = None
+) -> IncidentEvent:
+    """`event` with its asset's coordinates in the city (`point` names the asset on the model's
+    plane, `label` as a person reads it; both default to the asset id)."""
+    if placement is None:
+        return event
+    where = placement.locate(point or event.location.asset_id)
+    if where is None:
+        return event
+    location = replace(event.location, lat=where[0], lon=where[1],
+                       placement=placement.describe(label or event.location.asset_id))
+    return replace(event, location=location)
+
+
+def _burst_truth(network: str, leaks: tuple[LeakSpec, ...], event: IncidentEvent) -> DrillTruth:
+    """The injected burst nearest (along pipes) to the reported junction, of those started by then."""
+    started = [leak for leak in leaks if leak.start_s <= event.detected_at_s]
+    if not started:
+        return DrillTruth()  # no burst had started: a false alarm
+    measured = []
+    for leak in started:
+        hops, metres = graph_distances(network, leak.node, [event.location.asset_id])
+        measured.append((float(metres[0]), float(hops[0]), leak.node))
+    metres_m, hops_n, node = min(measured)
+    if not np.isfinite(metres_m):
+        return DrillTruth(true_asset=node)
+    return DrillTruth(true_asset=node, distance_m=metres_m, hops=int(hops_n))
+
+
+def _flood_truth(onset_s: float | None, event: IncidentEvent) -> DrillTruth:
+    """Whether the warned asset flooded in the run, and the warning's lead time where it did."""
+    if onset_s is None:
+        return DrillTruth(true_asset=event.location.asset_id, flooded=False)
+    return DrillTruth(true_asset=event.location.asset_id, flooded=True, flood_onset_s=onset_s,
+                      lead_time_s=onset_s - event.detected_at_s)
 
 
 def _major_event(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) -> dict[str, Any]:

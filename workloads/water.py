@@ -45,7 +45,6 @@ def build_detector(base: WaterScenarioSpec, history_days: int = 6, **params: Any
     localiser = LeakLocaliser(
         candidates=tuple(candidates),
         signatures=sensitivity_signatures(base, candidates),
-        coordinates={n: tuple(wn.get_node(n).coordinates) for n in candidates},
     )
     detector = WaterLeakDetector(step_s=base.hydraulic_step_s, localiser=localiser, **params)
     model = model_baseline(base)

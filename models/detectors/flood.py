@@ -6,6 +6,11 @@ the projection reaches the node's critical level — the level at which its drai
 beyond which water can only pond — while it is raining (or rained within the last hour), or
 when the level itself passes `warn_fraction` of the critical level and is rising.
 `fit` learns each node's dry-weather level and noise so that noise never reads as a trend.
+
+Each warning reports, in the metrics Scenarios set thresholds on: the level read at the node
+(`waterLevelMm`), the level it is projected to reach within the horizon (`forecastWaterLevelMm`),
+its rise (`levelRiseMmPerHour`) and the heaviest rainfall at a gauge (`rainfallIntensityMmPerHour`);
+`mm_per_unit` and `rain_mm_per_hour_per_unit` convert the model's own units.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 from citynerve.models.detectors.base import FloatArray, Window, emit, require
-from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink
+from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink, Measurement
 
 
 class UrbanFloodWarning:
@@ -28,6 +33,8 @@ class UrbanFloodWarning:
         warn_fraction: float = 0.8,
         rain_threshold: float = 0.05,
         locations: dict[str, tuple[float, float]] | None = None,
+        mm_per_unit: float = 1.0,
+        rain_mm_per_hour_per_unit: float = 1.0,
     ) -> None:
         self.critical_level = critical_level
         self.step_s = step_s
@@ -36,6 +43,8 @@ class UrbanFloodWarning:
         self.warn_fraction = warn_fraction
         self.rain_threshold = rain_threshold
         self.locations = locations or {}
+        self.mm_per_unit = mm_per_unit
+        self.rain_mm_per_hour_per_unit = rain_mm_per_hour_per_unit
         self._noise: dict[str, float] = {}
 
     def fit(self, history: Window) -> Self:
@@ -103,23 +112,54 @@ class UrbanFloodWarning:
             rain_now = (
                 float(np.nanmax(window["precipitation"].values[t])) if "precipitation" in window else None
             )
-            events.append(
-                IncidentEvent(
-                    kind="urban-flood",
-                    location=IncidentLocation(asset_id=node, lat=lat, lon=lon),
-                    severity="critical" if eta is not None and eta < self.horizon_s / 2 else "warning",
-                    detected_at_s=float(level.times_s[t]),
-                    evidence={
-                        "level": float(level.values[t, j]),
-                        "critical_level": float(depth[j]),
-                        "rise_per_hour": rate * 3600.0,
-                        "predicted_flooding_in_s": eta,
-                        "rainfall": rain_now,
-                        "trigger": "projection" if by_projection[t, j] else "level",
-                    },
-                )
-            )
+            events.append(self._warning(window, t, int(j), float(risk[t, j] * depth[j]), rate, eta,
+                                        "projection" if by_projection[t, j] else "level", rain_now,
+                                        IncidentLocation(asset_id=node, lat=lat, lon=lon)))
         return emit(sorted(events, key=lambda e: e.detected_at_s), sink)
+
+    def _warning(self, window: Window, t: int, j: int, projected: float, rate: float, eta: float | None,
+                 trigger: str, rain_now: float | None, location: IncidentLocation) -> IncidentEvent:
+        level = window["currentLevel"]
+        node = level.sensors[j]
+        depth = self.critical_level[node]
+        mm = self.mm_per_unit
+        measurements = [
+            Measurement("waterLevelMm", "MMT", float(level.values[t, j]) * mm, "waterLevel", node, j),
+            Measurement("forecastWaterLevelMm", "MMT", projected * mm, "waterLevel", node, j),
+            Measurement("drainFullLevelMm", "MMT", depth * mm),
+            Measurement("levelRiseMmPerHour", "H67", rate * 3600.0 * mm, "waterLevel", node, j),
+        ]
+        if rain_now is not None:
+            gauges = window["precipitation"]
+            g = int(np.nanargmax(np.nan_to_num(gauges.values[t])))
+            measurements.append(Measurement("rainfallIntensityMmPerHour", "H67",
+                                            rain_now * self.rain_mm_per_hour_per_unit,
+                                            "rainfallIntensity", gauges.sensors[g], g))
+        horizon_min = self.horizon_s / 60.0
+        critical = eta is not None and eta < self.horizon_s / 2
+        rule = (
+            f"the level, projected {horizon_min:g} min ahead on its trend over the last {self.trend_steps} "
+            f"readings, reaches the drain-full level of {depth * mm:.0f} mm while it rains"
+            if trigger == "projection"
+            else f"the level passed {self.warn_fraction:.0%} of the drain-full level of {depth * mm:.0f} mm "
+            "and is rising"
+        ) + (f"; critical: it is due there within {horizon_min / 2:g} min" if critical else "")
+        return IncidentEvent(
+            kind="urban-flood",
+            location=location,
+            severity="critical" if critical else "warning",
+            detected_at_s=float(level.times_s[t]),
+            evidence={
+                "level": float(level.values[t, j]),
+                "critical_level": float(depth),
+                "rise_per_hour": rate * 3600.0,
+                "predicted_flooding_in_s": eta,
+                "rainfall": rain_now,
+                "trigger": trigger,
+            },
+            measurements=tuple(measurements),
+            rule=rule,
+        )
 
     def explain(self, incident: IncidentEvent) -> dict[str, Any]:
         return {

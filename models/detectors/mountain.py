@@ -11,6 +11,11 @@
 * pre-plan: which areas to evacuate, in order of forecast time to their evacuation level.
 
 `fit` calibrates each catchment's coefficient and lag against a recorded storm.
+
+Each pre-warning reports the forecast peak discharge (`forecastDischargeM3PerS`), as a share of
+the area's reference discharge when it has one (`forecastDischargePercent`: the metric Scenarios
+set thresholds on), and the rain falling on the catchment (`rainfallIntensityMmPerHour`);
+`flow_m3s_per_unit` and `rain_mm_per_hour_per_unit` convert the model's own units.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Self
 
 import numpy as np
 from citynerve.models.detectors.base import FloatArray, Window, emit, require
-from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink
+from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink, Measurement
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class Area:
     evacuate_discharge: float
     lon: float | None = None
     lat: float | None = None
+    #: the discharge warn and evacuate levels are set against (a reference storm's peak), if any
+    reference_discharge: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,11 +88,15 @@ class MountainFloodWarning:
         step_s: float,
         horizon_s: float = 3600.0,
         unit_factor: float = 1.0,
+        flow_m3s_per_unit: float = 1.0,
+        rain_mm_per_hour_per_unit: float = 1.0,
     ) -> None:
         self.areas = areas
         self.step_s = step_s
         self.horizon_s = horizon_s
         self.unit_factor = unit_factor  # converts rain intensity x area into discharge units
+        self.flow_m3s_per_unit = flow_m3s_per_unit
+        self.rain_mm_per_hour_per_unit = rain_mm_per_hour_per_unit
         self.params: dict[str, CatchmentParams] = {}
 
     def fit(self, history: Window, catchment_area: dict[str, float] | None = None) -> Self:
@@ -145,7 +156,6 @@ class MountainFloodWarning:
 
     def predict(self, window: Window, sink: IncidentSink | None = None) -> list[IncidentEvent]:
         """Pre-warnings: the first step each area's forecast passes its warning level."""
-        times = window["precipitation"].times_s
         events = []
         for area in self.areas:
             peak = self.forecast(window, area.catchment)
@@ -153,22 +163,49 @@ class MountainFloodWarning:
             if not over.size:
                 continue
             t = int(over[0])
-            events.append(
-                IncidentEvent(
-                    kind="mountain-flood",
-                    location=IncidentLocation(asset_id=area.name, lat=area.lat, lon=area.lon),
-                    severity="critical" if peak[t] >= area.evacuate_discharge else "warning",
-                    detected_at_s=float(times[t]),
-                    evidence={
-                        "catchment": area.catchment,
-                        "forecast_peak": float(peak[t]),
-                        "warn_discharge": area.warn_discharge,
-                        "evacuate_discharge": area.evacuate_discharge,
-                        "horizon_s": self.horizon_s,
-                    },
-                )
-            )
+            events.append(self._prewarning(window, area, t, float(peak[t])))
         return emit(sorted(events, key=lambda e: e.detected_at_s), sink)
+
+    def _prewarning(self, window: Window, area: Area, t: int, peak: float) -> IncidentEvent:
+        q = self.flow_m3s_per_unit
+        rain = self._rain_for(window, area.catchment)
+        gauges = window["precipitation"]
+        own = gauges.sensors.index(area.catchment) if area.catchment in gauges.sensors else None
+        measurements = [
+            Measurement("forecastDischargeM3PerS", "MQS", peak * q, "flow", area.catchment),
+            Measurement("warningDischargeM3PerS", "MQS", area.warn_discharge * q),
+            Measurement("evacuationDischargeM3PerS", "MQS", area.evacuate_discharge * q),
+            Measurement("rainfallIntensityMmPerHour", "H67",
+                        float(np.nan_to_num(rain[t])) * self.rain_mm_per_hour_per_unit,
+                        "rainfallIntensity", None if own is None else area.catchment, own),
+        ]
+        if area.reference_discharge:
+            share = 100.0 * peak / area.reference_discharge
+            measurements.insert(
+                0, Measurement("forecastDischargePercent", "P1", share, "flow", area.catchment)
+            )
+        critical = peak >= area.evacuate_discharge
+        rule = (
+            f"the discharge forecast within {self.horizon_s / 60:g} min, {peak * q:.3g} m3/s, passes the "
+            f"area's warning discharge {area.warn_discharge * q:.3g} m3/s"
+            + (f"; critical: it passes the evacuation discharge {area.evacuate_discharge * q:.3g} m3/s"
+               if critical else "")
+        )
+        return IncidentEvent(
+            kind="mountain-flood",
+            location=IncidentLocation(asset_id=area.name, lat=area.lat, lon=area.lon),
+            severity="critical" if critical else "warning",
+            detected_at_s=float(window["precipitation"].times_s[t]),
+            evidence={
+                "catchment": area.catchment,
+                "forecast_peak": peak,
+                "warn_discharge": area.warn_discharge,
+                "evacuate_discharge": area.evacuate_discharge,
+                "horizon_s": self.horizon_s,
+            },
+            measurements=tuple(measurements),
+            rule=rule,
+        )
 
     def rehearse(
         self, storms: dict[str, Window], simulate: Callable[[str], Window] | None = None

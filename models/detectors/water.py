@@ -21,9 +21,11 @@ from typing import Any, Self
 
 import numpy as np
 from citynerve.models.detectors.base import FloatArray, Window, cusum, emit, require, slot_of
-from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink, Severity
+from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink, Measurement
 
 _MAD_TO_SIGMA = 1.4826
+#: kilopascals per metre of water head (fresh water, 1000 kg/m3, standard gravity)
+KPA_PER_METRE_OF_WATER = 9.80665
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class LeakLocaliser:
 
     candidates: tuple[str, ...]
     signatures: FloatArray  # candidate x pressure logger, metres of pressure change
+    #: (longitude, latitude) of candidates, for a georeferenced network only; a drill's network is
+    #: placed in the city by its runner instead
     coordinates: dict[str, tuple[float, float]] | None = None
 
     def rank(self, residual: FloatArray) -> list[tuple[str, float]]:
@@ -216,6 +220,15 @@ class WaterLeakDetector:
             "pressure_drop_m": {sensors[i]: float(-signature[i]) for i in worst},
             "mean_z": {sensors[i]: float(mean_z[i]) for i in worst},
         }
+        # the Scenario's metrics: the largest drops, in kPa, at the loggers that saw them
+        measurements = [
+            Measurement("pressureDropKpa", "KPA", float(-signature[i]) * KPA_PER_METRE_OF_WATER,
+                        quantity="pressure", sensor=sensors[i], sensor_index=int(i))
+            for i in np.argsort(signature)[:3]
+        ]
+        surge = self._flow_surge_percent(window, onset, alarm)
+        if surge is not None:
+            measurements.append(Measurement("flowSurgePercent", "P1", surge, quantity="flow"))
         asset, lat, lon = sensors[int(worst[0])], None, None
         if self.localiser is not None:
             ranked = self.localiser.rank(signature)
@@ -223,18 +236,39 @@ class WaterLeakDetector:
             evidence["candidates"] = ranked[:5]
             if self.localiser.coordinates and asset in self.localiser.coordinates:
                 lon, lat = self.localiser.coordinates[asset]
-        drop = float(np.nanmax(-signature)) if signature.size else 0.0
-        severity: Severity = "critical" if drop > 2.0 else "warning"
         event = IncidentEvent(
             kind="water-burst",
             location=IncidentLocation(asset_id=asset, lat=lat, lon=lon),
-            severity=severity,
+            severity="warning",
             detected_at_s=float(times[alarm]),
             onset_s=float(times[onset]),
             evidence=evidence,
+            measurements=tuple(measurements),
+            rule=(
+                f"the CUSUM of the standardised pressure and supply residuals reached {statistic:.1f}, past "
+                f"the detector's threshold {self.threshold:g} (slack {self.slack:g})"
+            ),
         )
         self._explained[event.detected_at_s] = evidence
         return event
+
+    def _flow_surge_percent(self, window: Window, onset: int, alarm: int) -> float | None:
+        """The zone's supply from onset to alarm above what the model expects, in per cent of it,
+        less the standing difference just before onset; None when the supply is not metered."""
+        if "consumption" not in window:
+            return None
+        field = window["consumption"].values[:, 0]
+        model = window["consumption_model"].values[:, 0]
+        excess = field - model
+        before = excess[max(0, onset - self.baseline_steps) : onset]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a span with every reading missing
+            level = float(np.nan_to_num(np.nanmedian(before))) if before.size else 0.0
+            rise = float(np.nanmean(excess[onset : alarm + 1])) - level
+            expected = float(np.nanmean(np.abs(model[onset : alarm + 1])))
+        if not (np.isfinite(rise) and np.isfinite(expected)) or expected <= 0.0:
+            return None
+        return 100.0 * rise / expected
 
     def explain(self, incident: IncidentEvent) -> dict[str, Any]:
         """Why the alarm was raised: the statistic, the loggers that dropped most, the best candidates."""

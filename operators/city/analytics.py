@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from citynerve.models.incidents import IncidentEvent
+from citynerve.models.places import city_centre
 
 DAY_S = 24 * 3600
 # `burst:<junction>` and `leak:<junction>` events: orifice areas the simulator's LeakSpec takes.
@@ -52,18 +53,51 @@ def _crowd_simulation(simulation: Mapping[str, Any], payload: Mapping[str, Any])
     return out
 
 
+def _mountain_levels(thresholds: list[Mapping[str, Any]]) -> dict[str, float]:
+    """A `forecastDischargePercent` threshold sets each area's warn and evacuate discharge, as
+    shares of its catchment's reference peak: the detector pre-warns where the Scenario says."""
+    for threshold in thresholds:
+        if threshold.get("metric") == "forecastDischargePercent" and threshold.get("unitCode") == "P1":
+            return {"warnFactor": threshold["warning"] / 100.0, "evacuateFactor": threshold["alarm"] / 100.0}
+    return {}
+
+
+def drill_anchor(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a drill's network model is placed: its centre at the city's centre.
+
+    A city the platform's table (``citynerve.models.places``) does not list cannot be given
+    coordinates, so its drill is refused rather than placed at 0, 0.
+    """
+    city = str(payload.get("city") or "")
+    centre = city_centre(city)
+    if centre is None:
+        scenario = payload.get("scenario") or {}
+        raise ValueError(
+            f"Scenario {scenario.get('namespace')}/{scenario.get('name')}: city {city!r} has no known "
+            "centre, so its drill's network cannot be placed in it and its Incidents would have no "
+            "coordinates; add the city to citynerve.models.places.CITY_CENTRES."
+        )
+    return {"latitude": centre[0], "longitude": centre[1], "name": f"the centre of {city.capitalize()}"}
+
+
 def runner_spec(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The runner's spec for a scenario payload (pure).
 
-    Thresholds stay with the operator (they set the Incident severity); the runner uses its
-    detectors' calibrated parameters.
+    The Scenario's thresholds set the Incident severity in the operator (``incident_severity``);
+    the runner's detectors keep their calibrated parameters, except a mountain-flood drill's
+    warn and evacuate levels, which its `forecastDischargePercent` threshold states. Water and
+    flood networks are placed at the city's centre (``drill_anchor``) so Incidents have their
+    asset's coordinates.
     """
     spec = payload["spec"]
     simulation = dict(spec.get("simulation") or {})
     if spec["kind"] == "water-burst":
-        sim = _water_simulation(simulation)
+        sim = {**_water_simulation(simulation), "anchor": drill_anchor(payload)}
     elif spec["kind"] in ("urban-flood", "mountain-flood"):
         sim = {k: v for k, v in simulation.items() if k == "seed"}
+        sim["anchor"] = drill_anchor(payload)
+        if spec["kind"] == "mountain-flood":
+            sim.update(_mountain_levels(list(spec.get("thresholds") or [])))
     else:
         sim = _crowd_simulation(simulation, payload)
     return {

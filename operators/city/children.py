@@ -7,11 +7,13 @@ children instead of making new ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -33,7 +35,6 @@ TERMINALS_PER_INGEST_REPLICA = 50_000
 MAX_INGEST_REPLICAS = 16
 INGEST_PORT = 8080  # the NGSI-LD batch endpoint of citynerve.workloads.ingest.worker
 _SEVERITY_ORDER = {"warning": 0, "alarm": 1, "critical": 2}
-_KPA_PER_METRE_OF_WATER = 9.80665
 
 
 def stable_hash(value: Any, length: int = 10) -> str:
@@ -462,55 +463,198 @@ def _decimal(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
+def _degrees(value: float) -> str:
+    """Decimal degrees to six places (about 0.1 m), as Incident coordinates are written."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
 def incident_name(scenario: str, asset: str, detected_at_s: float) -> str:
     """Deterministic, so the same detection (re-run after a crash, by a new revision) is one Incident."""
     return _dns_name(scenario, stable_hash([scenario, asset, round(detected_at_s, 3)], 10), 253)
 
 
-def incident_severity(
-    event_severity: str, metric_values: Mapping[str, float], thresholds: list[Mapping[str, Any]]
-) -> str:
-    """The Incident severity: the scenario's thresholds decide warning/alarm; a detector's
-    `critical` stays critical."""
-    if event_severity == "critical":
-        return "critical"
-    level = "warning"
+@dataclass(frozen=True)
+class SeverityDecision:
+    """An Incident's severity and the sentence saying which rule set it.
+
+    ``severity`` is None when the detection stays below every warning threshold of the Scenario
+    that applies to what the detector measured: such a detection is not raised as an Incident.
+    """
+
+    severity: str | None
+    reason: str
+
+
+def _forecast_name(metric: str) -> str:
+    return "forecast" + metric[:1].upper() + metric[1:]
+
+
+def _measured(event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The event's measurements; an event without any (an older detector's) offers its scalar
+    evidence by camelCase name, with no unit to check."""
+    measurements = [dict(m) for m in event.get("measurements") or ()]
+    if measurements:
+        return measurements
+    return [
+        {"metric": _camel(key), "unit_code": None, "value": float(value)}
+        for key, value in (event.get("evidence") or {}).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
+def incident_severity(event: Mapping[str, Any], thresholds: list[Mapping[str, Any]]) -> SeverityDecision:
+    """Severity by the Scenario's thresholds, in the units the Scenario states.
+
+    A threshold on metric ``M`` applies to the detector's measurements of ``M`` and of its
+    forecast ``forecastM`` in the threshold's unit; the highest value of each is compared. The
+    severity is the highest level any applicable threshold reaches (``warning`` or ``alarm``);
+    below every warning level the detection is not raised. When no threshold applies to
+    anything the detector measured, its own rule sets the severity, named in the reason.
+    """
+    measured = _measured(event)
+    reached: list[tuple[int, str]] = []
+    below: list[str] = []
+    skipped: list[str] = []
     for threshold in thresholds:
-        value = metric_values.get(threshold["metric"])
-        if value is not None and value >= threshold["alarm"]:
-            level = "alarm"
-    return level
+        metric, unit = threshold["metric"], threshold["unitCode"]
+        names = (metric, _forecast_name(metric))
+        matching = [m for m in measured if m["metric"] in names and math.isfinite(float(m["value"]))]
+        in_unit = [m for m in matching if m.get("unit_code") in (None, unit)]
+        if matching and not in_unit:
+            skipped.append(f"{metric} is measured in {matching[0]['unit_code']}, not the threshold's {unit}")
+        if not in_unit:
+            continue
+        top = max(in_unit, key=lambda m: float(m["value"]))
+        value = float(top["value"])
+        said = f"{top['metric']} {_decimal(value)} {unit}"
+        if value >= threshold["alarm"]:
+            reached.append((1, f"{said} reached the alarm level {threshold['alarm']}"))
+        elif value >= threshold["warning"]:
+            reached.append((0, f"{said} reached the warning level {threshold['warning']}"))
+        else:
+            below.append(f"{said} is below the warning level {threshold['warning']}")
+    unapplied = f" ({'; '.join(skipped)})" if skipped else ""
+    if reached:
+        level = max(rank for rank, _ in reached)
+        severity = ("warning", "alarm")[level]
+        compared = [text for _, text in sorted(reached, reverse=True)] + below
+        return SeverityDecision(severity, f"Severity {severity} by the Scenario's thresholds: "
+                                          f"{'; '.join(compared)}{unapplied}.")
+    if below:
+        return SeverityDecision(None, f"Not raised: below the Scenario's thresholds: {'; '.join(below)}"
+                                      f"{unapplied}.")
+    own = str(event.get("severity") or "warning")
+    rule = event.get("rule") or "the detector states no rule"
+    if own not in _SEVERITY_ORDER:
+        return SeverityDecision(None, f"Not raised: the detector rated it {own}: {rule}.")
+    return SeverityDecision(
+        own,
+        f"Severity {own} by the detector's own rule, as no threshold of the Scenario applies to what it "
+        f"measured{unapplied}: {rule}.",
+    )
+
+
+def terminal_id(fleet: str, index: int) -> str:
+    """A fleet's terminal, as its gateways name it (``gateway_batch(prefix=f"{fleet}-")``)."""
+    return f"{fleet}-{index}"
+
+
+@functools.cache
+def _catalogue_properties() -> dict[str, frozenset[str]]:
+    from citynerve.operators.api.catalogue import load  # noqa: PLC0415 - read once, on first use
+
+    return {str(t.metadata.name): frozenset(p.name for p in t.spec.properties) for t in load()}
+
+
+def fleet_measuring(quantity: str | None, fleets: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The first of the scenario's fleets whose SensorType measures ``quantity`` (per the catalogue),
+    or its first fleet when none is known to."""
+    if not fleets:
+        return None
+    if quantity:
+        for fleet in fleets:
+            if quantity in _catalogue_properties().get(str(fleet.get("sensorType")), frozenset()):
+                return fleet
+    return fleets[0]
 
 
 def incident_evidence(
-    event_evidence: Mapping[str, Any], fleet: str, observed_at: str
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Evidence entries (at most 64) and the worst value per metric, from a detector's evidence."""
+    event: Mapping[str, Any], fleets: list[Mapping[str, Any]], default_fleet: str, observed_at: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Evidence entries (at most 64) from a detector's measurements, each under the fleet that
+    measures its quantity and, where it came from one sensor of the drill's layout, that
+    fleet's terminal; and, for the crew, each such terminal with the network asset it reads."""
     entries: list[dict[str, Any]] = []
-    worst: dict[str, float] = {}
-
-    def add(metric: str, unit: str, terminal: str | None, value: float) -> None:
+    terminals: list[str] = []
+    nouns = {"pressure": "junction", "waterLevel": "node", "rainfallIntensity": "rain gauge",
+             "flow": "subcatchment"}
+    for m in _measured(event):
+        value = float(m["value"])
         if not math.isfinite(value):
-            return
-        worst[metric] = max(worst.get(metric, value), value)
-        entry = {
-            "fleet": fleet,
-            "metric": metric,
-            "value": _decimal(value),
-            "unitCode": unit,
-            "observedAt": observed_at,
-        }
-        if terminal is not None:
+            continue
+        fleet = fleet_measuring(m.get("quantity"), fleets)
+        name = str(fleet["fleet"]) if fleet else default_fleet
+        entry = {"fleet": name, "metric": m["metric"], "value": _decimal(value),
+                 "unitCode": m.get("unit_code") or "C62", "observedAt": observed_at}
+        index = m.get("sensor_index")
+        if isinstance(index, int):
+            count = int(fleet.get("count") or 0) if fleet else 0
+            terminal = terminal_id(name, index % count if count else index)
             entry["terminal"] = terminal
+            noun = nouns.get(str(m.get("quantity")), "sensor")
+            reading = f"{terminal} ({noun} {m.get('sensor')})" if m.get("sensor") is not None else terminal
+            if reading not in terminals:
+                terminals.append(reading)
         entries.append(entry)
+    return entries[:64], terminals
 
-    for key, value in event_evidence.items():
-        if key == "pressure_drop_m" and isinstance(value, Mapping):
-            for sensor, metres in value.items():
-                add("pressureDropKpa", "KPA", str(sensor), float(metres) * _KPA_PER_METRE_OF_WATER)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            add(_camel(key), "C62", None, float(value))
-    return entries[:64], worst
+
+def drill_truth(
+    event: Mapping[str, Any], fleet: str, observed_at: str
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Evidence entries and a sentence from what a drill knows: the distance from the reported
+    to the true burst junction, or whether a warned asset flooded and the lead time."""
+    truth = event.get("truth")
+    if not isinstance(truth, Mapping):
+        return [], None
+    noun = {"water-burst": "junction ", "urban-flood": "node "}.get(str(event.get("kind")), "")
+    asset = noun + str((event.get("location") or {}).get("asset_id") or "the reported asset")
+
+    def entry(metric: str, value: float, unit: str) -> dict[str, Any]:
+        return {"fleet": fleet, "metric": metric, "value": _decimal(value), "unitCode": unit,
+                "observedAt": observed_at}
+
+    if event.get("kind") == "water-burst":
+        true_asset, metres, hops = truth.get("true_asset"), truth.get("distance_m"), truth.get("hops")
+        if true_asset is not None:
+            true_asset = noun + str(true_asset)
+        if true_asset is None:
+            return [], "In the drill no burst had started by then: a false alarm."
+        if metres is None or hops is None:
+            return [], f"In the drill the burst was at {true_asset}, not connected by pipes to {asset}."
+        pipes = f"{int(hops)} pipe{'s' if hops != 1 else ''}"
+        return (
+            [entry("drillDistanceMetres", float(round(metres)), "MTR"),
+             entry("drillDistanceHops", float(hops), "C62")],
+            f"In the drill the burst was at {true_asset}: the reported {asset} is {round(metres)} m along "
+            f"the pipes from it ({pipes}).",
+        )
+    flooded = truth.get("flooded")
+    if flooded is None:
+        return [], None
+    stream = event.get("kind") == "mountain-flood"
+    what = f"the stream of {asset} passed its warning discharge" if stream else f"{asset} flooded"
+    flag = "drillWarningDischargePassed" if stream else "drillFlooded"
+    if not flooded:
+        never = " (its stream never passed the warning discharge)" if stream else ""
+        return [entry(flag, 0.0, "C62")], f"In the drill {asset} did not flood{never}."
+    onset, lead = float(truth.get("flood_onset_s") or 0.0), float(truth.get("lead_time_s") or 0.0)
+    return (
+        [entry(flag, 1.0, "C62"), entry("drillLeadTimeMinutes", lead / 60.0, "MIN")],
+        f"In the drill {what} at simulated minute {_decimal(onset / 60)}: the warning came "
+        f"{_decimal(lead / 60)} min ahead.",
+    )
 
 
 def simulated_timing(event: Mapping[str, Any], fleet: str, observed_at: str) -> list[dict[str, Any]]:
@@ -529,27 +673,66 @@ def simulated_timing(event: Mapping[str, Any], fleet: str, observed_at: str) -> 
     return timing
 
 
+class IncidentLocationUnknownError(ValueError):
+    """A detection with no coordinates in a city whose centre is not known."""
+
+
+def incident_coordinates(
+    event: Mapping[str, Any], payload: Mapping[str, Any], centre: tuple[str, str] | None
+) -> tuple[str, str, str]:
+    """Latitude, longitude and how they were found: the asset's own (surveyed in live mode, placed
+    with the drill's network in a drill), else the city's centre; never a made-up 0, 0."""
+    location = event.get("location") or {}
+    lat, lon, placement = location.get("lat"), location.get("lon"), location.get("placement")
+    valid = (
+        isinstance(lat, int | float) and isinstance(lon, int | float)
+        and -90 <= lat <= 90 and -180 <= lon <= 180
+    )
+    # A drill's detector may know its model's own coordinates; only a placement makes them the city's.
+    if isinstance(lat, int | float) and isinstance(lon, int | float) and valid and (
+        placement or payload["spec"]["mode"] != "drill"
+    ):
+        surveyed = "Surveyed coordinates of the asset."
+        return _degrees(float(lat)), _degrees(float(lon)), str(placement or surveyed)
+    if centre is None:
+        scenario = payload["scenario"]
+        raise IncidentLocationUnknownError(
+            f"Scenario {scenario['namespace']}/{scenario['name']}: the detection at "
+            f"{location.get('asset_id')} has no coordinates and city {payload.get('city')!r} has no known "
+            "centre to place it at; add the city to citynerve.models.places.CITY_CENTRES."
+        )
+    return centre[0], centre[1], "Coordinates are the city centre: the detector gave none for this asset."
+
+
 def incident_manifest(
-    event: Mapping[str, Any], payload: Mapping[str, Any], detected_at: datetime, centre: tuple[str, str]
+    event: Mapping[str, Any],
+    payload: Mapping[str, Any],
+    detected_at: datetime,
+    centre: tuple[str, str] | None,
+    decision: SeverityDecision | None = None,
 ) -> dict[str, Any]:
-    """An Incident resource for one detection (``event`` is ``IncidentEvent.to_dict()``)."""
+    """An Incident resource for one detection (``event`` is ``IncidentEvent.to_dict()``).
+
+    ``decision`` is ``incident_severity``'s (computed here when not given); a detection it does
+    not raise has no Incident, and asking for one is an error.
+    """
     scenario = payload["scenario"]
     spec = payload["spec"]
-    location = event.get("location") or {}
-    asset = str(location.get("asset_id") or "unknown")
-    lat, lon = location.get("lat"), location.get("lon")
-    fleet = payload["fleets"][0]["fleet"] if payload["fleets"] else scenario["name"]
-    evidence, worst = incident_evidence(event.get("evidence") or {}, fleet, rfc3339(detected_at))
-    evidence = [*simulated_timing(event, fleet, rfc3339(detected_at)), *evidence][:64]
-    coordinates_known = (
-        isinstance(lat, int | float)
-        and isinstance(lon, int | float)
-        and -90 <= lat <= 90
-        and -180 <= lon <= 180
-        and spec["mode"] != "drill"
-    )
-    latitude, longitude = (_decimal(float(lat)), _decimal(float(lon))) if coordinates_known else centre  # type: ignore[arg-type]
-    description = f"asset {asset}" + ("" if coordinates_known else "; coordinates are the city centre")
+    decision = decision or incident_severity(event, spec["thresholds"])
+    asset = str((event.get("location") or {}).get("asset_id") or "unknown")
+    if decision.severity is None:
+        raise ValueError(f"the detection at {asset} is not an Incident: {decision.reason}")
+    fleets = list(payload.get("fleets") or [])
+    fleet = fleets[0]["fleet"] if fleets else scenario["name"]
+    observed = rfc3339(detected_at)
+    measured, terminals = incident_evidence(event, fleets, fleet, observed)
+    truth, truth_said = drill_truth(event, fleet, observed)
+    evidence = [*simulated_timing(event, fleet, observed), *truth, *measured][:64]
+    latitude, longitude, placed = incident_coordinates(event, payload, centre)
+    where = [placed] if placed.startswith("Drill placement") else [f"Asset {asset}.", placed]
+    if terminals:
+        where.append(f"Readings from terminals {', '.join(terminals)}.")
+    note = " ".join(part for part in (decision.reason, truth_said) if part)
     return {
         "apiVersion": API_VERSION,
         "kind": "Incident",
@@ -561,19 +744,20 @@ def incident_manifest(
         "spec": {
             "scenarioRef": {"name": scenario["name"]},
             "kind": spec["kind"],
-            "severity": incident_severity(str(event.get("severity", "warning")), worst, spec["thresholds"]),
+            "severity": decision.severity,
             "drill": spec["mode"] == "drill",
             "location": {
                 "latitude": latitude,
                 "longitude": longitude,
                 "assetId": asset[:253],
-                "description": description,
+                "description": " ".join(where)[:1024],
             },
             "evidence": evidence,
-            "detectedAt": rfc3339(detected_at),
+            "detectedAt": observed,
             "state": "Detected",
             "transitions": [
-                {"state": "Detected", "time": rfc3339(detected_at), "actor": f"scenario/{scenario['name']}"}
+                {"state": "Detected", "time": observed, "actor": f"scenario/{scenario['name']}",
+                 "note": note[:4096]}
             ],
         },
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from citynerve.models.places import city_centre
+
 WorkloadMode = Literal["local", "kuberay"]
 
 MANAGED_BY = "citynerve-city-operator"
@@ -16,11 +18,13 @@ LABEL_REVISION = "citynerve.io/workload-revision"
 LABEL_INGEST_REPORT = "citynerve.io/ingest-report"
 ANNOTATION_NOTIFIED = "citynerve.io/notified"
 
-# Where incidents are placed when a detector only knows the asset, not its coordinates.
-CITY_CENTRES: dict[str, tuple[str, str]] = {
-    "shanghai": ("31.2304", "121.4737"),
-    "chengdu": ("30.5728", "104.0668"),
-}
+
+
+def centre_of(city: str) -> tuple[str, str] | None:
+    """A city's centre as Incident coordinates (decimal-degree strings), from the platform's one table
+    (``citynerve.models.places``); None for a city it does not list, which is never given 0, 0."""
+    centre = city_centre(city)
+    return None if centre is None else (f"{centre[0]:.4f}", f"{centre[1]:.4f}")
 
 
 @dataclass(frozen=True)
@@ -63,5 +67,5 @@ class CityOptions:
     alert_policy: AlertPolicy = AlertPolicy()
 
     @property
-    def centre(self) -> tuple[str, str]:
-        return CITY_CENTRES.get(self.city, ("0", "0"))
+    def centre(self) -> tuple[str, str] | None:
+        return centre_of(self.city)

@@ -19,8 +19,8 @@ from citynerve.models.incidents import IncidentEvent
 from citynerve.observability import configure_telemetry, incident_span
 from citynerve.operators.api import GROUP, VERSION
 from citynerve.operators.city.analytics import run_analytics
-from citynerve.operators.city.children import incident_manifest
-from citynerve.operators.city.config import CITY_CENTRES
+from citynerve.operators.city.children import incident_manifest, incident_severity
+from citynerve.operators.city.config import centre_of
 from citynerve.operators.runtime import KubeTarget
 from kubernetes import client
 
@@ -28,18 +28,32 @@ log = logging.getLogger(__name__)
 
 
 class IncidentWriter:
-    """An incident sink that creates one Incident per detection; a re-run creates no duplicate."""
+    """An incident sink that creates one Incident per detection; a re-run creates no duplicate.
+
+    A detection below every warning threshold of the Scenario is not an Incident: it is logged
+    with its figures and counted in ``not_raised``.
+    """
 
     def __init__(self, api: client.ApiClient, payload: Mapping[str, Any]) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.payload = payload
-        self.centre = CITY_CENTRES.get(str(payload.get("city")), ("0", "0"))
+        self.centre = centre_of(str(payload.get("city") or ""))
         self.created = 0
+        self.not_raised = 0
         self.last_evaluation: datetime | None = None
 
     def __call__(self, event: IncidentEvent) -> None:
         now = datetime.now(UTC).replace(microsecond=0)
-        manifest = incident_manifest(event.to_dict(), self.payload, now, self.centre)
+        detection = event.to_dict()
+        decision = incident_severity(detection, self.payload["spec"]["thresholds"])
+        if decision.severity is None:
+            self.not_raised += 1
+            log.info("scenario %s: the detection at %s (simulated minute %.0f) is not an Incident. %s",
+                     self.payload["scenario"]["name"], event.location.asset_id, event.detected_at_s / 60,
+                     decision.reason)
+            self.last_evaluation = now
+            return
+        manifest = incident_manifest(detection, self.payload, now, self.centre, decision)
         namespace = manifest["metadata"]["namespace"]
         with incident_span(event, city=str(self.payload.get("city") or ""),
                            name=manifest["metadata"]["name"], namespace=namespace) as annotations:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pyswmm
+from citynerve.workloads.sim.placement import Placement, place_network
 from citynerve.workloads.sim.readings import Readings
 
 _MODELS = Path(pyswmm.__file__).parent / "tests" / "data"
@@ -140,22 +141,69 @@ def write_storm_model(spec: DrainageScenarioSpec, target: Path) -> None:
     target.write_text(text)
 
 
+def _section_rows(model: str, section: str) -> list[list[str]]:
+    """The rows of one section of a bundled model's input file, split on whitespace, comments left out."""
+    text = model_path(model).read_text()
+    found = re.search(rf"^\[{section}\]\s*\n(.*?)(?=^\[|\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    body = found.group(1) if found else ""
+    return [line.split() for line in body.splitlines() if line.strip() and not line.startswith(";")]
+
+
+@dataclass(frozen=True)
+class ModelUnits:
+    """What a model's numbers are in, as factors to SI: SWMM's FLOW_UNITS choose US or SI units."""
+
+    flow_units: str
+    metres_per_length: float  # depths, levels and conduit lengths
+    mm_per_hour_per_rain: float  # rainfall intensity
+    cubic_metres_per_second_per_flow: float  # runoff and flows
+
+
+_FLOW_TO_M3S = {"CFS": 0.0283168, "GPM": 6.30902e-5, "MGD": 0.0438126, "CMS": 1.0, "LPS": 0.001,
+                "MLD": 1000.0 / 86400.0}
+
+
+def model_units(model: str) -> ModelUnits:
+    """The units of a bundled model, from its FLOW_UNITS (CFS, GPM, MGD: feet and inches; else metric)."""
+    flow = next((r[1].upper() for r in _section_rows(model, "OPTIONS") if r[0] == "FLOW_UNITS"), "CFS")
+    us = flow in ("CFS", "GPM", "MGD")
+    return ModelUnits(flow, 0.3048 if us else 1.0, 25.4 if us else 1.0, _FLOW_TO_M3S[flow])
+
+
+def drainage_placement(model: str, anchor: tuple[float, float], anchor_name: str) -> Placement:
+    """Where a bundled model's nodes lie in the city (`citynerve.workloads.sim.placement`)."""
+    metres = model_units(model).metres_per_length
+    links = [(r[1], r[2], float(r[3]) * metres) for r in _section_rows(model, "CONDUITS")]
+    return place_network(model, asset_coordinates(model), links, anchor, anchor_name)
+
+
+def asset_coordinates(model: str) -> dict[str, tuple[float, float]]:
+    """Model-plane coordinates of every node, and of every subcatchment (its polygon's centroid,
+    or its outlet node's position when it has no polygon)."""
+    nodes = {r[0]: (float(r[1]), float(r[2])) for r in _section_rows(model, "COORDINATES")}
+    polygons: dict[str, list[tuple[float, float]]] = {}
+    for r in _section_rows(model, "Polygons"):
+        polygons.setdefault(r[0], []).append((float(r[1]), float(r[2])))
+    out = dict(nodes)
+    for r in _section_rows(model, "SUBCATCHMENTS"):
+        points = polygons.get(r[0])
+        if points:
+            out[f"subcatchment:{r[0]}"] = (
+                float(np.mean([p[0] for p in points])), float(np.mean([p[1] for p in points])))
+        elif r[2] in nodes:
+            out[f"subcatchment:{r[0]}"] = nodes[r[2]]
+    return out
+
+
 def critical_levels(model: str, nodes: tuple[str, ...]) -> dict[str, float]:
     """Level at which each node's outlet conduits run full: beyond it, inflow can only pond.
 
     Read from the model's [CONDUITS] and [XSECTIONS] (the first geometry value is the full
     depth); a node without an outlet conduit gets its own full depth from [JUNCTIONS].
     """
-    text = model_path(model).read_text()
-
-    def rows(section: str) -> list[list[str]]:
-        found = re.search(rf"^\[{section}\]\s*\n(.*?)(?=^\[|\Z)", text, flags=re.MULTILINE | re.DOTALL)
-        body = found.group(1) if found else ""
-        return [line.split() for line in body.splitlines() if line.strip() and not line.startswith(";")]
-
-    inlet = {r[0]: r[1] for r in rows("CONDUITS")}
-    depth = {r[0]: float(r[2]) for r in rows("XSECTIONS") if r[0] in inlet}
-    node_depth = {r[0]: float(r[2]) for r in rows("JUNCTIONS")}
+    inlet = {r[0]: r[1] for r in _section_rows(model, "CONDUITS")}
+    depth = {r[0]: float(r[2]) for r in _section_rows(model, "XSECTIONS") if r[0] in inlet}
+    node_depth = {r[0]: float(r[2]) for r in _section_rows(model, "JUNCTIONS")}
     out: dict[str, float] = {}
     for node in nodes:
         outlets = [depth[link] for link, start in inlet.items() if start == node and link in depth]

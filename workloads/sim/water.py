@@ -22,6 +22,7 @@ import networkx as nx  # type: ignore[import-untyped]  # no stubs in this enviro
 import numpy as np
 import numpy.typing as npt
 import wntr
+from citynerve.workloads.sim.placement import Placement, place_network
 from citynerve.workloads.sim.readings import Readings
 
 _NETWORKS = Path(wntr.__file__).parent / "library" / "networks"
@@ -265,6 +266,14 @@ def graph_distances(network: str, source: str, targets: list[str]) -> tuple[Floa
         np.array([hops.get(t, np.inf) for t in targets], dtype=np.float64),
         np.array([metres.get(t, np.inf) for t in targets], dtype=np.float64),
     )
+
+
+def water_placement(network: str, anchor: tuple[float, float], anchor_name: str) -> Placement:
+    """Where a network's junctions lie in the city (`citynerve.workloads.sim.placement`)."""
+    wn = wntr.network.WaterNetworkModel(str(network_path(network)))
+    coordinates = {name: tuple(node.coordinates) for name, node in wn.nodes()}
+    links = [(pipe.start_node_name, pipe.end_node_name, float(pipe.length)) for _name, pipe in wn.pipes()]
+    return place_network(network, coordinates, links, anchor, anchor_name)
 
 
 def run_water_scenarios(specs: list[WaterScenarioSpec], use_ray: bool = True) -> list[WaterRun]:
