@@ -146,7 +146,7 @@ def compute_fleet_status(
             "IngestionAvailable",
             "False",
             "DeploymentMissing",
-            f"the ingestion Deployment of fleet {name} does not exist yet",
+            f"The ingestion Deployment of fleet {name} does not exist yet.",
             generation,
         )
     else:
@@ -160,7 +160,7 @@ def compute_fleet_status(
                 "True",
                 "DeploymentAvailable",
                 # the wanted count, not the available one: a rolling update briefly has more
-                f"all {wanted} ingestion worker(s) available",
+                f"All {wanted} ingestion workers of fleet {name} are available.",
                 generation,
             )
         else:
@@ -168,8 +168,8 @@ def compute_fleet_status(
                 "IngestionAvailable",
                 "False",
                 "DeploymentProgressing",
-                f"{ready} of {wanted} ingestion worker(s) available; see "
-                f"Deployment {deployment['metadata']['name']}",
+                f"{ready} of {wanted} ingestion workers of fleet {name} are available; see "
+                f"Deployment {deployment['metadata']['name']}.",
                 generation,
             )
     conditions.append(available)
@@ -180,7 +180,7 @@ def compute_fleet_status(
             "DataFresh",
             "Unknown",
             "NoReport",
-            f"no ingest report yet (ConfigMap {name}-ingest-report)",
+            f"No ingest report yet in ConfigMap {name}-ingest-report.",
             generation,
         )
     else:
@@ -204,13 +204,14 @@ def compute_fleet_status(
                 "DataFresh",
                 "False",
                 "ReadingsStale",
-                f"the newest reading of fleet {name} is older than {limit} s (three "
-                "sampling intervals); check the terminals and the ingestion workers",
+                f"The newest reading of fleet {name} is older than {duration(limit)} (three "
+                "sampling intervals); check the terminals and the ingestion workers.",
                 generation,
             )
         else:
             fresh = make_condition(
-                "DataFresh", "True", "ReadingsFresh", f"readings are newer than {limit} s", generation
+                "DataFresh", "True", "ReadingsFresh", f"Readings are newer than {duration(limit)}.",
+                generation,
             )
     conditions.append(fresh)
 
@@ -225,8 +226,8 @@ def compute_fleet_status(
     elif fresh["status"] == "False":
         ready_condition = make_condition("Ready", "False", fresh["reason"], fresh["message"], generation)
     else:
-        message = "ingestion is available" + (
-            "" if fresh["status"] == "True" else "; no readings reported yet"
+        message = f"Ingestion of fleet {name} is available" + (
+            "." if fresh["status"] == "True" else "; no readings are reported yet."
         )
         ready_condition = make_condition("Ready", "True", "IngestionReady", message, generation)
     conditions.append(ready_condition)
@@ -363,14 +364,14 @@ def missing_references(
         return (
             "FleetNotFound",
             f"SensorFleet {', '.join(absent)} not found in namespace {namespace}; "
-            "create it or correct spec.fleets",
+            "create it or correct spec.fleets.",
         )
     absent = [m["name"] for m in spec.get("models") or [] if m["name"] not in models]
     if absent:
         return (
             "ModelNotFound",
             f"AnalyticsModel {', '.join(absent)} not found in namespace {namespace}; "
-            "create it or correct spec.models",
+            "create it or correct spec.models.",
         )
     for ref in spec.get("models") or []:
         model = models[ref["name"]]
@@ -438,18 +439,19 @@ def compute_scenario_status(
         ready = make_condition("Ready", "False", unmet[0], unmet[1], generation)
     elif replicas == 0:
         ready = make_condition(
-            "Ready", "False", "Suspended", "spec.replicas is 0: the workload is stopped", generation
+            "Ready", "False", "Suspended", "spec.replicas is 0, so the workload is stopped.", generation
         )
     elif workload is None:
         ready = make_condition(
-            "Ready", "False", "WorkloadPending", "the analytics workload is being created", generation
+            "Ready", "False", "WorkloadPending", "The analytics workload is being created.", generation
         )
     elif workload.state == "Failed":
         ready = make_condition(
             "Ready",
             "False",
             "WorkloadFailed",
-            f"{workload.kind} {workload.name} failed: {workload.message}",
+            f"{workload.kind} {workload.name} failed: {workload.message}"
+            f"{'' if workload.message.endswith('.') else '.'}",
             generation,
         )
     elif workload.state == "Pending":
@@ -458,7 +460,7 @@ def compute_scenario_status(
             "False",
             "WorkloadPending",
             f"{workload.kind} {workload.name} is starting{': ' if workload.message else ''}"
-            f"{workload.message}",
+            f"{workload.message}{'' if workload.message.endswith('.') else '.'}",
             generation,
         )
     else:
@@ -467,7 +469,7 @@ def compute_scenario_status(
             "Ready",
             "True",
             f"Workload{workload.state}",
-            f"{workload.kind} {workload.name} {verb}",
+            f"{workload.kind} {workload.name} {verb}.",
             generation,
         )
     routes = len(scenario["spec"].get("alertRoutes") or [])
@@ -480,9 +482,9 @@ def compute_scenario_status(
             "AlertRoutesAccepted",
             "True",
             "RoutesAccepted",
-            f"every alert route ({routes}) is allowed by the city's alert policy"
+            f"Every alert route ({routes}) is allowed by the city's alert policy."
             if routes
-            else "no alert routes",
+            else "The scenario has no alert routes.",
             generation,
         )
     return with_conditions(scenario.get("status"), fields, [ready, accepted], generation, rfc3339(now))
@@ -586,7 +588,7 @@ def measure_response_times(
         "responseSeconds": _seconds_between(detected, entered.get("OnSite")),
         "resolutionSeconds": _seconds_between(detected, entered.get("Resolved")),
     }
-    message = "response times are measured from spec.detectedAt to the recorded transitions"
+    message = "Response times are measured from spec.detectedAt to the recorded transitions."
     return times, make_condition("Measured", "True", "TransitionsRecorded", message, generation)
 
 
@@ -618,7 +620,7 @@ def compute_incident_status(
             "Notified",
             "True",
             "Delivered",
-            f"state {spec.get('state', 'Detected')} delivered to every alert route due",
+            f"State {spec.get('state', 'Detected')} was delivered to every alert route due.",
             generation,
         )
     return with_conditions(incident.get("status"), fields, [condition, measured], generation, rfc3339(now))
