@@ -77,7 +77,7 @@ class HubContext:
         self.lock = threading.Lock()
         self._own_account: tuple[str, str] | bool | None = False  # False: not asked yet
         # The SensorType statuses this operator wrote last, by name (the index catches up later).
-        self.sensor_type_status: dict[str, dict[str, Any]] = {}
+        self.sensor_type_status: dict[tuple[str, str], dict[str, Any]] = {}
 
     def own_account(self) -> tuple[str, str] | None:
         """(namespace, name) of the ServiceAccount this operator runs as; None if it is no account.
@@ -231,27 +231,33 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
 
     def sync_sensor_types(idx: Indices) -> int:
         """Write each SensorType's propagation status where it changed; returns writes made."""
-        cities = idx.cities()
-        reports = idx.reports(cities)
-        now = dt.datetime.now(dt.UTC)
-        writes = 0
-        for sensor_type in idx.sensor_types():
-            name = sensor_type["metadata"]["name"]
-            wanted = sensor_type_status(sensor_type, cities, reports, now)
-            changes = status_changes(sensor_type.get("status"), wanted)
-            # The index catches up with a write a moment later; until then, do not write it again.
-            if not changes or ctx.sensor_type_status.get(name) == wanted:
-                continue
-            try:
-                ctx.custom.patch_cluster_custom_object_status(GROUP, VERSION, "sensortypes", name,
-                                                              {"status": changes})
-            except client.ApiException as exc:
-                if exc.status != 404:
-                    raise
-                continue
-            ctx.sensor_type_status[name] = wanted
-            writes += 1
-        return writes
+        with ctx.lock:  # handlers run on several threads; one writer at a time
+            cities = idx.cities()
+            reports = idx.reports(cities)
+            now = dt.datetime.now(dt.UTC)
+            writes = 0
+            types = idx.sensor_types()
+            present = {(t["metadata"]["name"], str(t["metadata"].get("uid"))) for t in types}
+            for gone in set(ctx.sensor_type_status) - present:  # deleted: nothing to remember
+                ctx.sensor_type_status.pop(gone, None)
+            for sensor_type in types:
+                name = sensor_type["metadata"]["name"]
+                key = (name, str(sensor_type["metadata"].get("uid")))  # a recreated one is written afresh
+                wanted = sensor_type_status(sensor_type, cities, reports, now)
+                changes = status_changes(sensor_type.get("status"), wanted)
+                # The index catches up with a write a moment later; until then, do not write it again.
+                if not changes or ctx.sensor_type_status.get(key) == wanted:
+                    continue
+                try:
+                    ctx.custom.patch_cluster_custom_object_status(GROUP, VERSION, "sensortypes", name,
+                                                                  {"status": changes})
+                except client.ApiException as exc:
+                    if exc.status != 404:
+                        raise
+                    continue
+                ctx.sensor_type_status[key] = wanted
+                writes += 1
+            return writes
 
     def sync(city: Mapping[str, Any], idx: Indices) -> int:
         ns = city_namespace(city["metadata"]["name"])
