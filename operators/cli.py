@@ -4,14 +4,61 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import ClusterError
 from citynerve.operators.localfed.federation import DEFAULT_CITIES, LocalFederation
 from citynerve.operators.models_cli import add_models_commands
+
+if TYPE_CHECKING:  # the client libraries load when a command needs a cluster (`--version` stays quick)
+    from citynerve.operators.runtime import KubeTarget
+
+DISTRIBUTION = "citynerve"
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when installed in place (editable)
+EXIT_NO_CLUSTER = 2  # no kubeconfig, or no such context (what kubectl users expect of a usage error)
+
+
+def installed_commit(source_root: Path = SOURCE_ROOT) -> str | None:
+    """The commit the package was installed from, when that is cheaply known: a ``pip install
+    git+…`` records it (PEP 610); an in-place install runs from the checkout (``source_root``) itself."""
+    try:
+        recorded = importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        recorded = None
+    commit = (json.loads(recorded).get("vcs_info") or {}).get("commit_id") if recorded else None
+    if commit:
+        return str(commit)[:12]
+    if not (source_root / ".git").exists():
+        return None
+    try:
+        proc = subprocess.run(["git", "-C", str(source_root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def version_text(source_root: Path = SOURCE_ROOT) -> str:
+    """``citynerve 0.1.0`` and, when known, ``(commit 1bb005e70d44)``."""
+    try:
+        version = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    commit = installed_commit(source_root)
+    return f"{DISTRIBUTION} {version}" + (f" (commit {commit})" if commit else "")
+
+
+def context_label(target: KubeTarget) -> str:
+    """How a message names the cluster a command used: its context, or the in-cluster account."""
+    return f"context {target.context_name() or '(in-cluster)'}"
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -70,28 +117,32 @@ def _chart_command(args: argparse.Namespace) -> int:
             if args.hub_command == "install":
                 release = helm.install_hub(hub, values, namespace=args.namespace)
                 print(f"installed {release.name} revision {release.revision} ({release.status}) "
-                      f"into {release.namespace} of context {args.context or '(current)'}")
+                      f"into {release.namespace} of {context_label(hub)}")
                 print(release.notes)
             else:
                 helm.uninstall_hub(hub, namespace=args.namespace)
-                print(f"uninstalled {helm.HUB_RELEASE} from {args.namespace}; the CRDs stay")
+                print(f"uninstalled {helm.HUB_RELEASE} from {args.namespace} of {context_label(hub)}; "
+                      "the CRDs stay")
             return 0
-        city = KubeTarget(args.kubeconfig, args.city_context)
+        city = KubeTarget(args.kubeconfig, args.city_context, "--city-context")
         if args.city_command == "offboard":
-            helm.offboard_city(city, namespace=args.namespace)
-            print(f"uninstalled {helm.CITY_RELEASE} ({args.name}) from {args.namespace} of context "
-                  f"{args.city_context}; the CRDs and the SensorType catalogue stay")
+            watched = None
             if args.hub_context:
-                hub = KubeTarget(args.kubeconfig, args.hub_context)
-                helm.wait_until_city_offboarded(hub, args.name, timeout=args.timeout)
+                watched = KubeTarget(args.kubeconfig, args.hub_context, "--hub-context")
+                watched.context_name()  # a wrong hub context is refused before anything is uninstalled
+            helm.offboard_city(city, namespace=args.namespace)
+            print(f"uninstalled {helm.CITY_RELEASE} ({args.name}) from {args.namespace} of "
+                  f"{context_label(city)}; the CRDs and the SensorType catalogue stay")
+            if watched is not None:
+                helm.wait_until_city_offboarded(watched, args.name, timeout=args.timeout)
                 print(f"City {args.name} is marked Offboarded on the hub and takes no work; it stays "
                       f"there until `kubectl delete city {args.name}`")
             return 0
-        hub = KubeTarget(args.kubeconfig, args.hub_context)
+        hub = KubeTarget(args.kubeconfig, args.hub_context, "--hub-context")
         release = helm.onboard_city(args.name, hub, city, values, namespace=args.namespace)
         print(f"installed {release.name} revision {release.revision} ({release.status}) for city "
-              f"{args.name} into {release.namespace} of context {args.city_context}, joined to the hub "
-              f"of context {args.hub_context}")
+              f"{args.name} into {release.namespace} of {context_label(city)}, joined to the hub "
+              f"of {context_label(hub)}")
         print(release.notes)
         if args.wait_ready:
             print(f"waiting until City {args.name} is Ready on the hub …")
@@ -107,9 +158,20 @@ def _dashboard(args: argparse.Namespace) -> int:
     """``hub dashboard``: the situation map, read from the hub with the caller's kubeconfig."""
     from citynerve.observability import configure_telemetry  # noqa: PLC0415
     from citynerve.observability.situation.server import run  # noqa: PLC0415
+    from citynerve.operators.runtime import KubeconfigError, KubeTarget  # noqa: PLC0415
 
+    hub = KubeTarget(args.kubeconfig, args.context)
+    files = hub.kubeconfig_files()
+    if not files:
+        msg = "the dashboard reads the hub through a kubeconfig; pass --kubeconfig or set KUBECONFIG"
+        raise KubeconfigError(msg)
+    context = hub.context_name()
     configure_telemetry("citynerve-dashboard")
-    return run(str(args.kubeconfig) if args.kubeconfig else None, args.context, args.address, args.port)
+    return run(os.pathsep.join(map(str, files)), context, args.address, args.port)
+
+
+FROM_KUBECONFIG = "(default: $KUBECONFIG, else ~/.kube/config, else the in-cluster account)"
+FROM_CURRENT = "(default: the kubeconfig's current context)"
 
 
 def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -120,16 +182,18 @@ def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     for name, text in (("install", "install or upgrade the hub chart into the hub cluster"),
                        ("uninstall", "uninstall the hub chart (the CRDs stay)")):
         cmd = hub_sub.add_parser(name, help=text)
-        cmd.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig of the hub cluster")
-        cmd.add_argument("--context", default=None, help="context in --kubeconfig (default: current)")
+        cmd.add_argument("--kubeconfig", type=Path, default=None,
+                         help=f"kubeconfig of the hub cluster {FROM_KUBECONFIG}")
+        cmd.add_argument("--context", default=None, help=f"context of the hub cluster {FROM_CURRENT}")
         cmd.add_argument("--namespace", default=SYSTEM_NAMESPACE,
                          help="release namespace (default: %(default)s)")
         if name == "install":
             cmd.add_argument("--values", type=Path, default=None, help="a values file for the chart")
     hub.set_defaults(func=_chart_command)
     dashboard = hub_sub.add_parser("dashboard", help="serve the situation map of the hub on a local port")
-    dashboard.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig of the hub cluster")
-    dashboard.add_argument("--context", default=None, help="context in --kubeconfig (default: current)")
+    dashboard.add_argument("--kubeconfig", type=Path, default=None,
+                           help=f"kubeconfig of the hub cluster {FROM_KUBECONFIG}")
+    dashboard.add_argument("--context", default=None, help=f"context of the hub cluster {FROM_CURRENT}")
     dashboard.add_argument("--address", default="127.0.0.1", help="listen address (default: %(default)s)")
     dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
     dashboard.set_defaults(func=_dashboard)
@@ -140,13 +204,15 @@ def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                        ("offboard", "uninstall the city chart (the CRDs stay)")):
         cmd = city_sub.add_parser(name, help=text)
         cmd.add_argument("name", help="the city's name (its City on the hub)")
-        cmd.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig holding both contexts")
-        cmd.add_argument("--city-context", required=True, help="context of the city cluster")
+        cmd.add_argument("--kubeconfig", type=Path, default=None,
+                         help=f"kubeconfig holding the contexts below {FROM_KUBECONFIG}")
+        cmd.add_argument("--city-context", default=None, help=f"context of the city cluster {FROM_CURRENT}")
         cmd.add_argument("--namespace", default="citynerve", help="release namespace (default: %(default)s)")
         if name == "onboard":
-            cmd.add_argument("--hub-context", required=True,
+            cmd.add_argument("--hub-context", default=None,
                              help="hub administrator's context of the hub cluster: invites the city (a "
-                                  "bootstrap token good for this city only) and reads the hub's URL and CA")
+                                  "bootstrap token good for this city only) and reads the hub's URL and CA "
+                                  f"{FROM_CURRENT}")
             cmd.add_argument("--values", type=Path, default=None,
                              help="a values file; wins over what is derived from the name and the hub")
             cmd.add_argument("--wait-ready", action="store_true",
@@ -163,6 +229,9 @@ def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citynerve", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error, not only its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="the local federation of real control planes on this machine")
@@ -202,9 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from citynerve.operators.runtime import KubeconfigError  # noqa: PLC0415 - see TYPE_CHECKING above
+
     try:
         code: int = args.func(args)
+    except KubeconfigError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_CLUSTER
     except (ClusterError, RuntimeError) as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return code

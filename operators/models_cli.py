@@ -412,8 +412,13 @@ def add_models_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="MLflow server the version and its gate metrics are checked in before anything is created "
         "(default: $MLFLOW_TRACKING_URI)",
     )
-    promote.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig of the hub")
-    promote.add_argument("--context", default=None, help="hub context in --kubeconfig")
+    promote.add_argument(
+        "--kubeconfig", type=Path, default=None,
+        help="kubeconfig of the hub (default: $KUBECONFIG, else ~/.kube/config, else the in-cluster account)",
+    )
+    promote.add_argument(
+        "--context", default=None, help="context of the hub (default: the kubeconfig's current context)"
+    )
     promote.add_argument("--wait", action="store_true", help="wait for the outcome (exit 3 if not promoted)")
     promote.add_argument("--wait-timeout", type=float, default=3600.0, help="seconds --wait waits")
     promote.set_defaults(func=_guarded(_promote))

@@ -6,7 +6,7 @@ process (``citynerve operator hub|city``). Each gets:
 
 - a fresh ``kopf.OperatorRegistry`` its handlers are registered into (no module-level
   handlers, so two cities in one process never share one);
-- a login from an explicit kubeconfig file and context (or the in-cluster account);
+- a login from a kubeconfig and context, found as kubectl finds them (or the in-cluster account);
 - every Kopf setting in one startup handler (STYLE.md).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Collection
@@ -23,29 +24,114 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+import yaml
 from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client import Configuration
 
 ANNOTATION_PREFIX = "citynerve.io"
+# The port of an operator process's health endpoint (the charts' probes); unset: none is served.
+ENV_HEALTH_PORT = "CITYNERVE_HEALTH_PORT"
+HEALTH_PATH = "/healthz"
 log = logging.getLogger(__name__)
+
+
+ENV_KUBECONFIG = "KUBECONFIG"  # kubectl's: a list of kubeconfig files, separated by os.pathsep
+DEFAULT_KUBECONFIG = Path("~/.kube/config")  # kubectl's default file
+# Set by the kubelet in every pod: what makes the in-cluster service account usable.
+ENV_IN_CLUSTER = ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+
+
+class KubeconfigError(Exception):
+    """No cluster to talk to: no kubeconfig, or no such context. The message is one line that says
+    what to set; commands print it without a traceback (exit status 2)."""
 
 
 @dataclass(frozen=True)
 class KubeTarget:
-    """Which API server an operator talks to: a kubeconfig file and context, or in-cluster."""
+    """Which API server to talk to, chosen as kubectl chooses it.
+
+    The kubeconfig: ``kubeconfig`` if given, else every file in ``$KUBECONFIG`` (merged, the first
+    to set a value wins), else ``~/.kube/config``; with none of them, the pod's in-cluster service
+    account. The context: ``context`` if given, else the kubeconfig's current context.
+    ``context_option`` is how a command lets its user choose the context (named in errors).
+    """
 
     kubeconfig: Path | None = None
     context: str | None = None
+    context_option: str = field(default="--context", compare=False)
+
+    def kubeconfig_files(self) -> tuple[Path, ...]:
+        """The kubeconfig files this target reads; empty: the in-cluster service account."""
+        if self.kubeconfig is not None:
+            path = self.kubeconfig.expanduser()
+            if not path.is_file():
+                msg = f"kubeconfig {path} does not exist; pass an existing file with --kubeconfig"
+                raise KubeconfigError(msg)
+            return (path,)
+        listed = os.environ.get(ENV_KUBECONFIG)
+        if listed is not None and listed.strip(os.pathsep):
+            named = [Path(p).expanduser() for p in listed.split(os.pathsep) if p]
+            found = tuple(dict.fromkeys(p for p in named if p.is_file()))
+            if not found:
+                msg = (f"{ENV_KUBECONFIG} names no kubeconfig file that exists ({listed}); set it to "
+                       "existing files or pass --kubeconfig")
+                raise KubeconfigError(msg)
+            return found
+        default = DEFAULT_KUBECONFIG.expanduser()
+        if default.is_file():
+            return (default,)
+        if all(os.environ.get(name) for name in ENV_IN_CLUSTER):
+            return ()
+        msg = (f"no kubeconfig: pass --kubeconfig, set {ENV_KUBECONFIG}, or create {DEFAULT_KUBECONFIG} "
+               "(this is not a pod with an in-cluster service account either)")
+        raise KubeconfigError(msg)
+
+    def context_name(self) -> str | None:
+        """The context this target uses (checked to exist); None for the in-cluster service account."""
+        files = self.kubeconfig_files()
+        if not files:
+            return None
+        contexts: list[str] = []
+        current = ""
+        for path in files:
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                msg = f"kubeconfig {path} cannot be read: {' '.join(str(exc).split())}"
+                raise KubeconfigError(msg) from exc
+            if not isinstance(loaded, dict):
+                msg = f"kubeconfig {path} is not a kubeconfig (a mapping with clusters, users and contexts)"
+                raise KubeconfigError(msg)
+            contexts += [str(c.get("name")) for c in loaded.get("contexts") or [] if isinstance(c, dict)]
+            current = current or str(loaded.get("current-context") or "")
+        where = os.pathsep.join(map(str, files))
+        choose = f"pass {self.context_option} with one of: {', '.join(dict.fromkeys(contexts)) or '(none)'}"
+        if self.context is None and not current:
+            msg = (f"kubeconfig {where} sets no current context; {choose} "
+                   "(or run `kubectl config use-context NAME`)")
+            raise KubeconfigError(msg)
+        name = self.context or current
+        if name not in contexts:
+            given = f"{self.context_option} {name}" if self.context else f"the current context {name}"
+            msg = f"{given} is not a context of kubeconfig {where}; {choose}"
+            raise KubeconfigError(msg)
+        return name
 
     def client_configuration(self) -> Configuration:
         """A Kubernetes client configuration for this target (also used by non-Kopf code)."""
         configuration = Configuration()
-        if self.kubeconfig is None:
-            kube_config.load_incluster_config(client_configuration=configuration)
-        else:
-            kube_config.load_kube_config(config_file=str(self.kubeconfig), context=self.context,
-                                         client_configuration=configuration)
+        files = self.kubeconfig_files()
+        try:
+            if not files:
+                kube_config.load_incluster_config(client_configuration=configuration)
+            else:
+                kube_config.load_kube_config(config_file=os.pathsep.join(map(str, files)),
+                                             context=self.context_name(), client_configuration=configuration)
+        except kube_config.ConfigException as exc:
+            where = os.pathsep.join(map(str, files)) or "the in-cluster service account"
+            msg = f"cannot use {where}: {' '.join(str(exc).split())}"
+            raise KubeconfigError(msg) from exc
         return configuration
 
     def connection_info(self) -> kopf.ConnectionInfo:
@@ -207,6 +293,22 @@ class InProcessOperator:
         return self._thread.is_alive()
 
 
+def liveness_endpoint() -> str | None:
+    """Kopf's health endpoint, on every address at ``$CITYNERVE_HEALTH_PORT`` (None when unset).
+
+    It answers from the operator's event loop, the one its watch loops run in: a stalled loop answers
+    nothing, and a failed watch stops the operator (Kopf ends every root task with it), so the probe
+    fails with it.
+    """
+    port = os.environ.get(ENV_HEALTH_PORT, "").strip()
+    if not port:
+        return None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        msg = f"{ENV_HEALTH_PORT}={port!r} is not a port number; set it to one between 1 and 65535"
+        raise ValueError(msg)
+    return f"http://0.0.0.0:{int(port)}{HEALTH_PATH}"
+
+
 def run_until_signal(options: OperatorOptions, build: Callable[[OperatorOptions], kopf.OperatorRegistry],
                      memo: object | None = None) -> int:
     """The body of ``citynerve operator …``: run in the foreground until SIGINT/SIGTERM."""
@@ -214,6 +316,7 @@ def run_until_signal(options: OperatorOptions, build: Callable[[OperatorOptions]
     asyncio.run(kopf.operator(
         registry=registry, clusterwide=options.clusterwide, namespaces=list(options.namespaces),
         standalone=options.peering is None, peering_name=options.peering, memo=memo,
+        liveness_endpoint=liveness_endpoint(),
     ))
     return 0
 
