@@ -62,7 +62,16 @@ def test_the_quick_demo_stops_on_sigterm_and_runs_again(tmp_path: Path) -> None:
     report = tmp_path / "demo-output" / "report.html"
     assert report.is_file()
     page = report.read_text()
-    assert page.count("data:image/png;base64,") >= 3  # timeline, pressure at the burst, flood level
+    # A real page, its figures read from the recorded runs: no terminal text, a sortable incidents
+    # table, every incident on the timeline, the burst's pressure and a flooded node's depth, each
+    # incident linked to its MLflow run, and the map linked.
+    assert "<pre" not in page
+    assert '<table id="incidents" class="sortable">' in page
+    assert page.count('<g class="incident"') == page.count("<tr data-name=") > 0
+    assert 'id="data-water"' in page, "no pressure plot from the water drill's recorded run"
+    assert 'id="data-flood"' in page, "no flood plot of a flooded node from the flood drill's recorded run"
+    assert page.count('class="mlflow-run"') >= page.count("<tr data-name=")
+    assert 'id="situation-map"' in page
     assert "local federation stopped" in out
     left = _survivors(tmp_path)
     assert not left, f"processes left behind: {left}"

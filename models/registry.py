@@ -141,6 +141,22 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created (and so owned by this process's identity) if missing;
+    two processes creating it at once both get the one that exists."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return str(client.get_experiment_by_name(name).experiment_id)
+
+
 def register_model_version(
     tracking_uri: str,
     name: str,
@@ -154,9 +170,7 @@ def register_model_version(
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
-    run = client.create_run(experiment_id, run_name=f"register-{name}")
+    run = client.create_run(ensure_experiment(client, EXPERIMENT), run_name=f"register-{name}")
     run_id = run.info.run_id
     for key, value in (metrics or {}).items():
         client.log_metric(run_id, key, float(value))
@@ -196,6 +210,7 @@ _AUTH_ERRORS = {
 
 
 def _registry_call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    import requests  # noqa: PLC0415 - MLflow's transport
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     try:
@@ -203,6 +218,12 @@ def _registry_call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             raise
+        if isinstance(exc.__context__, requests.exceptions.RequestException):  # wrapped by MLflow's client
+            raise ModelResolutionError(
+                "RegistryUnreachable",
+                f"the MLflow registry did not answer {what}: {exc.__context__}",
+                permanent=False,
+            ) from exc
         if exc.error_code in _AUTH_ERRORS:
             reason, why = _AUTH_ERRORS[exc.error_code]
             message = f"the MLflow registry {why} ({what})"

@@ -38,6 +38,7 @@ from citynerve.models.registry import (
     ModelResolutionError,
     ResolvedModel,
     artifact_digest,
+    ensure_experiment,
     read_model_version,
     register_logged_artifact,
     registry_client,
@@ -203,8 +204,7 @@ def train_water_detector(
         CODE_VERSION_TAG: code_version(),
     }
     client = registry_client(tracking_uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    experiment_id = ensure_experiment(client, EXPERIMENT)
     run = client.create_run(experiment_id, run_name=f"train-{model_name}", tags=tags)
     run_id = run.info.run_id
     try:
@@ -295,8 +295,7 @@ def evaluate_registered(
     evaluation_set = config.evaluation_set()
     evaluation = evaluate_water_detector(detector, config.base(), evaluation_set)
     client = registry_client(tracking_uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    experiment_id = ensure_experiment(client, EXPERIMENT)
     run = client.create_run(
         experiment_id,
         run_name=f"evaluate-{name}-v{version}",

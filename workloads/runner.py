@@ -41,6 +41,7 @@ from citynerve.observability.tracing import (
     record_ingest,
     scenario_span,
 )
+from citynerve.workloads.series import crowd_series, flood_series, runoff_series, water_series
 from citynerve.workloads.sim.crowd import (
     CROWD_SENSOR_TYPE,
     DEFAULT_SITES,
@@ -138,7 +139,8 @@ def _water(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) 
         ]
         for event in events:
             sink(event)
-    return {"network": network, "leaks": len(leaks), "detections": len(events)}
+    return {"network": network, "leaks": len(leaks), "detections": len(events),
+            "series": water_series(window, leaks, events, network)}
 
 
 def _drainage_window(run: DrainageRun) -> Window:
@@ -186,7 +188,8 @@ def _urban_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
         onset = run.flood_onset_s(event.location.asset_id)
         if onset is not None:
             lead[event.location.asset_id] = onset - event.detected_at_s
-    return {"model": model, "warnings": len(events), "lead_time_s": lead}
+    return {"model": model, "warnings": len(events), "lead_time_s": lead,
+            "series": flood_series(run, detector.critical_level, events, model)}
 
 
 def _mountain_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: IncidentSink) -> dict[str, Any]:
@@ -236,6 +239,9 @@ def _mountain_flood(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incid
         "prewarnings": len(events),
         "rehearsal": [{"catchment": d.catchment, "lead_time_s": d.lead_time_s} for d in drills],
         "evacuation_plan": detector.preplan(window),
+        "series": runoff_series(
+            storm, {a.catchment: (a.warn_discharge, a.evacuate_discharge) for a in areas}, events, model
+        ),
     }
 
 
@@ -331,6 +337,11 @@ def _major_event(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
         "lead_time_s": {m.site: m.lead_time_s for m in score.matched},
         "alerts_without_breach": score.alerts_without_breach,
         "missed_breaches": score.missed_breaches,
+        "series": crowd_series(
+            window["crowdDensity"], events,
+            "gate cameras at the circuit; arrivals shaped by Auckland's published pedestrian counts",
+            unit="people per 100 m²",
+        ),
     }
 
 
@@ -380,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as err:
             print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the command line's own message
             return 2
+        summary.pop("series", None)  # what was scored is recorded by the workload, not printed
         sys.stderr.write(orjson.dumps({"summary": summary}, default=_json_default).decode() + "\n")
     finally:
         if args.out:

@@ -292,12 +292,15 @@ def scenario_payload(
     fleets: Mapping[str, Mapping[str, Any]],
     models: Mapping[str, Mapping[str, Any]],
     city: str,
+    mlflow_url: str | None = None,
 ) -> dict[str, Any]:
-    """Everything the analytics workload needs, with models as resolved (never re-resolved by it)."""
+    """Everything the analytics workload needs, with models as resolved (never re-resolved by it);
+    ``mlflowUrl`` (when the operator has one) is where the workload records what it scored."""
     spec = scenario["spec"]
     meta = scenario["metadata"]
     return {
         "city": city,
+        **({"mlflowUrl": mlflow_url} if mlflow_url else {}),
         "scenario": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta.get("uid", "")},
         "spec": {
             "kind": spec["kind"],

@@ -17,7 +17,9 @@ LABEL_SCENARIO = "citynerve.io/scenario"
 LABEL_REVISION = "citynerve.io/workload-revision"
 LABEL_INGEST_REPORT = "citynerve.io/ingest-report"
 ANNOTATION_NOTIFIED = "citynerve.io/notified"
-
+# The MLflow run that recorded what the workload scored when it detected an Incident
+# (citynerve.models.scenario_runs); absent when the operator runs without --mlflow-url.
+ANNOTATION_MLFLOW_RUN = "citynerve.io/mlflow-run-id"
 
 
 def centre_of(city: str) -> tuple[str, str] | None:

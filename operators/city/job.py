@@ -11,20 +11,23 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from citynerve.models.incidents import IncidentEvent
+from citynerve.models.registry import ModelResolutionError
+from citynerve.models.scenario_runs import finish_scenario_run, start_scenario_run
 from citynerve.observability import configure_telemetry, incident_span
 from citynerve.operators.api import GROUP, VERSION
 from citynerve.operators.city.analytics import run_analytics
-from citynerve.operators.city.children import incident_manifest, incident_severity
-from citynerve.operators.city.config import centre_of
+from citynerve.operators.city.children import incident_manifest, incident_severity, workload_revision
+from citynerve.operators.city.config import ANNOTATION_MLFLOW_RUN, centre_of
 from citynerve.operators.runtime import KubeTarget
 from kubernetes import client
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class IncidentWriter:
@@ -41,6 +44,7 @@ class IncidentWriter:
         self.created = 0
         self.not_raised = 0
         self.last_evaluation: datetime | None = None
+        self.annotations: dict[str, str] = {}  # for every Incident: the run that recorded it
 
     def __call__(self, event: IncidentEvent) -> None:
         now = datetime.now(UTC).replace(microsecond=0)
@@ -58,7 +62,7 @@ class IncidentWriter:
         with incident_span(event, city=str(self.payload.get("city") or ""),
                            name=manifest["metadata"]["name"], namespace=namespace) as annotations:
             # The trace continues in the operator's reconciles and the webhooks of this Incident.
-            manifest["metadata"].setdefault("annotations", {}).update(annotations)
+            manifest["metadata"].setdefault("annotations", {}).update({**annotations, **self.annotations})
             try:
                 self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "incidents", manifest)
                 self.created += 1
@@ -68,9 +72,61 @@ class IncidentWriter:
         self.last_evaluation = now
 
 
+def run_params(payload: Mapping[str, Any]) -> dict[str, str]:
+    """What a scenario run is recorded with in MLflow: where it ran, what it bound (pure)."""
+    scenario, spec = payload["scenario"], payload["spec"]
+    params = {
+        "city": str(payload.get("city") or ""),
+        "namespace": scenario["namespace"],
+        "scenario": scenario["name"],
+        "revision": workload_revision(payload),
+        "kind": spec["kind"],
+        "mode": spec["mode"],
+    }
+    for model in payload.get("models") or []:
+        params[f"model.{model['name']}"] = f"{model['registeredModel']} version {model.get('version') or '-'}"
+    for t in spec.get("thresholds") or []:
+        warning, alarm, unit = t.get("warning"), t.get("alarm"), t.get("unitCode")
+        params[f"threshold.{t['metric']}"] = f"warning {warning} {unit}, alarm {alarm} {unit}"
+    for key, value in sorted((spec.get("simulation") or {}).items()):
+        params[f"simulation.{key}"] = str(value)
+    return params
+
+
+def _recorded(what: str, call: Callable[[], T]) -> T | None:
+    """``call()``, or None when MLflow refused or did not answer: the scenario still runs and its
+    Incidents are still created, without a record of the run (said in the log)."""
+    try:
+        return call()
+    except ModelResolutionError as exc:
+        log.warning("%s is not recorded in MLflow: %s", what, exc.message)
+        return None
+
+
 def run_job(payload: Mapping[str, Any], target: KubeTarget) -> IncidentWriter:
+    """Run the scenario's analytics, creating its Incidents; with ``mlflowUrl`` in the payload, record
+    the run in MLflow (parameters, metrics, the scored series) and name it on every Incident."""
     writer = IncidentWriter(client.ApiClient(target.client_configuration()), payload)
-    run_analytics(payload, writer)
+    url: str | None = payload.get("mlflowUrl")
+    params = run_params(payload)
+    what = f"the run of scenario {params['namespace']}/{params['scenario']}"
+    run_id: str | None = None
+    if url:
+        name = f"{params['scenario']}-{params['revision'][:8]}"
+        started = _recorded(what, lambda: start_scenario_run(url, params["city"], name, params))
+        run_id = started[1] if started else None
+    if run_id:
+        writer.annotations[ANNOTATION_MLFLOW_RUN] = run_id
+    try:
+        summary = run_analytics(payload, writer)
+    except BaseException:
+        if url and run_id:
+            _recorded(what, lambda: finish_scenario_run(url, run_id, None, None, failed=True))
+        raise
+    if url and run_id:
+        series = {"thresholds": list(payload["spec"].get("thresholds") or []), **summary.pop("series", {})}
+        summary["incidentsCreated"] = writer.created
+        _recorded(what, lambda: finish_scenario_run(url, run_id, summary, series))
     return writer
 
 
@@ -79,7 +135,9 @@ def main() -> int:
     payload: dict[str, Any] = json.loads(os.environ["CITYNERVE_SCENARIO"])
     configure_telemetry("citynerve-city-job", city=str(payload.get("city") or ""))
     writer = run_job(payload, KubeTarget())
-    log.info("scenario %s: %d incident(s) created", payload["scenario"]["name"], writer.created)
+    run = writer.annotations.get(ANNOTATION_MLFLOW_RUN)
+    log.info("scenario %s: %d incident(s) created; %s", payload["scenario"]["name"], writer.created,
+             f"recorded as MLflow run {run}" if run else "not recorded in MLflow")
     return 0
 
 
