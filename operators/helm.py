@@ -5,7 +5,9 @@
 - ``install_hub``: the hub chart into ``citynerve-system`` of the hub cluster;
 - ``hub_connection``: what a city needs from the hub (API URL, CA bundle, and a bootstrap
   token good for that one city, issued by inviting it);
-- ``onboard_city``: the city chart into a city cluster, its values filled from the hub;
+- ``onboard_city``: the city chart into a city cluster, its values filled from the hub; the join
+  token goes into a Secret of the release namespace (``hub.bootstrap.existingSecret``), never into
+  the values, which ``helm get values`` prints;
 - ``agent_config_from_release``: the agent configuration the city chart rendered
   (ConfigMap ``citynerve-city-config``, key ``agent.json``), for an agent run in-process;
 - ``wait_until_city_ready``: until the hub reports the City ``Ready``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -31,6 +34,7 @@ from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.agent import AgentConfig, agent_config
 from citynerve.operators.federation.embedded import city_condition, invite_city, join_request
 from citynerve.operators.federation.placement import is_offboarded
+from citynerve.operators.kube import FIELD_MANAGER, Kube
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.runtime import KubeTarget, scratch_dir
 from kubernetes import client
@@ -44,6 +48,12 @@ CITY_RELEASE = "citynerve-city"
 CITY_NAMESPACE = "citynerve"
 CITY_CONFIGMAP = "citynerve-city-config"
 AGENT_CONFIG_KEY = "agent.json"
+# The Secret `city onboard` writes the hub's join token into (the chart's hub.bootstrap.existingSecret),
+# and the key the chart reads; `city offboard` deletes it (it carries MANAGED_BY, so a Secret of the
+# user's own is never deleted).
+CITY_BOOTSTRAP_SECRET = "citynerve-city-hub-join-token"  # noqa: S105 - a Secret's name, not a secret
+BOOTSTRAP_TOKEN_KEY = "token"  # noqa: S105 - a key's name, not a secret
+MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 DEFAULT_TIMEOUT = "5m"
 
 
@@ -96,9 +106,16 @@ def _helm_message(exc: pyhelm3.errors.Error) -> str:
     return text.strip() or str(exc)
 
 
+def on_cluster(target: KubeTarget) -> KubeTarget:
+    """``target`` with its context named, for helm: the kubeconfig and context the client uses (helm
+    reads $KUBECONFIG itself); a missing kubeconfig or context is refused before helm runs."""
+    return dataclasses.replace(target, context=target.context_name())
+
+
 def install(target: KubeTarget, chart: Path, release: str, namespace: str,
             values: Mapping[str, Any], *, wait: bool = True) -> ReleaseInfo:
     """``helm upgrade --install`` of a local chart; objects left by a non-Helm install are adopted."""
+    target = on_cluster(target)
 
     async def run() -> ReleaseInfo:
         helm = helm_client(target)
@@ -118,6 +135,7 @@ def install(target: KubeTarget, chart: Path, release: str, namespace: str,
 
 def uninstall(target: KubeTarget, release: str, namespace: str, *, wait: bool = True) -> None:
     """``helm uninstall``; a release that is not there is already uninstalled."""
+    target = on_cluster(target)
 
     async def run() -> None:
         await helm_client(target).uninstall_release(release, namespace=namespace, wait=wait)
@@ -204,21 +222,57 @@ def city_values(city: str, connection: HubConnection | None) -> dict[str, Any]:
         "heartbeatTimeoutSeconds": spec["connection"]["heartbeatTimeoutSeconds"],
     }}
     if connection is not None:
+        # The token itself goes into CITY_BOOTSTRAP_SECRET (bootstrap_secret), never into the values.
         values["hub"] = {"url": connection.url, "caBundle": connection.ca_pem,
-                         "bootstrap": {"token": connection.bootstrap_token}}
+                         "bootstrap": {"existingSecret": CITY_BOOTSTRAP_SECRET}}
     return values
+
+
+def bootstrap_secret(token: str, namespace: str) -> dict[str, Any]:
+    """The Secret holding the hub's join token for the city chart (its ``hub.bootstrap.existingSecret``)."""
+    return {
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": CITY_BOOTSTRAP_SECRET, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "citynerve",
+                                "app.kubernetes.io/component": "agent", **MANAGED_BY}},
+        "type": "Opaque",
+        "data": {BOOTSTRAP_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
 
 
 def onboard_city(city: str, hub: KubeTarget, target: KubeTarget, values: Mapping[str, Any] | None = None,
                  *, namespace: str = CITY_NAMESPACE, wait: bool = True) -> ReleaseInfo:
-    """Install or upgrade the city chart, joined to ``hub``; ``values`` override the derived ones."""
-    derived = city_values(city, hub_connection(hub, city))
+    """Install or upgrade the city chart, joined to ``hub``; ``values`` override the derived ones.
+
+    The join token goes into Secret CITY_BOOTSTRAP_SECRET of the release namespace, created before
+    the chart; a token or existingSecret in ``values`` is the user's own and wins (no Secret is written).
+    """
+    target = on_cluster(target)  # a wrong city context is refused before the hub invites the city
+    connection = hub_connection(hub, city)
+    derived = city_values(city, connection)
+    own = ((values or {}).get("hub") or {}).get("bootstrap") or {}
+    if own.get("token") or own.get("existingSecret"):
+        del derived["hub"]["bootstrap"]
+    else:
+        kube = Kube(client.ApiClient(target.client_configuration()))
+        kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        kube.apply(bootstrap_secret(connection.bootstrap_token, namespace))
     return install(target, CITY_CHART, CITY_RELEASE, namespace, merge_values(derived, values or {}),
                    wait=wait)
 
 
 def offboard_city(target: KubeTarget, *, namespace: str = CITY_NAMESPACE) -> None:
+    """Uninstall the city chart, and delete the join-token Secret ``onboard_city`` wrote (if any)."""
     uninstall(target, CITY_RELEASE, namespace)
+    core = client.CoreV1Api(client.ApiClient(target.client_configuration()))
+    try:
+        secret = core.read_namespaced_secret(CITY_BOOTSTRAP_SECRET, namespace)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    if MANAGED_BY.items() <= (secret.metadata.labels or {}).items():
+        core.delete_namespaced_secret(CITY_BOOTSTRAP_SECRET, namespace)
 
 
 def agent_config_from_release(city_target: KubeTarget, namespace: str = CITY_NAMESPACE,
@@ -238,7 +292,14 @@ def wait_until_city_offboarded(hub: KubeTarget, city: str, timeout: float = 120.
     custom = client.CustomObjectsApi(client.ApiClient(hub.client_configuration()))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = custom.get_cluster_custom_object("citynerve.io", "v1alpha1", "cities", city)
+        try:
+            body = custom.get_cluster_custom_object("citynerve.io", "v1alpha1", "cities", city)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            msg = (f"City {city} is not on the hub of context {hub.context_name()}, so there is nothing to "
+                   "wait for; check the name and --hub-context")
+            raise ValueError(msg) from exc
         if is_offboarded(body):
             return
         time.sleep(interval)

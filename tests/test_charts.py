@@ -267,8 +267,11 @@ def test_city_agent_config_carries_the_join_request(city: str) -> None:
     assert config["hubCaPem"] == connection.ca_pem
     assert config["heartbeatSeconds"] == 3
     assert config["workNamespace"] == "citynerve"
-    secret = one(docs, "Secret", config["bootstrapSecret"])
-    assert secret["data"][config["bootstrapSecretKey"]] == "dDBrZW4="  # base64 of t0ken
+    # The token is in the Secret `city onboard` writes (helm.bootstrap_secret), not in the values.
+    assert (config["bootstrapSecret"], config["bootstrapSecretKey"]) == (helm.CITY_BOOTSTRAP_SECRET, "token")
+    assert "t0ken" not in yaml.safe_dump(values)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert helm.bootstrap_secret("t0ken", "citynerve")["data"]["token"] == "dDBrZW4="  # base64 of t0ken
 
 
 @pytest.mark.timeout(60)
@@ -314,7 +317,7 @@ def test_hub_optional_parts_render_only_when_enabled() -> None:
     container = one(full, "Deployment", "citynerve-hub")["spec"]["template"]["spec"]["containers"][0]
     assert f"--mlflow-url=http://citynerve-hub-mlflow.{helm.HUB_NAMESPACE}.svc:5000" in container["args"]
     assert container["env"][0] == {"name": "CITYNERVE_PROMETHEUS_PORT", "value": "9090"}
-    assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    assert container["ports"][0] == {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}
     external = render("hub", {"mlflow": {"externalUrl": "https://mlflow.example.org"}})
     args = one(external, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--mlflow-url=https://mlflow.example.org" in args
@@ -462,3 +465,97 @@ def test_a_fleet_with_an_unknown_field_is_refused_by_the_schema(tmp_path: Path) 
     proc = helm_run("lint", "--strict", str(CHARTS["city"]), "--values", str(path))
     assert proc.returncode != 0
     assert "samplingInterval" in proc.stdout + proc.stderr
+
+
+# -- probes, heartbeat rule, MLflow server version ----------------------------------------------
+PROBED_VALUES = [("hub", {"mlflow": {"enabled": True}}), ("city", {}),
+                 *[(chart, yaml.safe_load(path.read_text()) or {}) for chart, path in CI_VALUES]]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("chart", "values"), PROBED_VALUES)
+def test_every_container_of_every_deployment_is_probed_on_a_port_it_declares(
+        chart: str, values: dict[str, Any]) -> None:
+    deployments = [d for d in render(chart, values) if d["kind"] == "Deployment"]
+    assert deployments
+    for deployment in deployments:
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            declared = {p["name"] for p in container.get("ports") or []} | {
+                p["containerPort"] for p in container.get("ports") or []}
+            where = f"{deployment['metadata']['name']}/{container['name']}"
+            for kind in ("readinessProbe", "livenessProbe"):
+                probe = container.get(kind)
+                assert probe, f"{where} has no {kind}"
+                assert probe["httpGet"]["port"] in declared, f"{where}'s {kind} asks an undeclared port"
+                assert probe["httpGet"]["path"].startswith("/")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chart", CHARTS)
+def test_operators_serve_their_health_endpoint_on_the_probed_port(chart: str) -> None:
+    from citynerve.operators.runtime import ENV_HEALTH_PORT, HEALTH_PATH  # noqa: PLC0415
+
+    container = one(render(chart, {"health": {"port": 8181}}), "Deployment",
+                    f"citynerve-{chart}")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[ENV_HEALTH_PORT] == "8181"
+    assert {"name": "health", "containerPort": 8181, "protocol": "TCP"} in container["ports"]
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[kind]["httpGet"] == {"path": HEALTH_PATH, "port": "health"}
+    # The metrics port is served on the pod's address, where the probes and Prometheus reach it.
+    assert env["CITYNERVE_PROMETHEUS_ADDRESS"] == "0.0.0.0"  # noqa: S104 - the point of the test
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("interval", "timeout"), [(10, 10), (30, 20), (10, 2)])
+def test_city_chart_refuses_a_heartbeat_timeout_the_city_resource_would_refuse(
+        interval: int, timeout: int) -> None:
+    proc = helm_run("template", "x", str(CHARTS["city"]), "--namespace", NAMESPACES["city"], "--set",
+                    f"city.heartbeatSeconds={interval}", "--set", f"city.heartbeatTimeoutSeconds={timeout}")
+    assert proc.returncode != 0
+    named = (f"city.heartbeatTimeoutSeconds ({timeout}) must be greater than "
+             f"city.heartbeatSeconds ({interval})")
+    assert named in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_city_chart_accepts_the_heartbeat_pairs_the_city_resource_accepts() -> None:
+    from citynerve.operators.api.hub import CityConnection  # noqa: PLC0415
+
+    for interval, timeout in ((10, 11), (2, 8), (10, 40)):
+        CityConnection.model_validate({"heartbeatIntervalSeconds": interval,
+                                       "heartbeatTimeoutSeconds": timeout})
+        docs = render("city", {"city": {"heartbeatSeconds": interval, "heartbeatTimeoutSeconds": timeout}})
+        config = json.loads(one(docs, "ConfigMap", helm.CITY_CONFIGMAP)["data"][helm.AGENT_CONFIG_KEY])
+        assert config["joinRequest"]["spec"]["connection"] == {"heartbeatIntervalSeconds": interval,
+                                                               "heartbeatTimeoutSeconds": timeout}
+
+
+@pytest.mark.timeout(60)
+def test_hub_mlflow_server_is_the_mlflow_the_project_runs() -> None:
+    import importlib.metadata  # noqa: PLC0415
+
+    server = one(render("hub", {"mlflow": {"enabled": True}}), "Deployment", "citynerve-hub-mlflow")
+    image = server["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"ghcr.io/mlflow/mlflow:v{importlib.metadata.version('mlflow')}"
+    # Set in one place: values.yaml; nothing else in the chart names a version of MLflow.
+    tag = yaml.safe_load((CHARTS["hub"] / "values.yaml").read_text())["mlflow"]["image"]["tag"]
+    others = [p for p in CHARTS["hub"].rglob("*") if p.is_file() and p.name != "values.yaml"
+              and tag in p.read_text(errors="replace")]
+    assert not others, f"{others} repeat the MLflow version {tag}"
+
+
+@pytest.mark.timeout(60)
+def test_hub_mlflow_server_accepts_its_service_names_and_the_given_hosts_only() -> None:
+    from mlflow.server.security_utils import is_allowed_host_header  # noqa: PLC0415
+
+    server = one(render("hub", {"mlflow": {"enabled": True, "allowedHosts": ["mlflow.example.org"]}}),
+                 "Deployment", "citynerve-hub-mlflow")
+    env = {e["name"]: e.get("value") for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    service = f"citynerve-hub-mlflow.{helm.HUB_NAMESPACE}.svc"
+    for host in (f"{service}:5000", service, "citynerve-hub-mlflow:5000", "10.244.1.7:5000",
+                 "172.20.0.3:5000", "localhost:5000", "[::1]:5000", "mlflow.example.org"):
+        assert is_allowed_host_header(allowed, host), host
+    for host in ("evil.example.org", "mlflow.example.org.evil.example.org:5000", "8.8.8.8:5000"):
+        assert not is_allowed_host_header(allowed, host), host

@@ -95,3 +95,21 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* MLFLOW_SERVER_ALLOWED_HOSTS of the MLflow server (`name`: its Service): the Service's names, with
+or without a port; MLflow's own defaults (loopback and private addresses, which the kubelet's probes
+use), which setting the variable replaces; and mlflow.allowedHosts. fnmatch patterns, so an IPv6
+literal's "[" is escaped as "[[]". */}}
+{{- define "citynerve-hub.mlflowAllowedHosts" -}}
+{{- $ns := .root.Release.Namespace }}
+{{- $hosts := list }}
+{{- range $host := list .name (printf "%s.%s" .name $ns) (printf "%s.%s.svc" .name $ns) (printf "%s.%s.svc.cluster.local" .name $ns) "localhost" "127.0.0.1" }}
+{{- $hosts = concat $hosts (list $host (printf "%s:*" $host)) }}
+{{- end }}
+{{- $hosts = concat $hosts (list "[::1]" "[[]::1]:*" "10.*" "192.168.*") }}
+{{- range $second := untilStep 16 32 1 }}
+{{- $hosts = append $hosts (printf "172.%d.*" $second) }}
+{{- end }}
+{{- $hosts = concat $hosts (list "fc00:*" "fd00:*") .root.Values.mlflow.allowedHosts }}
+{{- join "," $hosts }}
+{{- end }}
