@@ -144,6 +144,7 @@ RECORD = ModelVersionRecord("water-burst-detector", "3", "sha256:" + "a" * 64, "
 def test_a_promotion_the_hub_would_refuse_for_its_input_is_refused_before_it_is_created() -> None:
     assert promotion_refusal(_manifest(), CITIES, RECORD) is None  # soakIncidents is observed in cities
     assert promotion_refusal(_manifest(), CITIES, None) is None
+    assert promotion_refusal(_manifest(cities="region=north"), None, RECORD) is None  # Cities not readable
     canary = promotion_refusal(_manifest(cities="region=west"), CITIES, RECORD)
     assert canary == (
         "The promotion of water-burst-detector is refused: canary city shanghai is not among the selected "
@@ -157,3 +158,4 @@ def test_a_promotion_the_hub_would_refuse_for_its_input_is_refused_before_it_is_
     assert unknown is not None
     assert "its gates name f1Permille, which the version's run does not record" in unknown
     assert "(it records: detectionRate, falseAlarmsPerDay)" in unknown
+    assert promotion_refusal(_manifest(gates=["f1Permille>=800"]), None, RECORD) == unknown
