@@ -882,6 +882,10 @@ def _plain_table(table_id: str, headers: Sequence[str], rows: Sequence[Sequence[
     return _table(table_id, headers, ["<tr>" + "".join(_cell(_e(c)) for c in row) + "</tr>" for row in rows])
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def _json(data: Mapping[str, Any]) -> str:
     """JSON for a <script> element: a "</" inside a string cannot end the element."""
     return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
@@ -909,10 +913,10 @@ def build_page(result: DemoResult) -> str:
         "<title>CityNerve duty officer's report</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>Duty officer's report</h1>",
-        f"<p>{len(result.incidents)} incident(s), {drills} of them from drills (rehearsals on simulated "
-        f"data), in {len({i.city for i in result.incidents})} city(ies); {result.webhook_deliveries} signed "
-        "alert(s) delivered. Incidents are read from each city's API server, what each workload scored from "
-        f"its MLflow run, city health from the hub. {opens}</p>",
+        f"<p>{_count(len(result.incidents), 'incident')}, {drills} of them from drills (rehearsals on "
+        f"simulated data), in {_count(len({i.city for i in result.incidents}), 'city', 'cities')}; "
+        f"{_count(result.webhook_deliveries, 'signed alert')} delivered. Incidents are read from each city's "
+        f"API server, what each workload scored from its MLflow run, city health from the hub. {opens}</p>",
         "<h2>Incidents</h2><p>Most severe first; click a column heading to sort by it.</p>",
         timeline_svg(result.incidents),
         incidents_html(result),
