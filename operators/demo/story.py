@@ -698,7 +698,10 @@ class Story:
         self.situation_map()
         print("\n" + summary_text(self.result))
         report = write_report(self.result, output)
-        print(f"\nReport: {report}")
+        unrecorded = sum(1 for i in self.result.incidents if i.run_id not in self.result.runs)
+        missing = f"; {unrecorded} incident(s) name no recorded run" if unrecorded else ""
+        print(f"\nReport: {report} (incidents from the cities' API servers, {len(self.result.runs)} scenario "
+              f"runs read back from MLflow{missing})")
         print(f"Situation map: {self.result.situation_map}")
         return report
 
