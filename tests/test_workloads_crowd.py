@@ -3,6 +3,7 @@ Auckland's published pedestrian counts, and capacity alerts raised before the me
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +144,9 @@ def test_no_alert_on_an_ordinary_fortnight(
 
 
 @pytest.mark.timeout(60)
-def test_the_drill_reads_the_fleets_interval_and_the_scenarios_levels() -> None:
+def test_the_drill_reads_the_fleets_interval_and_the_scenarios_levels_and_its_incidents_show_them() -> None:
     from citynerve.operators.city.analytics import runner_spec  # noqa: PLC0415
-    from citynerve.operators.city.children import scenario_payload  # noqa: PLC0415
+    from citynerve.operators.city.children import incident_manifest, scenario_payload  # noqa: PLC0415
 
     def docs(path: str) -> list[dict[str, Any]]:
         return [d for d in yaml.safe_load_all((SAMPLES / path).read_text(encoding="utf-8")) if d]
@@ -155,7 +156,8 @@ def test_the_drill_reads_the_fleets_interval_and_the_scenarios_levels() -> None:
     scenario["metadata"] |= {"namespace": "city"}
     scenario["spec"] |= {"mode": "drill", "simulation": {"engine": "pedestrian-counts", "event": "surge:3"}}
     models = {"crowd-detector": {"spec": {"registeredModel": "crowd"}, "status": {}}}
-    spec = runner_spec(scenario_payload(scenario, fleets, models, "shanghai"))
+    payload = scenario_payload(scenario, fleets, models, "shanghai")
+    spec = runner_spec(payload)
     sim = spec["simulation"]
     assert sim["samplingIntervalSeconds"] == fleets["jiading-crowd"]["spec"]["samplingIntervalSeconds"] == 60
     assert (sim["warningDensityPer100Sqm"], sim["alarmDensityPer100Sqm"]) == (250, 400)
@@ -168,4 +170,21 @@ def test_the_drill_reads_the_fleets_interval_and_the_scenarios_levels() -> None:
     for site, lead in summary["lead_time_s"].items():
         alert = next(e for e in sink.events if e.location.asset_id == site)
         assert lead == summary["breach_at_s"][site][0] - alert.detected_at_s > 0
+        assert alert.truth is not None
+        assert alert.truth.lead_time_s == lead
+
+    # the operator's Incident: severity by the Scenario's level, the camera fleet's terminal, the gate
+    event = sink.events[0]
+    incident = incident_manifest(event.to_dict(), payload, datetime.now(UTC), None)["spec"]
+    assert incident["severity"] == "warning"
+    gate = GATES_BY_NAME[event.location.asset_id]
+    assert (
+        float(incident["location"]["latitude"]),
+        float(incident["location"]["longitude"]),
+    ) == pytest.approx((gate.lat, gate.lon))
+    terminal = f"jiading-crowd-{DEFAULT_SITES.index(gate.name)}"
+    by_metric = {e["metric"]: e for e in incident["evidence"] if e.get("terminal") == terminal}
+    assert float(by_metric["crowdDensityPer100Sqm"]["value"]) < 250
+    assert float(by_metric["forecastCrowdDensityPer100Sqm"]["value"]) >= 250
+    assert by_metric["forecastCrowdDensityPer100Sqm"]["unitCode"] == "C62"
     assert summary["alerts_without_breach"] == summary["missed_breaches"] == 0

@@ -323,10 +323,24 @@ def _major_event(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
     levels = {name: float(sim[key]) for name, key in scenario_levels.items() if key in sim}
     detector = CrowdCongestionDetector(locations=history.locations, **{**levels, **thresholds})
     detector.fit(history.window())
-    with detection_span("major-event", type(detector).__name__):
-        events = detector.predict(window, sink)
     breaches = run.breaches(detector.warning_density, detector.rearm_s, origin=history.start)
-    score = score_drill(events, breaches, detector.horizon_s + detector.rearm_s)
+    with detection_span("major-event", type(detector).__name__):
+        scored = detector.predict(window)
+    score = score_drill(scored, breaches, detector.horizon_s + detector.rearm_s)
+    leads = {(m.site, m.detected_at_s): m.lead_time_s for m in score.matched}
+    events = [
+        replace(
+            event,
+            location=replace(event.location, placement=run.placement(event.location.asset_id)),
+            truth=DrillTruth(
+                true_asset=event.location.asset_id,
+                lead_time_s=leads.get((event.location.asset_id, event.detected_at_s)),
+            ),
+        )
+        for event in scored
+    ]
+    for event in events:
+        sink(event)
     return {
         "sites": len(sites),
         "samplingIntervalSeconds": step_s,

@@ -20,7 +20,7 @@ from typing import Any, Self
 
 import numpy as np
 from citynerve.models.detectors.base import FloatArray, SensorWindow, Window, emit, require, slot_of
-from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink
+from citynerve.models.incidents import IncidentEvent, IncidentLocation, IncidentSink, Measurement
 from numpy.lib.stride_tricks import sliding_window_view
 
 _WEEK_S = 7 * 86400.0
@@ -184,6 +184,19 @@ class CrowdCongestionDetector:
             detected_at_s=now,
             onset_s=float(density.times_s[onset]),
             evidence=evidence,
+            measurements=tuple(
+                Measurement(metric, "C62", value, quantity=DENSITY, sensor=site, sensor_index=j)
+                for metric, value in (
+                    ("crowdDensityPer100Sqm", measured),
+                    ("forecastCrowdDensityPer100Sqm", float(outlook.forecast[t, j])),
+                )
+                if np.isfinite(value)
+            ),
+            rule=(
+                f"the density forecast {self.horizon_s / 60:g} min ahead (time-of-week profile plus the "
+                f"{self.trend_window_s / 60:g}-min trend) stayed at or above {self.warning_density:g} people "
+                f"per 100 m² for {self.persist_s / 60:g} min"
+            ),
         )
 
     def explain(self, incident: IncidentEvent) -> dict[str, Any]:

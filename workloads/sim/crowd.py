@@ -41,12 +41,16 @@ CROWD_SENSOR_TYPE = "crowd-density-camera"
 DEFAULT_STEP_S = 60.0
 
 
+#: The Shanghai International Circuit's published reference point (degrees).
+CIRCUIT_LAT, CIRCUIT_LON = 31.3389, 121.2197
+
+
 @dataclass(frozen=True)
 class Gate:
     """A camera-watched gate of the circuit and the Auckland counter whose counts drive it.
 
-    Coordinates are placed around the circuit's reference point (31.3389 N, 121.2197 E) to show
-    the gates' layout; they are not surveyed positions.
+    Coordinates are placed around the circuit's reference point (`CIRCUIT_LAT`, `CIRCUIT_LON`) to
+    show the gates' layout; they are not surveyed positions.
     """
 
     name: str
@@ -116,6 +120,16 @@ class CrowdRun:
     locations: dict[str, tuple[float, float]]  # site -> (lon, lat)
     profile_counters: dict[str, str] = field(default_factory=dict)  # site -> Auckland counter
     surge: SurgeSpec | None = None
+
+    def placement(self, site: str) -> str:
+        """A sentence saying how the coordinates of gate `site` were found."""
+        lon, lat = self.locations[site]
+        return (
+            f"Drill placement: {site} of the drill's gate layout at the Shanghai International Circuit "
+            f"({lat:.4f}, {lon:.4f}), laid out around the circuit's reference point ({CIRCUIT_LAT:.4f}, "
+            f"{CIRCUIT_LON:.4f}); not a surveyed position. Its arrivals follow Auckland's counter at "
+            f"{self.profile_counters[site]}."
+        )
 
     def readings(self) -> Readings:
         """The cameras' readings as a gateway forwards them (both of the SensorType's properties)."""
