@@ -419,7 +419,7 @@ def test_city_values_follow_the_known_cities_and_user_values_win(tmp_path: Path)
 
 
 # -- each city's own fleets -------------------------------------------------------------------
-SAMPLE_CITY_VALUES = sorted((Path(__file__).resolve().parents[1] / "samples" / "city").glob("values-*.yaml"))
+SAMPLE_CITY_VALUES = sorted((Path(__file__).resolve().parents[1] / "samples" / "helm").glob("values-*.yaml"))
 
 
 @pytest.mark.timeout(60)

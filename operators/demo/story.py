@@ -153,7 +153,7 @@ def load(path: Path) -> list[dict[str, Any]]:
 
 def city_values_file(city: str) -> Path:
     """The city chart values a city's IT department keeps (its own fleets)."""
-    return SAMPLES / "city" / f"values-{city}.yaml"
+    return SAMPLES / "helm" / f"values-{city}.yaml"
 
 
 class Story:
