@@ -1,15 +1,21 @@
 """The Helm charts on the local federation: the hub chart in the hub, the city chart in both cities.
 
 Installed through the ``citynerve hub install`` / ``city onboard`` commands (pyhelm3 and the
-pinned helm). kwok runs no containers, so the operators themselves run in this process: the hub
-operator as the hub chart's ServiceAccount, each city's agent from the configuration its chart
-rendered — which shows the chart gives both what they need.
+pinned helm), some run as a user runs them: the installed command, its kubeconfig in
+``$KUBECONFIG`` and the current context. kwok runs no containers, so the operators themselves run
+in this process: the hub operator as the hub chart's ServiceAccount, each city's agent from the
+configuration its chart rendered — which shows the chart gives both what they need.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +33,15 @@ from citynerve.operators.federation.embedded import approve_city, invite_city
 from citynerve.operators.federation.placement import city_namespace, is_offboarded, work_name
 from citynerve.operators.hub import rbac as hub_rbac
 from citynerve.operators.hub.handlers import build_registry as build_hub_registry
-from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
+from citynerve.operators.localfed import toolchain
+from citynerve.operators.localfed.cluster import free_port
+from citynerve.operators.runtime import (
+    ENV_HEALTH_PORT,
+    InProcessOperator,
+    KubeTarget,
+    OperatorOptions,
+    service_account_target,
+)
 from kubernetes import client
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +61,13 @@ class CityRelease:
 CITIES = (CityRelease("shanghai", "charts-shanghai", "namespaced", "local"),
           CityRelease("chengdu", "charts-chengdu", "cluster", "kuberay"))
 ALERT_SECRETS = ["charts-duty-webhook"]  # the city chart's alerts.secretNames in this module
+CITYNERVE = Path(sys.executable).parent / "citynerve"
+
+
+def citynerve(*args: str, kubeconfig: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The installed command as a user runs it: no --kubeconfig, its kubeconfig in $KUBECONFIG."""
+    return subprocess.run([str(CITYNERVE), *args], env={**os.environ, "KUBECONFIG": kubeconfig},
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @dataclass
@@ -95,10 +116,17 @@ def _forget_cities(federation: Any) -> None:
 def installed(federation: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     scratch = tmp_path_factory.mktemp("charts")
     result = Installed(federation, f"cn-{uuid.uuid4().hex[:6]}", scratch)
-    kubeconfig = str(federation.kubeconfig)
+    kubeconfig = str(federation.kubeconfig)  # its current context is the hub
+    # A user's own kubeconfig listed first in $KUBECONFIG: its current context (the first city) wins.
+    first_city = federation.cluster(CITIES[0].cluster).name
+    users = scratch / "kubeconfig-current-city"
+    users.write_text(yaml.safe_dump({**yaml.safe_load(federation.kubeconfig.read_text()),
+                                     "current-context": first_city}))
     _forget_cities(federation)
     try:
-        assert cli.main(["hub", "install", "--kubeconfig", kubeconfig, "--context", "hub"]) == 0
+        hub = citynerve("hub", "install", kubeconfig=kubeconfig)
+        assert hub.returncode == 0, hub.stderr
+        assert f"into {helm.HUB_NAMESPACE} of context hub" in hub.stdout
         for city in CITIES:
             values = scratch / f"{city.name}.yaml"
             values.write_text(yaml.safe_dump({
@@ -106,6 +134,13 @@ def installed(federation: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "rbac": {"mode": city.rbac_mode}, "workload": {"mode": city.workload_mode},
                 "alerts": {"secretNames": ALERT_SECRETS},
             }))
+            if city == CITIES[0]:
+                listed = os.pathsep.join([str(scratch / "no-such-kubeconfig"), str(users), kubeconfig])
+                onboarded = citynerve("city", "onboard", city.name, "--hub-context", "hub", "--namespace",
+                                      result.namespace, "--values", str(values), kubeconfig=listed)
+                assert onboarded.returncode == 0, onboarded.stderr
+                assert f"of context {first_city}, joined to the hub of context hub" in onboarded.stdout
+                continue
             assert cli.main(["city", "onboard", city.name, "--kubeconfig", kubeconfig, "--hub-context", "hub",
                              "--city-context", federation.cluster(city.cluster).name,
                              "--namespace", result.namespace, "--values", str(values)]) == 0
@@ -134,6 +169,42 @@ def test_charts_install_and_their_deployments_become_available(installed: Instal
                  60, what=f"the city operator Deployment Available in {city.cluster}")
     policies = client.AdmissionregistrationV1Api(fed.api_client("hub")).list_validating_admission_policy()
     assert {p.metadata.name for p in policies.items} >= {onboarding.CITY_POLICY, onboarding.CSR_POLICY}
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - a loopback http URL
+            return int(response.status)
+    except OSError:
+        return 0
+
+
+@pytest.mark.timeout(180)
+def test_the_hub_operator_answers_the_probes_its_chart_gives_it(installed: Installed, wait_for: Any) -> None:
+    """``citynerve operator hub`` with the environment the chart gives its container (ports moved to
+    free ones: this machine is shared) and the kubeconfig in $KUBECONFIG: its health endpoint answers
+    where the chart's probes ask."""
+    docs = helm.template(helm.HUB_CHART, {}, release=helm.HUB_RELEASE, namespace=helm.HUB_NAMESPACE)
+    operator = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == helm.HUB_RELEASE]
+    container = operator[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    health = next(p for p in container["ports"] if p["name"] == container["livenessProbe"]["httpGet"]["port"])
+    assert env[ENV_HEALTH_PORT] == str(health["containerPort"])
+    port = free_port()
+    env.update({ENV_HEALTH_PORT: str(port), "CITYNERVE_PROMETHEUS_PORT": str(free_port()),
+                "KUBECONFIG": str(installed.federation.kubeconfig)})  # current context: the hub
+    url = f"http://127.0.0.1:{port}{container['livenessProbe']['httpGet']['path']}"
+    assert url == f"http://127.0.0.1:{port}{container['readinessProbe']['httpGet']['path']}"
+    log = installed.scratch / "hub-operator-probe.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(CITYNERVE), *container["args"]], env={**os.environ, **env},
+                                   stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: _get(url) == 200, 120, what=f"the hub operator's {url} (log: {log})")
+        finally:
+            process.terminate()
+            process.wait(60)
+    assert _get(url) == 0, "the endpoint goes with the process"
 
 
 # -- RBAC as the charts' ServiceAccounts ---------------------------------------------------------
@@ -287,6 +358,35 @@ def test_cities_join_with_the_charts_configuration_and_become_ready(joined: Join
     assert [o.kind for o in key.metadata.owner_references] == ["ServiceAccount"], "goes with the release"
 
 
+@pytest.mark.timeout(60)
+def test_an_onboarded_citys_helm_values_hold_no_join_token(joined: Joined) -> None:
+    """`city onboard` put the hub's token in a Secret of the release namespace, where the chart (and
+    the agent that joined above) read it; `helm get values` and the release's manifest show none."""
+    installed = joined.installed
+    fed = installed.federation
+    for city in CITIES:
+        secret = client.CoreV1Api(fed.api_client(city.cluster)).read_namespaced_secret(
+            helm.CITY_BOOTSTRAP_SECRET, installed.namespace)
+        encoded = secret.data[helm.BOOTSTRAP_TOKEN_KEY]
+        token = base64.b64decode(encoded).decode()
+        agent_kubeconfig = joined.agents[city.name].config.bootstrap.kubeconfig
+        assert agent_kubeconfig is not None
+        assert f"token: {token}" in agent_kubeconfig.read_text(), "the agent joined with the Secret's token"
+        printed = {}
+        for what in (("values", "-o", "yaml"), ("values", "--all", "-o", "yaml"), ("manifest",)):
+            proc = subprocess.run(
+                [str(toolchain.binary("helm")), "get", *what, helm.CITY_RELEASE, "--namespace",
+                 installed.namespace, "--kubeconfig", str(fed.kubeconfig),
+                 "--kube-context", fed.cluster(city.cluster).name],
+                capture_output=True, text=True, timeout=60, check=False)
+            assert proc.returncode == 0, proc.stderr
+            assert token not in proc.stdout, f"helm get {' '.join(what)} shows the token"
+            assert encoded not in proc.stdout, f"helm get {' '.join(what)} shows the token (base64)"
+            printed[what[0] if len(what) < 4 else "all"] = proc.stdout
+        given = yaml.safe_load(printed["values"])  # what the CLI set
+        assert given["hub"]["bootstrap"] == {"existingSecret": helm.CITY_BOOTSTRAP_SECRET}
+
+
 TIER_SCENARIO = "charts-tier-flood"  # stays until the uninstall test: the release takes it along
 
 
@@ -435,10 +535,18 @@ def test_uninstalling_leaves_nothing_but_the_crds_and_the_hub_marks_the_city_gon
     for city in CITIES:
         assert _left_behind(installed, city.cluster, installed.namespace, helm.CITY_RELEASE)
         # The agents keep running as the operator pods do through their grace period.
-        assert cli.main(["city", "offboard", city.name, "--kubeconfig", kubeconfig, "--city-context",
-                         installed.federation.cluster(city.cluster).name, "--hub-context", "hub",
-                         "--namespace", installed.namespace, "--timeout", "60"]) == 0
+        offboard = ["city", "offboard", city.name, "--city-context",
+                    installed.federation.cluster(city.cluster).name, "--hub-context", "hub",
+                    "--namespace", installed.namespace, "--timeout", "60"]
+        if city == CITIES[0]:
+            proc = citynerve(*offboard, kubeconfig=kubeconfig)
+            assert proc.returncode == 0, proc.stderr
+        else:
+            assert cli.main([*offboard, "--kubeconfig", kubeconfig]) == 0
         assert joined.agents[city.name].left
+        core = client.CoreV1Api(installed.federation.api_client(city.cluster))
+        assert helm.CITY_BOOTSTRAP_SECRET not in {s.metadata.name for s in core.list_namespaced_secret(
+            installed.namespace).items}, "offboarding deletes the join token the onboarding wrote"
         body = _city(hub, city.name)
         assert body is not None
         assert is_offboarded(body)
