@@ -56,6 +56,27 @@ def _create(
     return created
 
 
+def _typhoon_drill(
+    federation: Any, namespace: str, name: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The sample urban-flood Scenario as the demo's typhoon drill, and its fleets, created in Shanghai."""
+    _install_crds(federation)
+    custom = client.CustomObjectsApi(federation.api_client(CITY))
+    fleets = {}
+    for doc in yaml.safe_load_all((ROOT / "samples" / "city" / "sensorfleets.yaml").read_text()):
+        if doc and doc["metadata"]["name"] in FLEETS:
+            fleets[doc["metadata"]["name"]] = _create(custom, namespace, "sensorfleets", doc)
+    scenario = yaml.safe_load((ROOT / "samples" / "city" / "scenario-urban-flood.yaml").read_text())
+    scenario["metadata"]["name"] = name
+    scenario["spec"].update(
+        mode="drill",
+        models=[],
+        alertRoutes=[],
+        simulation={"engine": "swmm", "network": "example-catchment", "event": "storm:typhoon"},
+    )
+    return _create(custom, namespace, "scenarios", scenario), fleets
+
+
 def _cells(page: str, incident: str) -> list[str]:
     row = page.split(f'<tr data-name="{incident}">')[1].split("</tr>", maxsplit=1)[0]
     return re.findall(r"<td[^>]*>(.*?)</td>", row)
@@ -65,21 +86,8 @@ def _cells(page: str, incident: str) -> list[str]:
 def test_the_reports_figures_equal_what_the_api_and_mlflow_hold(
     federation: Any, mlflow_server: Any, namespace: str
 ) -> None:
-    _install_crds(federation)
     custom = client.CustomObjectsApi(federation.api_client(CITY))
-    fleets = {}
-    for doc in yaml.safe_load_all((ROOT / "samples" / "city" / "sensorfleets.yaml").read_text()):
-        if doc and doc["metadata"]["name"] in FLEETS:
-            fleets[doc["metadata"]["name"]] = _create(custom, namespace, "sensorfleets", doc)
-    scenario = yaml.safe_load((ROOT / "samples" / "city" / "scenario-urban-flood.yaml").read_text())
-    scenario["metadata"]["name"] = "typhoon-underpass-drill"
-    scenario["spec"].update(
-        mode="drill",
-        models=[],
-        alertRoutes=[],
-        simulation={"engine": "swmm", "network": "example-catchment", "event": "storm:typhoon"},
-    )
-    scenario = _create(custom, namespace, "scenarios", scenario)
+    scenario, fleets = _typhoon_drill(federation, namespace, "typhoon-underpass-drill")
     payload = scenario_payload(scenario, fleets, {}, CITY, mlflow_server.url)
 
     writer = run_job(payload, KubeTarget(federation.kubeconfig, CITY))
@@ -152,3 +160,30 @@ def test_the_reports_figures_equal_what_the_api_and_mlflow_hold(
     assert metrics is not None
     for key, value in run.data.metrics.items():
         assert f"{key} {value:g}" in html.unescape(metrics[0])
+
+
+@pytest.mark.timeout(600)
+def test_without_an_mlflow_url_nothing_is_recorded_and_incidents_name_no_run(
+    federation: Any, mlflow_server: Any, namespace: str
+) -> None:
+    custom = client.CustomObjectsApi(federation.api_client(CITY))
+    scenario, fleets = _typhoon_drill(federation, namespace, "unrecorded-underpass-drill")
+    payload = scenario_payload(scenario, fleets, {}, CITY)  # an operator started without --mlflow-url
+    assert "mlflowUrl" not in payload
+    before = {r.info.run_id for r in _city_runs(mlflow_server.url)}
+
+    writer = run_job(payload, KubeTarget(federation.kubeconfig, CITY))
+
+    incidents = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "incidents")["items"]
+    assert len(incidents) == writer.created > 0
+    assert runs_named_by(incidents) == []
+    assert all(ANNOTATION_MLFLOW_RUN not in (i["metadata"].get("annotations") or {}) for i in incidents)
+    assert {r.info.run_id for r in _city_runs(mlflow_server.url)} == before
+    page = build_page(DemoResult(incidents=[incident_record(CITY, i, {}) for i in incidents]))
+    assert page.count(">not recorded<") == len(incidents)
+
+
+def _city_runs(url: str) -> list[Any]:
+    mlflow = registry_client(url)
+    experiment = mlflow.get_experiment_by_name(experiment_name(CITY))
+    return [] if experiment is None else list(mlflow.search_runs([experiment.experiment_id]))

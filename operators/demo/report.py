@@ -656,8 +656,12 @@ def flood_figure(result: DemoResult) -> Figure | None:
         }
         caption = (
             f"Depth recorded in {_source(run, result)}, {series.get('conversion', '')}, shown in {unit} "
-            f"(the unit of the Scenario's threshold; x {scale:g} from m). "
-            f"{len(flooded)} of {len(series['traces'])} warned or flooded nodes flooded in this run."
+            + (
+                f"(the unit of the Scenario's threshold {threshold['metric']}; x {scale:g} from m). "
+                if threshold is not None
+                else "(the Scenario states no length threshold). "
+            )
+            + f"{len(flooded)} of {len(series['traces'])} warned or flooded nodes flooded in this run."
         )
         svg = chart_svg(
             title,
@@ -783,7 +787,7 @@ def _table(table_id: str, headers: Sequence[str], rows: Sequence[str], sortable:
     cls = ' class="sortable"' if sortable else ""
     return (
         f'<div class="scroll"><table id="{table_id}"{cls}><thead><tr>{head}</tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table></div>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
 
 
