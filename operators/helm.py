@@ -240,25 +240,32 @@ def bootstrap_secret(token: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def onboard_city(city: str, hub: KubeTarget, target: KubeTarget, values: Mapping[str, Any] | None = None,
-                 *, namespace: str = CITY_NAMESPACE, wait: bool = True) -> ReleaseInfo:
-    """Install or upgrade the city chart, joined to ``hub``; ``values`` override the derived ones.
-
-    The join token goes into Secret CITY_BOOTSTRAP_SECRET of the release namespace, created before
-    the chart; a token or existingSecret in ``values`` is the user's own and wins (no Secret is written).
-    """
-    target = on_cluster(target)  # a wrong city context is refused before the hub invites the city
-    connection = hub_connection(hub, city)
+def onboarding_values(city: str, connection: HubConnection, values: Mapping[str, Any] | None,
+                      namespace: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The city chart's values for joining ``connection``'s hub, and the join-token Secret to write
+    first (pure). A token or existingSecret in ``values`` is the user's own and wins: no Secret then."""
     derived = city_values(city, connection)
     own = ((values or {}).get("hub") or {}).get("bootstrap") or {}
     if own.get("token") or own.get("existingSecret"):
         del derived["hub"]["bootstrap"]
-    else:
+        return merge_values(derived, values or {}), None
+    return merge_values(derived, values or {}), bootstrap_secret(connection.bootstrap_token, namespace)
+
+
+def onboard_city(city: str, hub: KubeTarget, target: KubeTarget, values: Mapping[str, Any] | None = None,
+                 *, namespace: str = CITY_NAMESPACE, wait: bool = True) -> ReleaseInfo:
+    """Install or upgrade the city chart, joined to ``hub``; ``values`` override the derived ones.
+
+    The join token goes into Secret CITY_BOOTSTRAP_SECRET of the release namespace, written before
+    the chart is installed (``onboarding_values``).
+    """
+    target = on_cluster(target)  # a wrong city context is refused before the hub invites the city
+    merged, secret = onboarding_values(city, hub_connection(hub, city), values, namespace)
+    if secret is not None:
         kube = Kube(client.ApiClient(target.client_configuration()))
         kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-        kube.apply(bootstrap_secret(connection.bootstrap_token, namespace))
-    return install(target, CITY_CHART, CITY_RELEASE, namespace, merge_values(derived, values or {}),
-                   wait=wait)
+        kube.apply(secret)
+    return install(target, CITY_CHART, CITY_RELEASE, namespace, merged, wait=wait)
 
 
 def offboard_city(target: KubeTarget, *, namespace: str = CITY_NAMESPACE) -> None:

@@ -559,3 +559,35 @@ def test_hub_mlflow_server_accepts_its_service_names_and_the_given_hosts_only() 
         assert is_allowed_host_header(allowed, host), host
     for host in ("evil.example.org", "mlflow.example.org.evil.example.org:5000", "8.8.8.8:5000"):
         assert not is_allowed_host_header(allowed, host), host
+
+
+# -- the join token: in a Secret of its own, never in the values ------------------------------------
+@pytest.mark.timeout(60)
+def test_onboarding_puts_the_join_token_in_a_secret_and_names_it_in_the_values() -> None:
+    connection = helm.HubConnection("https://hub.example.org:6443", "-----BEGIN CERTIFICATE-----\n", "t0ken")
+    values, secret = helm.onboarding_values("ningbo", connection, {"rbac": {"mode": "cluster"}}, "cn-city")
+    assert secret is not None
+    assert (secret["metadata"]["name"], secret["metadata"]["namespace"]) == (helm.CITY_BOOTSTRAP_SECRET,
+                                                                              "cn-city")
+    assert secret["data"] == {"token": "dDBrZW4="}  # base64 of t0ken
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "citynerve"
+    assert values["hub"]["bootstrap"] == {"existingSecret": helm.CITY_BOOTSTRAP_SECRET}
+    assert "t0ken" not in yaml.safe_dump(values)
+    docs = render("city", values)
+    config = json.loads(one(docs, "ConfigMap", helm.CITY_CONFIGMAP)["data"][helm.AGENT_CONFIG_KEY])
+    assert config["bootstrapSecret"] == helm.CITY_BOOTSTRAP_SECRET
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"secretName": helm.CITY_BOOTSTRAP_SECRET, "optional": True} in [v.get("secret") for v in volumes]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("own", [{"token": "mine"}, {"existingSecret": "from-vault"}])
+def test_a_users_own_bootstrap_credential_wins_and_no_secret_is_written(own: dict[str, str]) -> None:
+    connection = helm.HubConnection("https://hub.example.org:6443", "", "t0ken")
+    values, secret = helm.onboarding_values("ningbo", connection, {"hub": {"bootstrap": own}}, "citynerve")
+    assert secret is None
+    assert values["hub"]["bootstrap"] == own
+    assert "t0ken" not in yaml.safe_dump(values)
+    # An inline token still works: the chart keeps it in a Secret of its own.
+    secrets = [d for d in render("city", values) if d["kind"] == "Secret"]
+    assert [s["data"]["token"] for s in secrets] == (["bWluZQ=="] if "token" in own else [])  # base64 of mine
