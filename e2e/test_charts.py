@@ -692,3 +692,24 @@ def test_chart_pods_are_admitted_under_the_restricted_pod_security_standard(
                               check=False)
     assert proc.returncode == 0, proc.stderr
     assert "violate" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_heartbeat_timeout_the_city_resource_refuses_fails_the_install_and_makes_no_release(
+        federation: Any, namespace: str) -> None:
+    """Helm used to report `deployed` and the city never joined: now the install fails, naming both
+    values, before any of the release's objects exists (its CRDs, installed first by Helm, were there)."""
+    helm_binary = str(toolchain.binary("helm"))
+    context = ["--kubeconfig", str(federation.kubeconfig), "--kube-context",
+               federation.cluster("shanghai").name, "--namespace", namespace]
+    proc = subprocess.run([helm_binary, "install", "bad-heartbeat", str(helm.CITY_CHART), *context,
+                           "--set", "city.heartbeatSeconds=30", "--set", "city.heartbeatTimeoutSeconds=30"],
+                          capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode != 0
+    assert "city.heartbeatTimeoutSeconds (30) must be greater than city.heartbeatSeconds (30)" in proc.stderr
+    releases = subprocess.run([helm_binary, "list", "--all", "--short", *context],
+                              capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert "bad-heartbeat" not in releases
+    labelled = ["-l", f"{INSTANCE}=bad-heartbeat", "-o", "name"]
+    for kinds in (["-n", namespace, _NAMESPACED], ["clusterroles,clusterrolebindings"]):
+        assert not federation.kubectl("shanghai", "get", *kinds, *labelled).stdout.split(), kinds
