@@ -303,7 +303,7 @@ class Webhook:
 # --- tests -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)  # the first test of the module: its time includes starting the federation
 def test_samples_become_ready_and_a_drill_alerts_the_webhook(
     federation: Any,
     city_cluster: Any,
