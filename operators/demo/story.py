@@ -381,10 +381,12 @@ class Story:
         def gateways() -> None:
             while True:
                 now = int(time.time() * 1000)
-                for city, running, terminals in self.ingest:
+                for _, running, terminals in self.ingest:
                     # One broken payload per thousand terminals: quarantined and counted, not lost.
+                    # Terminal ids are the fleet's (`<fleet>-<n>`), as Incidents' evidence names them.
+                    fleet = running.worker.config.fleet
                     body = gateway_batch(running.worker.pipeline.sensor_type, terminals, now - 2000, rng,
-                                         malformed=max(1, terminals // 1000), prefix=f"{city}-")
+                                         malformed=max(1, terminals // 1000), prefix=f"{fleet}-")
                     request = urllib.request.Request(  # noqa: S310 - the local worker
                         running.url, body, {"Content-Type": "application/json"}, method="POST"
                     )
@@ -538,8 +540,11 @@ class Story:
             60,
             "the burst's alert at the duty officers' endpoint",
         )
-        print(f"    alert received for {burst['metadata']['name']} (signature verified): burst at node "
-              f"{BURST_NODE}, localised to node {burst['spec']['location'].get('assetId')}")
+        truth = {e["metric"]: e["value"] for e in burst["spec"].get("evidence", [])}
+        print(f"    alert received for {burst['metadata']['name']} (signature verified): "
+              f"{burst['spec']['severity']}; burst injected at junction {BURST_NODE}, reported at "
+              f"{burst['spec']['location'].get('assetId')}, {truth.get('drillDistanceMetres', '?')} m and "
+              f"{truth.get('drillDistanceHops', '?')} pipes away (the Incident's evidence)")
         for state, pause in (("Dispatched", 1.0), ("OnSite", 2.0), ("Resolved", 1.5)):
             time.sleep(pause)
             self.transition("shanghai", burst, state)
