@@ -25,6 +25,18 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def sentence(text: str) -> str:
+    """``text`` as a sentence for a condition or an Event: a full stop at the end, and the first letter
+    capitalised when it starts with a plain word (never a name such as ``water-burst-detector``)."""
+    text = text.strip()
+    if not text:
+        return text
+    first = text.split(" ", 1)[0]
+    if first.isalpha() and first.islower():
+        text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
 def duration(seconds: int) -> str:
     """Seconds as `kubectl get` shows a duration, largest unit first: ``4s``, ``2m10s``, ``1h2m``, ``3d``.
 

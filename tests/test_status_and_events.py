@@ -29,7 +29,7 @@ from citynerve.operators.city.status import (
     running_models,
     scenario_events,
 )
-from citynerve.operators.conditions import duration, find_condition, status_patch
+from citynerve.operators.conditions import duration, find_condition, sentence, status_patch
 from citynerve.operators.federation.agent import rollup
 from citynerve.operators.federation.placement import manifest_hash, render_sensor_type, work_name
 from citynerve.operators.hub.promotion import Observations, RegistryView, promotion_step
@@ -192,6 +192,22 @@ def test_freshness_and_response_carry_their_units_beside_the_seconds() -> None:
     seconds = int((on_site - detected).total_seconds())
     assert incident["status"]["responseSeconds"] == seconds
     assert incident["status"]["responseTime"] == duration(seconds)
+
+
+def test_messages_become_sentences_without_renaming_anything() -> None:
+    assert sentence("waiting for chengdu") == "Waiting for chengdu."
+    assert sentence("water-burst-detector version 2 is refused: no city") == (
+        "water-burst-detector version 2 is refused: no city."
+    )
+    assert sentence("Already one.") == "Already one."
+    assert sentence("") == ""
+
+
+def test_promotion_conditions_and_events_are_sentences() -> None:
+    promotion = _promotion()
+    for condition in promotion["status"]["conditions"]:
+        assert condition["message"] == "" or condition["message"].endswith("."), condition
+    assert find_condition(promotion["status"], "Complete")["message"].startswith("Promoting version 8")  # type: ignore[index]
 
 
 # --- a fleet whose SensorType is missing -----------------------------------------------------------

@@ -76,7 +76,7 @@ from citynerve.operators.api.hub import (
     PromotionGate,
 )
 from citynerve.operators.api.resources import kind_info
-from citynerve.operators.conditions import ConditionStatus, make_condition, rfc3339, set_conditions
+from citynerve.operators.conditions import ConditionStatus, make_condition, rfc3339, sentence, set_conditions
 from citynerve.operators.federation.placement import is_joined, manifest_hash, work_name
 
 if TYPE_CHECKING:
@@ -354,7 +354,7 @@ class _Step:
         )
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.actions.append(PostEvent(type_, reason, message[:1024]))
+        self.actions.append(PostEvent(type_, reason, sentence(message)[:1024]))
 
     def outcome(self, city: str) -> CityPromotionOutcome:
         return next(o for o in self.status.cities if o.city == city)
@@ -428,7 +428,7 @@ def _conditions(
         ("RolledBack", rolled_back),
     ):
         if value is not None:
-            out.append(make_condition(kind, value[0], value[1], value[2], None))
+            out.append(make_condition(kind, value[0], value[1], sentence(value[2]), None))
     return out
 
 
