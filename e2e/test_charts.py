@@ -713,3 +713,17 @@ def test_a_heartbeat_timeout_the_city_resource_refuses_fails_the_install_and_mak
     labelled = ["-l", f"{INSTANCE}=bad-heartbeat", "-o", "name"]
     for kinds in (["-n", namespace, _NAMESPACED], ["clusterroles,clusterrolebindings"]):
         assert not federation.kubectl("shanghai", "get", *kinds, *labelled).stdout.split(), kinds
+
+
+@pytest.mark.timeout(120)
+def test_offboarding_a_city_the_hub_does_not_know_says_so_in_one_line(federation: Any,
+                                                                      namespace: str) -> None:
+    """The installed command with its kubeconfig in $KUBECONFIG, no --kubeconfig: nothing is installed
+    in the city's namespace and the hub has no such City, each said plainly."""
+    proc = citynerve("city", "offboard", "atlantis", "--city-context", federation.cluster("shanghai").name,
+                     "--hub-context", "hub", "--namespace", namespace, "--timeout", "10",
+                     kubeconfig=str(federation.kubeconfig))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"uninstalled {helm.CITY_RELEASE} (atlantis) from {namespace} of context shanghai" in proc.stdout
+    assert proc.stderr.strip() == ("error: City atlantis is not on the hub of context hub, so there is "
+                                   "nothing to wait for; check the name and --hub-context")

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -110,6 +111,9 @@ def _chart_command(args: argparse.Namespace) -> int:
     from citynerve.operators import helm  # noqa: PLC0415 - pyhelm3 and the client load on use
     from citynerve.operators.runtime import KubeTarget  # noqa: PLC0415
 
+    # pyhelm3 warns of every helm command that fails, even an expected one (uninstalling a release that
+    # is not there); a failure that matters is a HelmError carrying helm's own message, printed below.
+    logging.getLogger("pyhelm3").setLevel(logging.ERROR)
     try:
         values = helm.read_values_file(getattr(args, "values", None))
         if args.command == "hub":
@@ -269,9 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def api_error_text(exc: Exception) -> str:
+    """One line for what the Kubernetes client met: the API server's refusal, or no server at all."""
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+    if isinstance(exc, ApiException):
+        try:
+            said = json.loads(exc.body or "{}").get("message") or ""
+        except ValueError:
+            said = ""
+        said = " ".join(str(said or exc.body or "").split())
+        return f"the API server refused the request ({exc.status} {exc.reason}){': ' + said if said else ''}"
+    reason = " ".join(str(getattr(exc, "reason", None) or exc).split())
+    return (f"cannot reach the API server ({reason}); check the kubeconfig's server and context, and that "
+            "the cluster is up")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import urllib3  # noqa: PLC0415 - loaded with the client anyway
     from citynerve.operators.runtime import KubeconfigError  # noqa: PLC0415 - see TYPE_CHECKING above
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
     try:
         code: int = args.func(args)
@@ -280,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_CLUSTER
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {api_error_text(exc)} (--debug shows where)", file=sys.stderr)
+        return 1
     except (ClusterError, RuntimeError) as exc:
         if args.debug:
             raise

@@ -191,3 +191,20 @@ def test_the_health_endpoint_is_served_only_when_its_port_is_set(monkeypatch: py
     monkeypatch.setenv(ENV_HEALTH_PORT, "http")
     with pytest.raises(ValueError, match="CITYNERVE_HEALTH_PORT='http' is not a port number"):
         liveness_endpoint()
+
+
+@pytest.mark.timeout(180)
+def test_an_api_server_that_is_not_there_is_one_line_too(tmp_path: Path) -> None:
+    from citynerve.operators.localfed.cluster import free_port  # noqa: PLC0415
+
+    closed = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    kubeconfig = write_kubeconfig(tmp_path / "config", {"hub": closed}, current="hub")
+    proc = run_cli("models", "promote", "water-burst-detector", "--version", "1",
+                   env={"HOME": str(tmp_path), "KUBECONFIG": str(kubeconfig),
+                        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot reach the API server (")
+    assert "check the kubeconfig's server and context" in lines[0]
