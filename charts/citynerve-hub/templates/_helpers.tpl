@@ -97,8 +97,8 @@ seccompProfile:
 {{- end }}
 
 {{/* MLFLOW_SERVER_ALLOWED_HOSTS of the MLflow server (`name`: its Service): the Service's names, with
-or without a port; MLflow's own defaults (loopback and private addresses, which the kubelet's probes
-use), which setting the variable replaces; and mlflow.allowedHosts. fnmatch patterns, so an IPv6
+or without a port; MLflow's own defaults (loopback and private addresses, for clients that use a pod's
+address), which setting the variable replaces; and mlflow.allowedHosts. fnmatch patterns, so an IPv6
 literal's "[" is escaped as "[[]". */}}
 {{- define "citynerve-hub.mlflowAllowedHosts" -}}
 {{- $ns := .root.Release.Namespace }}
