@@ -591,3 +591,67 @@ def test_a_users_own_bootstrap_credential_wins_and_no_secret_is_written(own: dic
     # An inline token still works: the chart keeps it in a Secret of its own.
     secrets = [d for d in render("city", values) if d["kind"] == "Secret"]
     assert [s["data"]["token"] for s in secrets] == (["bWluZQ=="] if "token" in own else [])  # base64 of mine
+
+
+@pytest.mark.timeout(300)
+def test_the_hub_charts_mlflow_start_script_serves_with_authentication_and_its_allowed_hosts(
+        tmp_path: Path) -> None:
+    """The chart's own start script, run with the project's MLflow (the version its image tag names) in
+    folders of this test instead of the pod's volumes: /health answers, the Service's name is served
+    (behind authentication), an unknown Host is refused."""
+    import base64  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from citynerve.operators.localfed.cluster import free_port  # noqa: PLC0415
+
+    server = one(render("hub", {"mlflow": {"enabled": True}}), "Deployment", "citynerve-hub-mlflow")
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    port = free_port()
+    script = (container["args"][0].replace("////mlflow/", f"///{tmp_path}/")
+              .replace("=/mlflow/", f"={tmp_path}/").replace("--host=0.0.0.0", "--host=127.0.0.1")
+              .replace("--port=5000", f"--port={port}"))
+    assert "/mlflow/" not in script
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    password = "admin-pass%word"  # a '%' must survive the configuration file (the script escapes it)
+    env.update({"HOME": str(tmp_path), "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+                "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32,
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    base = f"http://127.0.0.1:{port}"
+
+    def status(path: str, host: str, auth: bool) -> int:
+        request = urllib.request.Request(base + path, headers={"Host": host})  # noqa: S310 - loopback http
+        if auth:
+            login = base64.b64encode(f"{env['MLFLOW_AUTH_ADMIN_USERNAME']}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {login}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback http
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    log = (tmp_path / "mlflow.log").open("wb")
+    process = subprocess.Popen([*container["command"], script], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while status("/health", "127.0.0.1", auth=False) != 200:
+            assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not answer /health"
+            time.sleep(1)
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        service = f"citynerve-hub-mlflow.{helm.HUB_NAMESPACE}.svc:5000"
+        assert status(search, service, auth=True) == 200
+        assert status(search, service, auth=False) == 401
+        assert status(search, "mlflow.attacker.example:5000", auth=True) == 403
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+        log.close()
