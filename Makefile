@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 KEEP   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup system-packages tools web lint typecheck layering crds check-crds unit e2e bench clean
+.PHONY: demo test setup system-packages tools web images lint typecheck layering crds check-crds unit e2e bench clean
 
 demo: setup
 	$(BIN)/citynerve demo $(if $(KEEP),--keep,)
@@ -19,12 +19,15 @@ test: setup lint check-crds
 
 setup: system-packages $(STAMP) tools web
 
-# Headless Chromium and its WebDriver, for the situation map's browser test (Debian packages).
+# Debian packages: headless Chromium and its WebDriver (the situation map's browser test);
+# buildah and mmdebstrap (the image, built without a Docker engine or a registry).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-packages:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
+	 command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || \
 		($(SUDO) apt-get update -qq && \
-		 $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+		 $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+		   buildah mmdebstrap)
 
 $(STAMP): pyproject.toml setup.py
 	@echo "==> Python environment ($(VENV))"
@@ -62,6 +65,11 @@ $(BOUNDARIES): observability/situation/boundaries.py observability/situation/geo
 tools: $(STAMP)
 	@echo "==> Pinned binaries (etcd, Kubernetes, kwok, helm, KubeRay; built once into ~/.cache/citynerve)"
 	$(BIN)/citynerve tools etcd kubernetes kwok helm kuberay
+
+# The CityNerve image every chart names (docs/images.md): built with buildah, cached, smoke-run;
+# prints its references and writes an OCI archive under .citynerve/images/.
+images: setup
+	$(BIN)/python images/build.py --smoke
 
 lint: $(STAMP) typecheck layering
 	$(BIN)/ruff check .

@@ -240,7 +240,7 @@ def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) ->
                     "containers": [
                         {
                             "name": "ingest",
-                            "image": options.ingest_image,
+                            "image": options.image,
                             "args": [
                                 "python",
                                 "-m",
@@ -344,7 +344,7 @@ def desired_rayjob(
     replicas = int(payload["spec"]["replicas"])
     drill = payload["spec"]["mode"] == "drill"
     container = {
-        "image": options.analytics_image,
+        "image": options.image,
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
     }
     return {

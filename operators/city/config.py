@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Literal
 
 from citynerve.models.places import city_centre
+from citynerve.operators import images
 
 WorkloadMode = Literal["local", "kuberay"]
 
@@ -52,12 +54,14 @@ class CityOptions:
     city: str  # the City this operator's cluster is; no default, so no city joins as another
     mlflow_url: str | None = None
     workload_mode: WorkloadMode = "local"
-    ingest_image: str = "ghcr.io/citynerve/ingest:0.1.0"
+    # The image of the children it creates (fleets' ingest, RayJobs): the one CityNerve image,
+    # the chart passes its own (docs/images.md).
+    image: str = field(default_factory=images.reference)
     # The Secrets alert routes may name in secretRef (the city chart's alerts.secretNames, the
     # only Secrets its RBAC lets the operator read); a route naming another is refused.
     alert_secrets: tuple[str, ...] = ()
-    analytics_image: str = "ghcr.io/citynerve/analytics:0.1.0"
-    ray_version: str = "2.60.0"
+    # The Ray a RayJob's cluster runs: the one installed here, which the image carries.
+    ray_version: str = field(default_factory=lambda: version("ray"))
     # Re-resolution of model aliases, freshness of fleet data, retries after errors.
     resync_seconds: float = 30.0
     # How long a resolved model is trusted before it is downloaded and verified again.

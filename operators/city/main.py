@@ -9,6 +9,7 @@ from pathlib import Path
 
 from citynerve.observability import configure_telemetry
 from citynerve.observability.logs import configure_logging
+from citynerve.operators import images
 from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.city.rbac import IDENTITY_SECRET
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("local", "kuberay"),
         default="local",
         help="run scenarios on a local Ray cluster or as KubeRay RayJobs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image",
+        default=images.reference(),
+        help="the image of the fleets' ingest Deployments and the scenarios' RayJobs; the chart passes "
+        "its own (default: %(default)s)",
     )
     parser.add_argument("--peering", default=None, help="Kopf peering name (default: standalone)")
     parser.add_argument(
@@ -121,6 +128,7 @@ def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Name
         city=args.city,
         mlflow_url=args.mlflow_url,
         workload_mode=args.workload_mode,
+        image=args.image,
         resync_seconds=args.resync_seconds,
         alert_secrets=tuple(dict.fromkeys(args.alert_secrets)),
         alert_policy=AlertPolicy(
