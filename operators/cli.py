@@ -44,7 +44,9 @@ def installed_commit(source_root: Path = SOURCE_ROOT) -> str | None:
                               capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
 
 def version_text(source_root: Path = SOURCE_ROOT) -> str:
@@ -55,6 +57,20 @@ def version_text(source_root: Path = SOURCE_ROOT) -> str:
         version = "unknown (not installed)"
     commit = installed_commit(source_root)
     return f"{DISTRIBUTION} {version}" + (f" (commit {commit})" if commit else "")
+
+
+class PrintVersion(argparse.Action):
+    """``--version``: the version is read only when asked for (reading the commit runs git)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        del namespace, values, option_string  # nothing to parse: print and exit
+        print(version_text())
+        parser.exit()
 
 
 def context_label(target: KubeTarget) -> str:
@@ -233,7 +249,8 @@ def _add_chart_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citynerve", description=__doc__)
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=PrintVersion,
+                        help="print the package version (and its commit, from a checkout) and exit")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error, not only its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
