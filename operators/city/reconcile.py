@@ -573,15 +573,19 @@ class SensorTypeCatalogue:
         listed = self.kube.list(object_path(API_VERSION, "sensortypes"), **query)
         return {item["metadata"]["name"] for item in listed}
 
+    def _refused(self, exc: client.ApiException) -> None:
+        """Remember that listing SensorTypes is forbidden (said once, and on every fleet's condition)."""
+        if exc.status != 403:
+            raise exc
+        if not self._forbidden:
+            log.warning("The city operator may not list SensorTypes (%s): fleets unchecked.", exc.reason)
+        self._forbidden = True
+
     def refresh(self) -> None:
         try:
             names = self._list()
         except client.ApiException as exc:
-            if exc.status != 403:
-                raise
-            if not self._forbidden:  # said once, and on every fleet's SensorTypeFound condition
-                log.warning("The city operator may not list SensorTypes (%s): fleets unchecked.", exc.reason)
-            self._forbidden = True
+            self._refused(exc)
             return
         with self._lock:
             self._names, self._forbidden = names, False
@@ -590,11 +594,12 @@ class SensorTypeCatalogue:
         with self._lock:
             if name in self._names:
                 return "found"
+            if self._forbidden:  # asked again at the next resync, not at every reconcile
+                return "unreadable"
         try:
             found = name in self._list(fieldSelector=f"metadata.name={name}")
         except client.ApiException as exc:
-            if exc.status != 403:
-                raise
+            self._refused(exc)
             return "unreadable"
         if found:
             with self._lock:
