@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from citynerve.operators import cli, helm
+from citynerve.operators import cli, helm, images
 from citynerve.operators.api import crdgen
 from citynerve.operators.city import main as city_main
 from citynerve.operators.city import rbac as city_rbac
@@ -301,7 +301,7 @@ def test_every_pod_is_restricted_and_bounded(chart: str, values: Path) -> None:
             assert sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert set(container["resources"]) == {"requests", "limits"}
-            assert container["image"].endswith(":0.1.0") or "mlflow" in container["image"]
+            assert container["image"] == images.reference(), "a chart image that `make images` does not build"
     for doc in docs:
         labels = doc["metadata"].get("labels") or {}
         assert labels.get("app.kubernetes.io/part-of") == "citynerve", doc["metadata"]["name"]
@@ -533,16 +533,19 @@ def test_city_chart_accepts_the_heartbeat_pairs_the_city_resource_accepts() -> N
 
 @pytest.mark.timeout(60)
 def test_hub_mlflow_server_is_the_mlflow_the_project_runs() -> None:
-    import importlib.metadata  # noqa: PLC0415
-
     server = one(render("hub", {"mlflow": {"enabled": True}}), "Deployment", "citynerve-hub-mlflow")
+    operator = one(render("hub", {"mlflow": {"enabled": True}}), "Deployment", "citynerve-hub")
     image = server["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image == f"ghcr.io/mlflow/mlflow:v{importlib.metadata.version('mlflow')}"
-    # Set in one place: values.yaml; nothing else in the chart names a version of MLflow.
-    tag = yaml.safe_load((CHARTS["hub"] / "values.yaml").read_text())["mlflow"]["image"]["tag"]
-    others = [p for p in CHARTS["hub"].rglob("*") if p.is_file() and p.name != "values.yaml"
-              and tag in p.read_text(errors="replace")]
-    assert not others, f"{others} repeat the MLflow version {tag}"
+    # The CityNerve image, built from this repository's dependencies: its MLflow is the clients'.
+    assert image == operator["spec"]["template"]["spec"]["containers"][0]["image"] == images.reference()
+    assert "image" not in yaml.safe_load((CHARTS["hub"] / "values.yaml").read_text())["mlflow"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chart", CHARTS)
+def test_chart_app_version_is_the_package_version(chart: str) -> None:
+    app_version = yaml.safe_load((CHARTS[chart] / "Chart.yaml").read_text())["appVersion"]
+    assert app_version == images.package_version()
 
 
 @pytest.mark.timeout(60)
