@@ -354,7 +354,8 @@ def _major_event(sim: dict[str, Any], thresholds: dict[str, Any], sink: Incident
         "series": crowd_series(
             window["crowdDensity"], events,
             "gate cameras at the circuit; arrivals shaped by Auckland's published pedestrian counts",
-            unit="people per 100 m²",
+            unit="people per 100 m²", quantity="crowd density seen by the gate camera",
+            conversion="people queued in the camera's 100 m² zone, as the drill's point queue computes them",
         ),
     }
 

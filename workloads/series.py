@@ -151,9 +151,10 @@ def runoff_series(
 
 
 def crowd_series(
-    counts: SensorWindow, events: Sequence[IncidentEvent], source: str, unit: str = "people/h"
+    counts: SensorWindow, events: Sequence[IncidentEvent], source: str, unit: str = "people/h",
+    quantity: str = "people counted", conversion: str = "counts as replayed",
 ) -> dict[str, Any]:
-    """People counted at every site that raised an alert, with the capacity it was judged against."""
+    """``quantity`` at every site that raised an alert, with the capacity it was judged against."""
     sites = list(counts.sensors)
     alerted: dict[str, IncidentEvent] = {}
     for event in events:
@@ -174,9 +175,9 @@ def crowd_series(
             }
         )
     return {
-        "quantity": "people counted",
+        "quantity": quantity,
         "unit": unit,
-        "conversion": "counts as replayed",
+        "conversion": conversion,
         "source": source,
         "timesS": _values(counts.times_s),
         "marks": {},
