@@ -45,8 +45,9 @@ def test_make_images_builds_what_the_charts_name_and_it_runs() -> None:
     assert config["User"] == "65532:65532"
     labels = config["Labels"]
     assert labels["org.opencontainers.image.version"] == images.package_version()
-    revision = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    assert labels["org.opencontainers.image.revision"].startswith(revision)
+    revision = labels["org.opencontainers.image.revision"]
+    assert f"{images.reference()}-{revision}" in printed  # the pinning tag names the commit it was built from
+    commit = revision.removesuffix("-dirty")
+    subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, check=True, timeout=30)
     archive = next(line for line in proc.stdout.splitlines() if "OCI archive" in line).rsplit(" ", 1)[1]
     assert (ROOT / archive).stat().st_size > 100 * 2**20
