@@ -29,6 +29,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
     ("kopf", "OS signals are ignored: running not in the main thread",
      "operators hosted on a thread (the demo, tests) stop through their stop flag, not signals"),
+    ("ray", "Token authentication is enabled for this Ray cluster",
+     "the local Ray cluster authenticates its clients with a token, as it should"),
+    ("mlflow.pyfunc", "Passing a Python object as `python_model` causes it to be serialized",
+     "a city loads a model only after checking its artifact's digest against the promotion "
+     "(docs/models-trust.md), which is what this warning asks for"),
     ("urllib3.connectionpool", "Connection pool is full, discarding connection",
      "more requests at once than the client's pool keeps open; the extra connection is closed after "
      "its request, nothing is lost"),
@@ -101,6 +106,11 @@ def configure_logging(level: str | int = "INFO", fmt: LogFormat | None = None,
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # MLflow prints each run's and experiment's URL to stdout with emoji when a run ends; the
-    # project shows the links where they matter (the report, the CLI's own output).
+    # project shows the links where they matter (the report, the CLI's own output). And it gives
+    # its loggers a handler of their own unless told not to: they come through this one instead.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    for name in ("ray", "mlflow"):
+        if name in sys.modules:
+            adopt_logger(name)
     return handler

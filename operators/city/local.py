@@ -87,6 +87,7 @@ class LocalRayWorkloads:
                     ignore_reinit_error=True,
                     log_to_driver=False,
                 )
+                adopt_logger("ray")  # ray.init gives Ray's loggers their own handler again
             if self._actor_class is None:
                 self._actor_class = ray.remote(num_cpus=0, max_concurrency=4)(ScenarioActor)
         return ray
