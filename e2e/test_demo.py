@@ -3,6 +3,7 @@ nothing left running, and runs again at once on the same state folder."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from citynerve.operators.api.resources import KINDS
+from citynerve.operators.localfed.federation import LocalFederation
+from kubernetes import config
 
 pytestmark = pytest.mark.e2e
 KEEPING = "Everything keeps running"
@@ -30,6 +34,51 @@ def _survivors(tmp_path: Path, pid: int | None = None) -> str:
     return "\n".join(found)
 
 
+TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
+
+
+def _empty_printer_cells(state_dir: Path) -> tuple[list[str], set[str]]:
+    """Every printer-column cell of every CityNerve object in every cluster of the running demo,
+    as ``kubectl get`` shows them (the API server's Table): the empty ones, and the kinds seen."""
+    local = LocalFederation(state_dir)
+    empty: list[str] = []
+    seen: set[str] = set()
+    for cluster in local.names:
+        api = config.new_client_from_config(str(local.kubeconfig), context=cluster)
+        for info in KINDS:
+            url = f"{api.configuration.host}/apis/{info.group}/{info.version}/{info.plural}"
+            response = api.call_api("GET", url, header_params={"Accept": TABLE}, _request_timeout=30)
+            if response.status == 404:  # a kind this cluster does not serve
+                continue
+            assert response.status == 200, f"{cluster}: GET {info.plural} answered {response.status}"
+            table = json.loads(response.read())
+            names = [c["name"] for c in table["columnDefinitions"]]
+            for row in table.get("rows") or []:
+                seen.add(info.kind)
+                obj = row["object"]["metadata"]
+                for name, cell in zip(names, row["cells"], strict=True):
+                    if cell in ("", None, "<none>"):
+                        where = f"{obj.get('namespace', '')}/{obj['name']}".lstrip("/")
+                        empty.append(f"{cluster}: {info.kind} {where} column {name}")
+    return empty, seen
+
+
+def _deletes_in_cities(state_dir: Path) -> list[str]:
+    """SensorTypes and Scenarios deleted in a city during the demo (its audit log records every
+    write): the demo removes nothing from the hub, so any is a deletion by surprise."""
+    local = LocalFederation(state_dir)
+    found = []
+    for city in local.cities:
+        audit = state_dir / city / "logs" / "audit.log"
+        for line in audit.read_text().splitlines():
+            event = json.loads(line)
+            ref = event.get("objectRef") or {}
+            if event.get("verb") == "delete" and ref.get("resource") in ("sensortypes", "scenarios"):
+                found.append(f"{city}: {ref['resource']}/{ref.get('name')} by {event['user']['username']} "
+                             f"at {event.get('stageTimestamp')}")
+    return found
+
+
 @pytest.mark.timeout(2000)
 def test_the_quick_demo_stops_on_sigterm_and_runs_again(tmp_path: Path) -> None:
     # First run: kept running, then stopped as a supervisor would stop it.
@@ -41,9 +90,18 @@ def test_the_quick_demo_stops_on_sigterm_and_runs_again(tmp_path: Path) -> None:
         while KEEPING not in log.read_text() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(1)
         assert KEEPING in log.read_text(), log.read_text()[-6000:]
-        first.send_signal(signal.SIGTERM)
+        # What a platform engineer sees with `kubectl get`: every column of every kind filled.
+        try:
+            empty, seen = _empty_printer_cells(tmp_path / "federation")
+            deleted = _deletes_in_cities(tmp_path / "federation")
+        finally:
+            first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=180) == 0, log.read_text()[-6000:]
     text = log.read_text()
+    assert not empty, "empty printer columns on the demo's objects:\n" + "\n".join(empty)
+    assert not deleted, "deleted in a city although nobody removed it on the hub:\n" + "\n".join(deleted[:20])
+    assert {"City", "SensorType", "SensorFleet", "Scenario", "Incident", "FederatedScenario",
+            "ModelPromotion"} <= seen, seen
     assert "interrupted; tearing down" in text
     assert "local federation stopped" in text
     left = _survivors(tmp_path, first.pid)

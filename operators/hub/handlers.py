@@ -74,7 +74,10 @@ class HubContext:
         # index catches up with our own writes a moment later; until it does, this keeps a
         # burst of changes from writing the same ConfigMap twice.
         self.written: dict[tuple[str, str], str | None] = {}
-        self.lock = threading.Lock()
+        # One writer at a time, and each reads the indices while holding it: a handler that was
+        # waiting must not write a picture older than the last one written (work it never saw
+        # would be deleted, and the city's agent would delete what that work had applied).
+        self.lock = threading.RLock()
         self._own_account: tuple[str, str] | bool | None = False  # False: not asked yet
         # The SensorType statuses this operator wrote last, by name (the index catches up later).
         self.sensor_type_status: dict[tuple[str, str], dict[str, Any]] = {}
@@ -261,9 +264,10 @@ def build_registry(options: OperatorOptions, check_interval: float = 2.0,
 
     def sync(city: Mapping[str, Any], idx: Indices) -> int:
         ns = city_namespace(city["metadata"]["name"])
-        observed = {cm["metadata"]["name"]: cm for cm in idx.work.get(ns, [])}
-        return sync_city_work(ctx, city, idx.sensor_types(), idx.federated(), idx.cities(), observed,
-                              idx.promotions())
+        with ctx.lock:  # the indices are read under the writers' lock (HubContext.lock)
+            observed = {cm["metadata"]["name"]: cm for cm in idx.work.get(ns, [])}
+            return sync_city_work(ctx, city, idx.sensor_types(), idx.federated(), idx.cities(), observed,
+                                  idx.promotions())
 
     # -- onboarding -------------------------------------------------------------------------
     @kopf.on.resume(GROUP, VERSION, "cities", registry=registry)
