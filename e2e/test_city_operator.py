@@ -1247,7 +1247,8 @@ def test_kuberay_workload_survives_an_operator_restart_without_duplicates(
             what="the Ray head pod",
         )
         for name in ("underpass-water-level-ingest", "rain-gauges-ingest"):
-            assert deployment(federation, namespace, name) is not None
+            # Fleets are reconciled beside the Scenario, not before it: the head pod may come first.
+            wait_for(lambda n=name: deployment(federation, namespace, n), 30, what=f"Deployment {name}")
         assert (
             len(client.AppsV1Api(federation.api_client(CITY)).list_namespaced_deployment(namespace).items)
             == 2
