@@ -245,7 +245,8 @@ KINDS: tuple[KindInfo, ...] = (
                 "Default sampling interval in seconds.",
                 priority=1,
             ),
-            _condition_column("Propagated", "Every city holds the current spec."),
+            _condition_column("Propagated", "On the hub: every city holds the current spec. In a city: "
+                              "this copy is the hub's current spec."),
             _AGE,
         ),
     ),

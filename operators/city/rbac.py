@@ -89,6 +89,8 @@ def agent_cluster_rules() -> list[dict[str, Any]]:
         # Server-side apply of the hub's catalogue; removal of what the hub no longer lists.
         {"apiGroups": [GROUP], "resources": ["sensortypes"],
          "verbs": ["list", "create", "patch", "delete"]},
+        # Each copy's `Propagated` condition: this city holds the hub's current spec.
+        {"apiGroups": [GROUP], "resources": ["sensortypes/status"], "verbs": ["patch"]},
     ]
 
 

@@ -447,7 +447,7 @@ class Story:
             actor="ml-engineer/demo",
         )
         started = time.monotonic()
-        created = create_promotion(self.api("hub"), manifest)
+        created = create_promotion(self.api("hub"), manifest, tracking_uri=self.mlflow.url)
         status = wait_for_outcome(self.api("hub"), helm.HUB_NAMESPACE, created["metadata"]["name"], 300)
         took = time.monotonic() - started
         complete = next(c for c in status.get("conditions", []) if c["type"] == "Complete")

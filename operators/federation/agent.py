@@ -516,6 +516,23 @@ class CityAgent:
         self._applied[name] = work_hash
         self._results[name] = {"hash": work_hash, "applied": True}
         record_propagation(self.config.city, cm["metadata"].get("annotations"))
+        if target.get("kind") == "SensorType":
+            self._mark_propagated(target["metadata"]["name"], name)
+
+    def _mark_propagated(self, sensor_type: str, work_name: str) -> None:
+        """The city's copy of a SensorType says it is the hub's current spec (`Propagated`), as the
+        hub's own says which cities hold it: `kubectl get sensortypes` is filled in both."""
+        condition = {"type": "Propagated", "status": "True", "reason": "AppliedFromHub",
+                     "message": f"This city holds the hub's current spec (work {work_name}).",
+                     "lastTransitionTime": rfc3339(dt.datetime.now(dt.UTC))}
+        try:
+            self.city_custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, "sensortypes", sensor_type, {"status": {"conditions": [condition]}})
+        except client.ApiException as exc:
+            if exc.status not in (403, 404):
+                raise
+            log.warning("agent %s: could not mark SensorType %s propagated: %s", self.config.city,
+                        sensor_type, _api_message(exc))
 
     def _propagated(self, plurals: Sequence[str] = ("sensortypes", "scenarios")) -> list[dict[str, Any]]:
         selector = f"{PROPAGATED_LABEL}=hub"
