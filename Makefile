@@ -59,7 +59,7 @@ $(LEAFLET_JS): $(WEB)/package.json $(WEB)/package-lock.json
 	cd $(WEB) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	@touch $@
 
-$(BOUNDARIES): observability/situation/boundaries.py observability/situation/geo.py observability/situation/assets.py | $(STAMP)
+$(BOUNDARIES): observability/situation/boundaries.py observability/situation/geo.py models/places.py observability/situation/assets.py | $(STAMP)
 	$(BIN)/python -m citynerve.observability.situation.boundaries --out $@
 
 tools: $(STAMP)

@@ -1,27 +1,13 @@
-"""Where the cities the platform knows lie, for the situation map.
+"""Where the cities the platform knows lie, for the situation map: the platform's one table
+(``citynerve.models.places``), which the operators also use to place drills.
 
 The map itself (boundaries, projection) is drawn in the browser by Leaflet from a published
-dataset: see `boundaries.py` and docs/situation-map.md.
+dataset: see `boundaries.py` and docs/situation-map.md. Cities the table does not list can say
+where they are in their City's annotations ``citynerve.io/latitude`` and ``citynerve.io/longitude``.
 """
 
 from __future__ import annotations
 
-#: Where the cities the platform knows lie (latitude, longitude); others can say so in
-#: their City's annotations ``citynerve.io/latitude`` and ``citynerve.io/longitude``.
-CITY_COORDINATES: dict[str, tuple[float, float]] = {
-    "shanghai": (31.2304, 121.4737),
-    "chengdu": (30.5728, 104.0668),
-    "hangzhou": (30.2741, 120.1551),
-    "wuhan": (30.5928, 114.3055),
-    "beijing": (39.9042, 116.4074),
-    "guangzhou": (23.1291, 113.2644),
-    "shenzhen": (22.5431, 114.0579),
-    "chongqing": (29.5630, 106.5516),
-    "xian": (34.3416, 108.9398),
-    "nanjing": (32.0603, 118.7969),
-    "tianjin": (39.3434, 117.3616),
-    "kunming": (24.8801, 102.8329),
-    "harbin": (45.8038, 126.5350),
-    "urumqi": (43.8256, 87.6168),
-    "lhasa": (29.6520, 91.1721),
-}
+from citynerve.models.places import CITY_CENTRES as CITY_COORDINATES
+
+__all__ = ["CITY_COORDINATES"]
