@@ -374,3 +374,21 @@ def test_city_view_reads_the_agents_report() -> None:
     assert (view.work_hash, view.applied, view.ready, view.reason) == ("abc", True, "True", "Resolved")
     assert view.incidents == (("water-burst", T0 + dt.timedelta(seconds=5)),)
     assert city_view(MODEL, "chengdu", {}).ready == "Unknown"
+
+
+@pytest.mark.timeout(10)
+def test_a_soak_in_a_city_running_no_scenario_of_the_kind_says_so() -> None:
+    from citynerve.operators.federation.agent import running_scenario_kinds  # noqa: PLC0415
+    from citynerve.operators.hub.promotion import city_view, soak_scope  # noqa: PLC0415
+
+    ready = {"type": "Ready", "status": "True"}
+    scenarios = [{"spec": {"kind": "urban-flood"}, "status": {"conditions": [ready]}},
+                 {"spec": {"kind": "water-burst"}, "status": {"conditions": [{**ready, "status": "False"}]}}]
+    kinds = running_scenario_kinds(scenarios)
+    assert kinds == ["urban-flood"]  # a scenario that is not Ready scores nothing
+    view = city_view("water-burst-detector", "chengdu", {"scenarioKinds": kinds})
+    assert view.scenario_kinds == frozenset({"urban-flood"})
+    said = soak_scope("water-burst", view.scenario_kinds)
+    assert said == "; the city runs no water-burst scenario, so nothing there was scored with this model"
+    assert soak_scope("urban-flood", view.scenario_kinds) == ""
+    assert soak_scope("water-burst", city_view("m", "old-agent", {}).scenario_kinds) == ""  # not reported

@@ -49,7 +49,7 @@ from citynerve.operators.federation.placement import (
     city_namespace,
     manifest_of,
 )
-from citynerve.operators.hub.status import LABELS_KEY, OFFBOARDED_KEY, REPORT_KEY
+from citynerve.operators.hub.status import LABELS_KEY, OFFBOARDED_KEY, REPORT_KEY, SCENARIO_KINDS_KEY
 from citynerve.operators.kube import Kube
 from citynerve.operators.runtime import KubeTarget, scratch_dir, token_kubeconfig
 from cryptography import x509
@@ -105,6 +105,13 @@ def agent_config(rendered: Mapping[str, Any], bootstrap_token: str, city_target:
         deployment=rendered.get("deployment"),
         service_account=rendered.get("serviceAccount"),
     )
+
+
+def running_scenario_kinds(scenarios: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The kinds of the city's Ready scenarios (what a promotion's soak can observe there)."""
+    return sorted({str(s.get("spec", {}).get("kind")) for s in scenarios
+                   if any(c.get("type") == "Ready" and c.get("status") == "True"
+                          for c in (s.get("status") or {}).get("conditions") or [])})
 
 
 def rollup(fleets: Sequence[Mapping[str, Any]], scenarios: Sequence[Mapping[str, Any]],
@@ -206,6 +213,7 @@ class CityAgent:
         self._last_status: dict[str, Any] | None = None
         self._last_lease = 0.0
         self._incidents: list[dict[str, Any]] = []
+        self._scenario_kinds: list[str] = []
         self._exports_incidents = True  # until the City's data-residency policy is read
         self._owner: dict[str, Any] | None = None
         self.cycles = 0
@@ -474,7 +482,9 @@ class CityAgent:
         incidents = items("incidents")
         record_incident_counts(incidents, city=self.config.city)
         self._incidents = incident_digest(incidents) if self._exports_incidents else []
-        return rollup(items("sensorfleets"), items("scenarios"), incidents)
+        scenarios = items("scenarios")
+        self._scenario_kinds = running_scenario_kinds(scenarios)
+        return rollup(items("sensorfleets"), scenarios, incidents)
 
     def _target(self, manifest: dict[str, Any], work_name: str, work_hash: str) -> dict[str, Any]:
         target: dict[str, Any] = json.loads(json.dumps(manifest))
@@ -588,8 +598,8 @@ class CityAgent:
                 entry["message"] = message
             objects[name] = entry
         labels = self.config.join_request.get("metadata", {}).get("labels") or {}
-        text = json.dumps({"objects": objects, "incidents": self._incidents, LABELS_KEY: labels},
-                          sort_keys=True)
+        text = json.dumps({"objects": objects, "incidents": self._incidents, LABELS_KEY: labels,
+                           SCENARIO_KINDS_KEY: self._scenario_kinds}, sort_keys=True)
         if text == self._last_report:
             return
         client.CoreV1Api(self.hub_api).patch_namespaced_config_map(

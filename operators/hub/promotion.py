@@ -78,6 +78,7 @@ from citynerve.operators.api.hub import (
 from citynerve.operators.api.resources import kind_info
 from citynerve.operators.conditions import ConditionStatus, make_condition, rfc3339, sentence, set_conditions
 from citynerve.operators.federation.placement import is_joined, manifest_hash, work_name
+from citynerve.operators.hub.status import SCENARIO_KINDS_KEY
 
 if TYPE_CHECKING:
     import kopf
@@ -142,6 +143,7 @@ class CityView:
     reason: str | None = None
     message: str | None = None
     incidents: Sequence[tuple[str | None, dt.datetime]] = ()  # (kind, detectedAt)
+    scenario_kinds: frozenset[str] | None = None  # kinds of its Ready scenarios (None: not reported)
 
 
 @dataclass(frozen=True)
@@ -598,12 +600,22 @@ def _city_failure(
         if soak_limit is not None:
             gates.append(GateResult(metric=SOAK_INCIDENTS, value=str(incidents), passed=True))
         step.set_outcome(outcome.city, "True", PROMOTED, gates=gates)
+        observed = soak_scope(kind, view.scenario_kinds)
         step.audit(
             "GatePassed",
-            f"soak of {spec.soak_seconds} s passed with {incidents} incidents of {kind or 'any kind'}",
+            f"soak of {spec.soak_seconds} s passed with {incidents} incidents of {kind or 'any kind'}"
+            f"{observed}",
             city=outcome.city,
         )
     return None
+
+
+def soak_scope(kind: str | None, running: frozenset[str] | None) -> str:
+    """What a soak could observe in a city: said when the city runs no scenario of the model's kind,
+    so `0 incidents` is not read as the model's good behaviour there."""
+    if kind is None or running is None or kind in running:
+        return ""
+    return f"; the city runs no {kind} scenario, so nothing there was scored with this model"
 
 
 def _roll_back(step: _Step, cities: Iterable[str], why: str) -> None:
@@ -746,6 +758,7 @@ def city_view(model_name: str, city: str, report: Mapping[str, Any]) -> CityView
         reason=entry.get("reason"),
         message=entry.get("message"),
         incidents=tuple(incidents),
+        scenario_kinds=frozenset(report[SCENARIO_KINDS_KEY]) if SCENARIO_KINDS_KEY in report else None,
     )
 
 

@@ -28,6 +28,8 @@ from citynerve.operators.federation.placement import (
 REPORT_KEY = "report.json"
 # In the agent's report: the City labels its chart proposes, and when it left (chart uninstalled).
 LABELS_KEY = "labels"
+# The kinds of the city's Ready scenarios, in its agent's report (what a promotion soak can observe).
+SCENARIO_KINDS_KEY = "scenarioKinds"
 OFFBOARDED_KEY = "offboardedAt"
 
 
