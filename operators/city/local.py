@@ -86,8 +86,9 @@ class LocalRayWorkloads:
                     namespace=RAY_NAMESPACE,
                     ignore_reinit_error=True,
                     log_to_driver=False,
+                    configure_logging=False,  # Ray's lines come through the process's handler
                 )
-                adopt_logger("ray")  # ray.init gives Ray's loggers their own handler again
+                adopt_logger("ray")
             if self._actor_class is None:
                 self._actor_class = ray.remote(num_cpus=0, max_concurrency=4)(ScenarioActor)
         return ray
