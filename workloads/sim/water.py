@@ -22,6 +22,7 @@ import networkx as nx  # type: ignore[import-untyped]  # no stubs in this enviro
 import numpy as np
 import numpy.typing as npt
 import wntr
+from citynerve.observability.logs import adopt_logger
 from citynerve.workloads.sim.placement import Placement, place_network
 from citynerve.workloads.sim.readings import Readings
 
@@ -282,5 +283,10 @@ def run_water_scenarios(specs: list[WaterScenarioSpec], use_ray: bool = True) ->
         return [simulate_water(s) for s in specs]
     import ray  # noqa: PLC0415 - Ray is only needed when runs go parallel
 
+    if not ray.is_initialized():
+        # Started here (training, benches): without a dashboard, its lines through the process's
+        # logging rather than a handler and colours of its own.
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        adopt_logger("ray")
     task = ray.remote(num_cpus=1)(simulate_water)
     return list(ray.get([task.remote(s) for s in specs]))
