@@ -37,6 +37,7 @@ def test_make_images_builds_what_the_charts_name_and_it_runs() -> None:
     printed = [line for line in proc.stdout.splitlines() if line.startswith(images.REPOSITORY + ":")]
     assert images.reference() in printed, proc.stdout
     assert "smoke: uid 65532" in proc.stdout
+    assert "the runner scored a SWMM drill on Ray" in proc.stdout
     # every image a chart renders is one this build tagged
     assert _rendered_images() <= set(printed), f"{_rendered_images()} not all in {printed}"
     inspected = json.loads(subprocess.run([*BUILDAH, "inspect", "--type", "image", images.reference()],

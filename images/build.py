@@ -185,13 +185,18 @@ def smoke(ref: str) -> None:
     """The image runs as a non-root user, its CLI answers and the workloads' engines import."""
     container = run(*BUILDAH, "from", "--quiet", ref, capture=True).strip()
     try:
+        drill = json.dumps({"kind": "urban-flood", "mode": "drill", "fleets": [], "models": [],
+                            "thresholds": {}, "simulation": {"seed": 0}})
         checks = (
             ("id", "-u"),
-            ("citynerve", "--help"),
+            ("citynerve", "--version"),
             ("python", "-c", "import ray, wntr, pyswmm, mlflow, kopf, citynerve.workloads.runner, "
                              "citynerve.operators.hub.main, citynerve.operators.city.main; "
                              "print(ray.__version__)"),
             ("mlflow", "--version"),
+            # the workload runner scores a SWMM drill on Ray, as a RayJob's entrypoint would
+            ("sh", "-ec", f"printf '%s' '{drill}' > /tmp/spec.json; "
+                          "python -m citynerve.workloads.runner --spec /tmp/spec.json 2>&1 | tail -1"),
         )
         outputs = [run(*BUILDAH, "run", "--isolation", "chroot", container, "--", *c, capture=True).strip()
                    for c in checks]
@@ -199,8 +204,12 @@ def smoke(ref: str) -> None:
         run(*BUILDAH, "rm", container, capture=True)
     if outputs[0] != "65532":
         raise SystemExit(f"images: {ref} runs as uid {outputs[0]}, not 65532")
-    print(f"  smoke: uid {outputs[0]}; citynerve CLI answers; Ray {outputs[2].splitlines()[-1]}, WNTR, "
-          f"SWMM, MLflow ({outputs[3].splitlines()[-1]}) import", flush=True)
+    summary = json.loads(outputs[4].splitlines()[-1])["summary"]
+    if summary.get("kind") != "urban-flood" or not summary.get("incidents"):
+        raise SystemExit(f"images: the runner in {ref} scored no incident: {outputs[4][-500:]}")
+    print(f"  smoke: uid {outputs[0]}; {outputs[1]}; Ray {outputs[2].splitlines()[-1]}, WNTR, SWMM, "
+          f"MLflow ({outputs[3].splitlines()[-1]}) import; the runner scored a SWMM drill on Ray "
+          f"({summary['incidents']} incidents)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
