@@ -12,7 +12,6 @@ import html
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from citynerve.operators.city.children import scenario_payload, workload_revisio
 from citynerve.operators.city.config import ANNOTATION_MLFLOW_RUN
 from citynerve.operators.city.job import run_job
 from citynerve.operators.demo.report import DemoResult, build_page, incident_record, runs_named_by
+from citynerve.operators.federation.embedded import install_crds
 from citynerve.operators.runtime import KubeTarget
 from kubernetes import client
 
@@ -35,18 +35,7 @@ FLEETS = ("underpass-water-level", "rain-gauges")
 
 
 def _install_crds(federation: Any) -> None:
-    federation.kubectl(
-        CITY, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"), timeout=120
-    )
-    deadline = time.monotonic() + 60
-    while (
-        federation.kubectl(
-            CITY, "wait", "--for=condition=Established", "crd", "--all", "--timeout=30s", check=False
-        ).returncode
-        != 0
-    ):
-        assert time.monotonic() < deadline, "CRDs not Established within 60 s"
-        time.sleep(0.5)
+    install_crds(KubeTarget(federation.kubeconfig, CITY))
 
 
 def _create(

@@ -192,21 +192,17 @@ def incident_table(incidents: Sequence[IncidentRecord]) -> str:
     )
 
 
+def promotion_rows(result: DemoResult) -> list[tuple[Any, ...]]:
+    """One row per promotion the demo ran: model, version, canary, outcome, cities, time taken."""
+    return [(p["model"], p["version"], p["canary"], p["outcome"], ", ".join(p["cities"]),
+             _fmt(p.get("seconds"), 1, " s")) for p in result.promotions]
+
+
 def summary_text(result: DemoResult) -> str:
     """What the demo prints at its end (the report shows the same, and more)."""
     parts = ["INCIDENTS", incident_table(result.incidents), ""]
     if result.promotions:
-        rows: list[tuple[Any, ...]] = [
-            (
-                p["model"],
-                p["version"],
-                p["canary"],
-                p["outcome"],
-                ", ".join(p["cities"]),
-                _fmt(p.get("seconds"), 1, " s"),
-            )
-            for p in result.promotions
-        ]
+        rows = promotion_rows(result)
         parts += [
             "PROMOTIONS",
             format_table(("MODEL", "VERSION", "CANARY", "OUTCOME", "CITIES", "TOOK"), rows),
@@ -956,17 +952,7 @@ def build_page(result: DemoResult) -> str:
             _plain_table(
                 "promotions",
                 ("Model", "Version", "Canary", "Outcome", "Cities", "Took"),
-                [
-                    (
-                        p["model"],
-                        p["version"],
-                        p["canary"],
-                        p["outcome"],
-                        ", ".join(p["cities"]),
-                        _fmt(p.get("seconds"), 1, " s"),
-                    )
-                    for p in result.promotions
-                ],
+                promotion_rows(result),
             ),
         ]
     if result.clusters:
