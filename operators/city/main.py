@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kubeconfig",
         type=Path,
         default=None,
-        help="kubeconfig of the city cluster (default: the in-cluster service account)",
+        help="kubeconfig of the city cluster (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
     )
     parser.add_argument("--context", default=None, help="context in the kubeconfig")
     parser.add_argument(

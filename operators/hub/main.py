@@ -14,7 +14,7 @@ from citynerve.operators.runtime import KubeTarget, OperatorOptions, run_until_s
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="citynerve operator hub", description=__doc__)
     parser.add_argument("--kubeconfig", type=Path, default=None,
-                        help="kubeconfig of the hub cluster (default: the in-cluster account)")
+                        help="kubeconfig of the hub (default: $KUBECONFIG, ~/.kube/config, else in-cluster)")
     parser.add_argument("--context", default=None, help="context in --kubeconfig")
     parser.add_argument("--check-interval", type=float, default=5.0,
                         help="seconds between checks of each city's heartbeat (default: %(default)s)")
