@@ -80,9 +80,12 @@ class SensorFleetSpec(CrdModel):
         ge=0,
         le=100_000_000,
     )
-    protocol: Literal["MQTT", "CoAP", "LwM2M", "HTTP", "LoRaWAN", "NB-IoT"] = Field(
+    protocol: Literal["MQTT", "HTTP"] = Field(
         default="MQTT",
-        description="Protocol the terminals report over; ingestion is provisioned for it.",
+        description="How the fleet's readings reach the city: `MQTT` (terminals, or the network server of "
+        "NB-IoT/LoRaWAN terminals, publish QoS 1 to topic `readings/<city>/<fleet>` on the city broker, with "
+        "the fleet's own credential in Secret `<fleet>-mqtt`) or `HTTP` (gateways post NGSI-LD batch upserts "
+        "to the fleet's ingest Service). The operator provisions exactly that way in.",
     )
     sampling_interval_seconds: int = Field(
         default=300,
@@ -99,6 +102,37 @@ class SensorFleetSpec(CrdModel):
         default="internal",
         description="Sensitivity of the readings; `confidential` and `restricted` data never leave the city "
         "and are encrypted at rest.",
+    )
+    window_seconds: int = Field(
+        default=300,
+        ge=10,
+        le=86_400,
+        description="Length of the windows readings are aggregated into (per terminal and property: count, "
+        "mean, minimum, maximum), on the readings' own clock. Must divide a day (86400 s), so windows align "
+        "with days in the history.",
+    )
+    allowed_lateness_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3_600,
+        description="How long after a window's end its readings are still accepted: a window closes when "
+        "the newest reading is this much past its end; a reading for a closed window is quarantined as late.",
+    )
+    history_retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=3_660,
+        description="Days the fleet's closed windows are kept on the city's windows stream and in its "
+        "history, for detectors to warm up and for training.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="86400 % self.windowSeconds == 0",
+            message="spec.windowSeconds must divide a day (86400 s), for example 60, 300, 900 or 3600",
+            field_path=".windowSeconds",
+            check=lambda s: 86_400 % s.window_seconds == 0,
+        ),
     )
 
 
