@@ -97,3 +97,6 @@ CONTENT_ARROW = "application/vnd.apache.arrow.stream"
 CLIENT_PORT = 4222
 MQTT_PORT = 1883
 MONITOR_PORT = 8222
+
+# -- history ------------------------------------------------------------------------------------
+HISTORY_CONSUMER = "history"  # durable consumer of a fleet's windows stream: writes its Parquet history
