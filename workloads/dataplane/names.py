@@ -76,6 +76,9 @@ def status_key(fleet: str) -> str:
     return f"{_token('fleet', fleet)}.status"
 
 
+ALL_STATUS_KEYS = "*.status"  # what the city operator watches: every fleet's status
+
+
 def checkpoint_key(fleet: str) -> str:
     """KV key of a fleet's window checkpoint (windows before it are published)."""
     return f"{_token('fleet', fleet)}.checkpoint"
