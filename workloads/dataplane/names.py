@@ -55,6 +55,11 @@ def quarantine_subject(city: str, fleet: str) -> str:
     return f"{QUARANTINE_PREFIX}.{_token('city', city)}.{_token('fleet', fleet)}"
 
 
+def quarantine_subjects(city: str) -> str:
+    """Every fleet's quarantine subject in a city: what the city's quarantine stream covers."""
+    return f"{QUARANTINE_PREFIX}.{_token('city', city)}.>"
+
+
 # -- streams, consumers, buckets -------------------------------------------------------------------
 def readings_stream(fleet: str) -> str:
     """JetStream stream of a fleet's raw payloads (work-queue retention: gone once windowed)."""
