@@ -1,4 +1,4 @@
-"""Build the pinned Kubernetes, etcd, kwok, helm and KubeRay binaries from Go modules.
+"""Build the pinned Kubernetes, etcd, kwok, helm, KubeRay and NATS binaries from Go modules.
 
 Every binary is built once into a per-user cache keyed by its version
 (``~/.cache/citynerve/bin/<component>-<version>/``) and reused afterwards. Only the
@@ -27,6 +27,7 @@ ETCD_VERSION = "v3.6.6"
 KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.19.0"
 KUBERAY_VERSION = "v1.4.0"
+NATS_VERSION = "v2.15.2"
 
 # k8s.io/kubernetes pins its staging modules to v0.0.0 and replaces them with ./staging;
 # the published copies carry the same code at v0.<minor>.<patch>.
@@ -78,8 +79,10 @@ COMPONENTS: dict[str, Component] = {
                       go_install=f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"),
     "kuberay": Component("kuberay", KUBERAY_VERSION, ("ray-operator",),
                          go_install=f"github.com/ray-project/kuberay/ray-operator@{KUBERAY_VERSION}"),
+    "nats": Component("nats", NATS_VERSION, ("nats-server",),
+                      go_install=f"github.com/nats-io/nats-server/v2@{NATS_VERSION}"),
 }
-DEFAULT_COMPONENTS = ("etcd", "kubernetes", "kwok", "helm")
+DEFAULT_COMPONENTS = ("etcd", "kubernetes", "kwok", "helm", "nats")
 
 
 def binary(name: str) -> Path:
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("components", nargs="*", default=list(DEFAULT_COMPONENTS),
                         choices=sorted(COMPONENTS),
-                        help="what to build (default: the control plane and helm)")
+                        help="what to build (default: the control plane, helm and the broker)")
     args = parser.parse_args(argv)
     try:
         ensure(tuple(args.components))
