@@ -7,9 +7,9 @@ import orjson
 import pyarrow as pa
 import pytest
 from citynerve.workloads.ingest.parallel import IngestPool
-from citynerve.workloads.ingest.pipeline import IngestPipeline
+from citynerve.workloads.ingest.pipeline import BatchResult, IngestPipeline
 from citynerve.workloads.ingest.sensor_type import CATALOGUE, MeasuredProperty, SensorType
-from citynerve.workloads.ngsi import NgsiDecoder, to_ngsi_entities
+from citynerve.workloads.ngsi import DecodeFailure, NgsiDecoder, to_ngsi_entities
 from citynerve.workloads.sim.readings import READING_SCHEMA, Readings, to_ipc
 
 EPOCH_MS = 1_782_000_000_000  # 2026-06-21, early morning UTC
@@ -22,7 +22,7 @@ def valid_pressure(sensors: int = 200, steps: int = 50, seed: int = 0) -> Readin
     rng = np.random.default_rng(seed)
     values = 40.0 + 3.0 * rng.standard_normal((steps, sensors))
     return Readings.from_wide(
-        np.arange(steps) * 60.0, [f"logger-{i}" for i in range(sensors)], "pressure", values
+        np.arange(steps, dtype=np.float64) * 60.0, [f"logger-{i}" for i in range(sensors)], "pressure", values
     )
 
 
@@ -101,12 +101,12 @@ def test_ten_thousand_malformed_columnar_rows_are_quarantined_exactly() -> None:
     order = np.random.default_rng(2).permutation(table.num_rows)
     mixed = table.take(pa.array(order)).combine_chunks().to_batches(max_chunksize=1000)
     pipeline = IngestPipeline(PRESSURE, window_s=300)
-    pipeline.ingest_ipc(to_ipc(mixed), NOW_MS)
-    assert pipeline.stats.readings == len(good) + 10_000
-    assert pipeline.stats.accepted == len(good)
+    result = pipeline.ingest_ipc(to_ipc(mixed), NOW_MS)
+    assert pipeline.stats.readings == result.readings == len(good) + 10_000
+    assert pipeline.stats.accepted == result.accepted == len(good)
     assert pipeline.stats.duplicates == 0
-    assert dict(pipeline.stats.quarantined) == counts
-    rows = pipeline.quarantined_rows()
+    assert dict(pipeline.stats.quarantined) == dict(result.quarantined) == counts
+    rows = result.quarantined_rows
     assert rows.num_rows == 10_000
     assert all(rows["reason"].to_pylist())
     assert_same_windows(windows_as_dict(pipeline), expected_windows(good, 300_000))
@@ -119,7 +119,10 @@ def malformed_entities(n: int) -> tuple[list[bytes], dict[str, int]]:
     counts: dict[str, int] = {}
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        base = {"id": f"urn:ngsi-ld:WaterQualityObserved:probe-{i}", "type": "WaterQualityObserved"}
+        base: dict[str, object] = {
+            "id": f"urn:ngsi-ld:WaterQualityObserved:probe-{i}",
+            "type": "WaterQualityObserved",
+        }
         base["dateObserved"] = str(np.datetime64(EPOCH_MS + 3_600_000, "ms").astype("datetime64[s]")) + "Z"
         if kind == "undecodable":
             entity = {**base, "pH": "seven"}
@@ -143,7 +146,7 @@ def test_ten_thousand_malformed_entities_are_quarantined_exactly() -> None:
     probes = [f"probe-{i}" for i in range(100)]
     steps = 60
     parts = [
-        Readings.from_wide(np.arange(steps) * 60.0, probes, name, values)
+        Readings.from_wide(np.arange(steps, dtype=np.float64) * 60.0, probes, name, values)
         for name, values in (
             ("temperature", 15 + rng.standard_normal((steps, 100))),
             ("pH", 7 + 0.1 * rng.standard_normal((steps, 100))),
@@ -156,14 +159,18 @@ def test_ten_thousand_malformed_entities_are_quarantined_exactly() -> None:
     mixed = entities + bad
     order = np.random.default_rng(4).permutation(len(mixed))
     pipeline = IngestPipeline(QUALITY, window_s=600)
+    rejected: list[DecodeFailure] = []
+    quarantined_rows = 0
     for chunk in np.array_split(order, 20):
         payload = b"[" + b",".join(mixed[i] for i in chunk) + b"]"
-        pipeline.ingest_ngsi(payload, NOW_MS)
+        result = pipeline.ingest_ngsi(payload, NOW_MS)
+        rejected.extend(result.rejected_entities)
+        quarantined_rows += result.quarantined_rows.num_rows
     assert pipeline.stats.entities == len(mixed)
     assert pipeline.stats.accepted == len(good)
     assert dict(pipeline.stats.quarantined) == counts
-    assert len(pipeline.rejected_entities) + pipeline.quarantined_rows().num_rows == 10_000
-    assert all(":" in f.reason for f in pipeline.rejected_entities)  # a reason with its detail
+    assert len(rejected) + quarantined_rows == 10_000
+    assert all(":" in f.reason for f in rejected)  # a reason with its detail
     assert_same_windows(windows_as_dict(pipeline), expected_windows(good, 600_000))
 
 
@@ -273,3 +280,149 @@ def test_ray_pool_gives_the_same_windows_as_one_pipeline(ray_local: None) -> Non
         )
     }
     assert_same_windows(got, expected_windows(good, 300_000))
+
+
+# ---- a stream's guarantees: arrival-independent dedup, lateness, redelivery, bounded state ----
+
+
+def pressure_batch(start_s: float, steps: int, sensors: int = 20, interval_s: float = 60.0,
+                   seed: int = 0, first: int = 0) -> pa.RecordBatch:
+    """Fresh pressure readings of terminals ``logger-<first>…``, every ``interval_s`` from ``start_s``."""
+    values = 40.0 + np.random.default_rng(seed).standard_normal((steps, sensors))
+    readings = Readings.from_wide(
+        start_s + np.arange(steps, dtype=np.float64) * interval_s,
+        [f"logger-{first + i}" for i in range(sensors)],
+        "pressure",
+        values,
+    )
+    return readings.to_arrow(EPOCH_MS)
+
+
+def balanced(result: BatchResult) -> bool:
+    """Every row of a call is accounted for exactly once."""
+    reading_level: int = result.quarantined_rows.num_rows
+    assert sum(result.quarantined.values()) == reading_level + len(result.rejected_entities)
+    return result.readings == result.accepted + result.duplicates + result.redelivered + reading_level
+
+
+@pytest.mark.timeout(30)
+def test_a_retransmitted_batch_arriving_later_counts_once() -> None:
+    batch = pressure_batch(0.0, steps=5)  # one 300 s window
+    pipeline = IngestPipeline(PRESSURE, window_s=300, sampling_interval_s=60)
+    first = pipeline.ingest_batch(batch, NOW_MS)
+    again = pipeline.ingest_batch(batch, NOW_MS + 97_000)  # the gateway resends it 97 s later
+    assert (first.accepted, first.duplicates) == (100, 0)
+    assert (again.accepted, again.duplicates) == (0, 100)
+    assert balanced(first)
+    assert balanced(again)
+    counts = pipeline.flush().count
+    assert counts.sum() == 100
+    assert set(counts) == {5}
+
+
+@pytest.mark.timeout(30)
+def test_duplicates_are_found_against_every_batch_of_an_open_window() -> None:
+    pipeline = IngestPipeline(PRESSURE, window_s=600, sampling_interval_s=60)
+    early = pressure_batch(0.0, steps=3)
+    pipeline.ingest_batch(early, NOW_MS)
+    for step in range(3, 9):  # six more batches in the same window
+        pipeline.ingest_batch(pressure_batch(step * 60.0, steps=1, seed=step), NOW_MS)
+    resent = pipeline.ingest_batch(early.slice(10, 30), NOW_MS)
+    assert (resent.accepted, resent.duplicates) == (0, 30)
+    assert pipeline.stats.accepted == 9 * 20
+    assert set(pipeline.flush().count) == {9}
+
+
+@pytest.mark.timeout(30)
+def test_a_reading_for_a_closed_window_is_late_and_quarantined() -> None:
+    pipeline = IngestPipeline(PRESSURE, window_s=300, allowed_lateness_s=60)
+    first = pipeline.ingest_batch(pressure_batch(0.0, steps=5), NOW_MS)
+    assert first.newest_window == EPOCH_MS // 300_000
+    assert pipeline.newest_event_ms == EPOCH_MS + 240_000
+    # the window [0, 300 s) stays open through its lateness, then closes on the event clock
+    assert len(pipeline.flush(EPOCH_MS + 359_999)) == 0
+    assert len(pipeline.flush(EPOCH_MS + 360_000)) == 20
+    assert pipeline.closed_before == EPOCH_MS // 300_000 + 1
+    late = pipeline.ingest_batch(pressure_batch(200.0, steps=2, seed=3), NOW_MS)
+    assert late.accepted == 0
+    assert late.quarantined == {"late": 40}
+    assert set(late.quarantined_rows["reason"].to_pylist()) == {"late"}
+    assert late.newest_window is None
+    assert balanced(late)
+    # a window that never held a reading is closed by the watermark all the same
+    pipeline.flush(EPOCH_MS + 1_260_000)
+    assert pipeline.ingest_batch(pressure_batch(700.0, steps=1), NOW_MS).quarantined == {"late": 20}
+    assert pipeline.stats.quarantined == {"late": 60}
+
+
+@pytest.mark.timeout(30)
+def test_a_redelivered_payload_skips_closed_windows_and_windows_open_ones_once() -> None:
+    payload = to_ipc([pressure_batch(0.0, steps=10)])  # windows [0, 300 s) and [300 s, 600 s)
+    before_crash = IngestPipeline(PRESSURE, window_s=300)
+    before_crash.ingest_ipc(payload, NOW_MS)
+    published = before_crash.flush(EPOCH_MS + 300_000)  # the first window closed and published
+    assert set(published.count) == {5}
+    checkpoint = before_crash.closed_before
+    restarted = IngestPipeline(PRESSURE, window_s=300)  # open windows were lost with the process
+    restarted.restore(checkpoint)
+    result = restarted.ingest_ipc(payload, NOW_MS + 30_000, redelivered=True)
+    assert (result.redelivered, result.accepted, result.duplicates) == (100, 100, 0)
+    assert result.quarantined == {}
+    assert balanced(result)
+    second = restarted.flush()
+    assert set(second.count) == {5}
+    assert set(second.window_start_ms) == {EPOCH_MS + 300_000}
+    # the same rows not flagged as a redelivery are late: another source resent them
+    assert restarted.ingest_ipc(payload, NOW_MS).quarantined == {"late": 200}
+
+
+@pytest.mark.timeout(120)
+def test_state_stays_bounded_over_two_thousand_batches() -> None:
+    sensors = 50
+    pipeline = IngestPipeline(PRESSURE, window_s=300, sampling_interval_s=30, track_terminals=True)
+    sizes: list[int] = []
+    arrow_bytes: list[int] = []
+    accepted = quarantined = 0
+    for step in range(2_000):  # one reading per terminal every 30 s: 200 windows of 300 s
+        batch = pressure_batch(step * 30.0, steps=1, sensors=sensors, seed=step)
+        values = np.asarray(batch.column(3)).copy()
+        values[:3] = 1e6  # a few out-of-range rows in every batch, returned and not kept
+        batch = batch.set_column(3, "value", pa.array(values))
+        result = pipeline.ingest_batch(batch, EPOCH_MS + step * 30_000)
+        accepted += result.accepted
+        quarantined += result.quarantined_rows.num_rows
+        del batch, result
+        pipeline.flush(pipeline.newest_event_ms)
+        sizes.append(pipeline.state_nbytes)
+        arrow_bytes.append(pa.total_allocated_bytes())
+    assert accepted == 2_000 * (sensors - 3)
+    assert quarantined == 2_000 * 3
+    assert pipeline.closed_before > EPOCH_MS // 300_000 + 190
+    assert max(sizes[100:]) <= sizes[100]
+    assert max(arrow_bytes[100:]) <= arrow_bytes[100] + 64 * 1024
+    assert pipeline.state_nbytes < 64 * (11 * 8 + 1 + 8 + 8) + 2 * 32 * sensors + 4096
+
+
+@pytest.mark.timeout(30)
+def test_a_fleet_declared_with_ten_terminals_takes_ten() -> None:
+    pipeline = IngestPipeline(PRESSURE, window_s=300, max_terminals=10)
+    result = pipeline.ingest_batch(pressure_batch(0.0, steps=3, sensors=1_000), NOW_MS)
+    assert result.accepted == 30
+    assert result.quarantined == {"over-terminal-count": 2_970}
+    assert balanced(result)
+    assert set(result.quarantined_rows["reason"].to_pylist()) == {"over-terminal-count"}
+    later = pipeline.ingest_batch(pressure_batch(180.0, steps=2, sensors=20, first=5, seed=1), NOW_MS)
+    assert later.accepted == 10  # logger-5 … logger-9 were admitted, logger-10 … are not
+    assert later.quarantined == {"over-terminal-count": 30}
+    windows = pipeline.flush()
+    assert len(set(windows.sensor)) == 10
+    assert windows.count.sum() == 40
+    assert pipeline.state_nbytes <= 10 * (16 * 8 + 1 + 8) + 10 * 32
+
+
+def test_the_dedup_ring_spans_window_and_lateness_in_sampling_intervals() -> None:
+    assert IngestPipeline(PRESSURE, window_s=300, sampling_interval_s=30).ring_slots == 11
+    with_lateness = IngestPipeline(PRESSURE, window_s=300, allowed_lateness_s=60, sampling_interval_s=60)
+    assert with_lateness.ring_slots == 7
+    assert IngestPipeline(PRESSURE, window_s=300, sampling_interval_s=1).ring_slots == 16
+    assert IngestPipeline(PRESSURE, window_s=300).ring_slots == 16

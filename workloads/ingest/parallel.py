@@ -16,19 +16,23 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from citynerve.workloads.ingest.pipeline import IngestPipeline, WindowAggregates
+from citynerve.workloads.ingest.pipeline import BatchResult, IngestPipeline, WindowAggregates
 from citynerve.workloads.ingest.sensor_type import SensorType
 
 
 class _IngestWorker:
+    """One actor's pipeline and what it quarantined over the pool's (finite) run."""
+
     def __init__(self, sensor_type: SensorType, window_s: float) -> None:
         self.pipeline = IngestPipeline(sensor_type, window_s=window_s)
+        self.quarantined = BatchResult()
 
     def ingest(self, kind: str, payload: bytes, now_ms: int) -> int:
         if kind == "ipc":
-            self.pipeline.ingest_ipc(payload, now_ms)
+            result = self.pipeline.ingest_ipc(payload, now_ms)
         else:
-            self.pipeline.ingest_ngsi(payload, now_ms)
+            result = self.pipeline.ingest_ngsi(payload, now_ms)
+        self.quarantined.merge(result)
         return self.pipeline.stats.readings
 
     def finish(self) -> dict[str, Any]:
@@ -40,8 +44,8 @@ class _IngestWorker:
             "accepted": stats.accepted,
             "duplicates": stats.duplicates,
             "quarantined": dict(stats.quarantined),
-            "quarantine": self.pipeline.quarantined_rows(),
-            "rejected_entities": [(f.raw, f.reason) for f in self.pipeline.rejected_entities],
+            "quarantine": self.quarantined.quarantined_rows,
+            "rejected_entities": [(f.raw, f.reason) for f in self.quarantined.rejected_entities],
         }
 
 

@@ -1,13 +1,28 @@
 """Decode → validate → deduplicate → window → score, on whole batches at a time.
 
-Every reading either lands in a window aggregate, is counted as a duplicate, or is kept in
-quarantine with a reason; nothing is dropped silently and nothing malformed stops the
-pipeline. All per-reading work is NumPy/Arrow on columns; Python runs per batch, per window
-and per newly seen sensor, never per reading.
+Every reading either lands in a window aggregate, is counted as a duplicate, is skipped as a
+redelivery of a window already closed, or is quarantined with a reason; nothing is dropped
+silently and nothing malformed stops the pipeline. All per-reading work is NumPy/Arrow on
+columns; Python runs per batch, per window and per newly seen sensor, never per reading.
+
+Windows close on the event clock: ``flush(watermark_ms)`` closes every window whose end plus
+the allowed lateness is at or before the watermark, and from then on a reading for it is
+``late`` (quarantined, never folded in). Duplicates — the same (terminal, property,
+timestamp) again, whenever it arrives — are found by sorting within a batch and, across
+batches, against a ring of the K most recently accepted timestamps per (terminal, property),
+K = ceil((window + lateness) / sampling interval) + 1, at most 16 (16 when the interval is not
+given): a retransmission is caught for as long as its window is open, provided the terminal
+keeps to its sampling interval. State is bounded by the number of terminals, never by time or
+by the number of batches: per (terminal, property) the ring (8·K bytes), its write position
+(1 byte) and newest timestamp (8 bytes), plus 32 bytes per open window; per terminal its name
+and, with ``track_terminals``, 8 bytes of last-seen time. ``max_terminals`` caps the number of
+terminals (further ones are quarantined as ``over-terminal-count``), hence all of it.
+Quarantined readings and rejected entities are returned with each call, not kept.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,22 +40,71 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
 #: Quarantine reasons, in the order they are checked (the first that applies is recorded).
-REASONS = ("missing-sensor", "unknown-property", "bad-timestamp", "late", "missing-value", "out-of-range")
+REASONS = (
+    "missing-sensor",
+    "over-terminal-count",
+    "unknown-property",
+    "bad-timestamp",
+    "late",
+    "missing-value",
+    "out-of-range",
+)
 _REASON_CODE = {r: i + 1 for i, r in enumerate(REASONS)}
-_TS_BITS = 40  # key = group << 40 | ms since the oldest acceptable time (2^40 ms ≈ 34 years)
+_REDELIVERED = 255  # in place of "late" for a redelivered payload: skipped, not quarantined
+QUARANTINE_SCHEMA = READING_SCHEMA.append(pa.field("reason", pa.string()))
+_TS_BITS = 40  # within a batch, key = group << 40 | ms since the batch's oldest reading
+_RING_CAP = 16  # most timestamps remembered per (terminal, property)
+_NO_TS = np.iinfo(np.int64).min
+_OVER_COUNT = -2  # sensor id of a terminal beyond max_terminals (-1: no sensor at all)
 
 
 @dataclass
 class IngestStats:
+    """Counts since the pipeline was made; ``quarantined`` holds reading- and entity-level reasons."""
+
     readings: int = 0
     accepted: int = 0
     duplicates: int = 0
+    redelivered: int = 0
     entities: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
 
     @property
     def quarantined_total(self) -> int:
         return sum(self.quarantined.values())
+
+
+@dataclass
+class BatchResult:
+    """What one call did: ``readings == accepted + duplicates + redelivered`` + reading-level quarantine.
+
+    ``quarantined_rows`` and ``rejected_entities`` are this call's only; the pipeline keeps no
+    copy (the caller publishes them to the quarantine stream).
+    """
+
+    readings: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    redelivered: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    quarantined_rows: pa.Table = field(default_factory=QUARANTINE_SCHEMA.empty_table)
+    rejected_entities: list[DecodeFailure] = field(default_factory=list)
+    newest_window: int | None = None
+
+    def merge(self, other: BatchResult) -> None:
+        """Add another call's result to this one (the batches of one IPC stream)."""
+        self.readings += other.readings
+        self.accepted += other.accepted
+        self.duplicates += other.duplicates
+        self.redelivered += other.redelivered
+        self.quarantined.update(other.quarantined)
+        if other.quarantined_rows.num_rows:
+            self.quarantined_rows = pa.concat_tables([self.quarantined_rows, other.quarantined_rows])
+        self.rejected_entities.extend(other.rejected_entities)
+        if other.newest_window is not None and (
+            self.newest_window is None or other.newest_window > self.newest_window
+        ):
+            self.newest_window = other.newest_window
 
 
 @dataclass(frozen=True)
@@ -72,6 +136,10 @@ class _Accumulator:
         self.min = np.full(size, np.inf)
         self.max = np.full(size, -np.inf)
 
+    @property
+    def nbytes(self) -> int:
+        return self.sum.nbytes + self.count.nbytes + self.min.nbytes + self.max.nbytes
+
     def grow(self, size: int) -> None:
         extra = size - self.sum.shape[0]
         if extra > 0:
@@ -89,10 +157,10 @@ class _Accumulator:
 
 
 class IngestPipeline:
-    """Ingestion for one sensor type: feed batches, flush closed windows, read the quarantine.
+    """Ingestion for one sensor type: feed batches, flush closed windows; each call says what it did.
 
-    Duplicates — the same (sensor, property, timestamp) again — are removed within a batch and
-    against the previous batch (a gateway's retransmission); the first copy counts.
+    ``sampling_interval_s`` (the fleet's declared interval) sizes the dedup ring; ``max_terminals``
+    (the fleet's declared terminal count) bounds the terminals it takes.
     """
 
     def __init__(
@@ -101,13 +169,27 @@ class IngestPipeline:
         window_s: float = 300.0,
         allowed_lateness_s: float = 0.0,
         track_terminals: bool = False,
+        max_terminals: int | None = None,
+        sampling_interval_s: float | None = None,
     ) -> None:
+        if (sensor_type.max_age_s + sensor_type.max_future_skew_s) * 1000 >= 1 << _TS_BITS:
+            raise ValueError(
+                f"sensor type {sensor_type.name!r}: maxAge plus maxFutureSkew must stay below 34 years"
+            )
+        if max_terminals is not None and max_terminals < 1:
+            raise ValueError(f"max_terminals must be at least 1, not {max_terminals}")
+        if sampling_interval_s is not None and sampling_interval_s <= 0:
+            raise ValueError(f"sampling_interval_s must be positive, not {sampling_interval_s}")
         self.sensor_type = sensor_type
         self.window_ms = int(window_s * 1000)
         self.lateness_ms = int(allowed_lateness_s * 1000)
+        self.max_terminals = max_terminals
+        self.ring_slots = (
+            _RING_CAP
+            if sampling_interval_s is None
+            else min(_RING_CAP, math.ceil((window_s + allowed_lateness_s) / sampling_interval_s) + 1)
+        )
         self.stats = IngestStats()
-        self.quarantine: list[pa.RecordBatch] = []
-        self.rejected_entities: list[DecodeFailure] = []
         self._lo, self._hi = sensor_type.bounds()
         self._props = pa.array(sensor_type.property_names, pa.string())
         self._n_props = len(sensor_type.property_names)
@@ -116,8 +198,14 @@ class IngestPipeline:
         self._sensor_lut: tuple[pa.Array, IntArray] | None = None
         self._prop_lut: tuple[pa.Array, IntArray] | None = None
         self._windows: dict[int, _Accumulator] = {}
-        self._closed_before = np.iinfo(np.int64).min  # window index: everything below is flushed
-        self._prev_keys = np.zeros(0, dtype=np.int64)
+        self._closed_before = 0  # window index: everything below is closed
+        self._newest_event_ms: int | None = None
+        # per (terminal, property) group, sized for `_capacity` terminals: the dedup ring, its
+        # next write slot, and the newest timestamp it ever held (a fresh reading skips the ring)
+        self._capacity = 0
+        self._ring = np.full((0, self.ring_slots), _NO_TS, dtype=np.int64)
+        self._ring_pos = np.zeros(0, dtype=np.uint8)
+        self._ring_newest = np.zeros(0, dtype=np.int64)
         self._baseline: tuple[FloatArray, FloatArray] | None = None
         self._decoder: NgsiDecoder | None = None
         self._metrics = IngestRecorder(sensor_type.name)
@@ -125,44 +213,47 @@ class IngestPipeline:
         self._last_seen: IntArray | None = np.zeros(0, dtype=np.int64) if track_terminals else None
 
     # ---- inputs -------------------------------------------------------------------------
-    def ingest_ipc(self, data: bytes | pa.Buffer, now_ms: int) -> None:
+    def ingest_ipc(self, data: bytes | pa.Buffer, now_ms: int, redelivered: bool = False) -> BatchResult:
         """An Arrow IPC stream of gateway batches (READING_SCHEMA)."""
+        result = BatchResult()
         for batch in pa.ipc.open_stream(data):
-            self.ingest_batch(batch, now_ms)
+            result.merge(self.ingest_batch(batch, now_ms, redelivered))
+        return result
 
-    def ingest_ngsi(self, payload: bytes, now_ms: int) -> None:
+    def ingest_ngsi(self, payload: bytes, now_ms: int, redelivered: bool = False) -> BatchResult:
         """A JSON array of NGSI-LD entities of this sensor type."""
         if self._decoder is None:
             self._decoder = NgsiDecoder(self.sensor_type)
         decoded = self._decoder.decode(payload)
         self.stats.entities += decoded.entities
-        rejected: Counter[str] = Counter()
-        for failure in decoded.failures:
-            self.rejected_entities.append(failure)
-            rejected[failure.reason.split(":", 1)[0]] += 1
-        if rejected:
+        result = self.ingest_batch(decoded.batch, now_ms, redelivered)
+        if decoded.failures:
+            rejected = Counter(f.reason.split(":", 1)[0] for f in decoded.failures)
             self.stats.quarantined.update(rejected)
             self._metrics.add(0, rejected)
-        self.ingest_batch(decoded.batch, now_ms)
+            result.quarantined.update(rejected)
+            result.rejected_entities = decoded.failures
+        return result
 
-    def ingest_batch(self, batch: pa.RecordBatch, now_ms: int) -> None:
+    def ingest_batch(self, batch: pa.RecordBatch, now_ms: int, redelivered: bool = False) -> BatchResult:
+        """Gateway rows (READING_SCHEMA); ``redelivered``: rows for closed windows were windowed before."""
         n = batch.num_rows
         if n == 0:
-            return
+            return BatchResult()
         # one span and a few counter adds per batch, never per reading (bench/telemetry.py)
         with ingest_span(self.sensor_type.name, n):
+            result = self._ingest_batch(batch, n, now_ms, redelivered)
             stats = self.stats
-            before = (stats.duplicates, dict(stats.quarantined))
-            self._ingest_batch(batch, n, now_ms)
-            self._metrics.add(
-                n,
-                {k: v - before[1].get(k, 0) for k, v in stats.quarantined.items()},
-                stats.duplicates - before[0],
-                lambda: _lag_s(batch, now_ms),
-            )
+            stats.readings += n
+            stats.accepted += result.accepted
+            stats.duplicates += result.duplicates
+            stats.redelivered += result.redelivered
+            stats.quarantined.update(result.quarantined)
+            self._metrics.add(n, result.quarantined, result.duplicates, lambda: _lag_s(batch, now_ms))
+        return result
 
-    def _ingest_batch(self, batch: pa.RecordBatch, n: int, now_ms: int) -> None:
-        self.stats.readings += n
+    def _ingest_batch(self, batch: pa.RecordBatch, n: int, now_ms: int, redelivered: bool) -> BatchResult:
+        result = BatchResult(readings=n)
         sensor = self._sensor_ids(batch.column(0))
         prop = self._prop_ids(batch.column(1))
         ts_col = batch.column(2)
@@ -176,40 +267,47 @@ class IngestPipeline:
         reason = np.zeros(n, dtype=np.uint8)
         reason[(value < self._lo[known_prop]) | (value > self._hi[known_prop])] = _REASON_CODE["out-of-range"]
         reason[np.isnan(value)] = _REASON_CODE["missing-value"]
-        reason[ts // self.window_ms < self._closed_before] = _REASON_CODE["late"]
+        reason[ts // self.window_ms < self._closed_before] = (
+            _REDELIVERED if redelivered else _REASON_CODE["late"]
+        )
         bad_ts = (ts < earliest) | (ts > latest)
         if ts_col.null_count:
             bad_ts |= np.asarray(ts_col.is_null().to_numpy(zero_copy_only=False))
         reason[bad_ts] = _REASON_CODE["bad-timestamp"]
         reason[prop < 0] = _REASON_CODE["unknown-property"]
-        reason[sensor < 0] = _REASON_CODE["missing-sensor"]
+        reason[sensor == _OVER_COUNT] = _REASON_CODE["over-terminal-count"]
+        reason[sensor == -1] = _REASON_CODE["missing-sensor"]
         if reason.any():
             bad = reason != 0
-            self._quarantine(batch, bad, reason)
+            skipped = reason == _REDELIVERED
+            result.redelivered = int(skipped.sum())
+            if result.redelivered < int(bad.sum()):
+                self._quarantine(batch, bad & ~skipped, reason, result)
             ok = ~bad
             sensor, prop, ts, value = sensor[ok], prop[ok], ts[ok], value[ok]
+        if value.shape[0] == 0:
+            return result
 
         # ---- deduplicate
         group = sensor * self._n_props + prop
-        key = (group << _TS_BITS) | (ts - earliest)
-        dup = self._duplicates(key)
+        dup = self._duplicates(group, ts)
         if dup is not None:
-            self.stats.duplicates += int(dup.sum())
+            result.duplicates = int(dup.sum())
             keep = ~dup
             group, ts, value = group[keep], ts[keep], value[keep]
-        self.stats.accepted += int(value.shape[0])
-        if self._last_seen is not None and value.shape[0]:
-            if self._last_seen.shape[0] < len(self._names):
-                grown = np.zeros(len(self._names), dtype=np.int64)
-                grown[: self._last_seen.shape[0]] = self._last_seen
-                self._last_seen = grown
+        result.accepted = int(value.shape[0])
+        if result.accepted == 0:
+            return result
+        newest = int(ts.max())
+        if self._newest_event_ms is None or newest > self._newest_event_ms:
+            self._newest_event_ms = newest
+        if self._last_seen is not None:
             np.maximum.at(self._last_seen, group // self._n_props, ts)
 
         # ---- window
-        if value.shape[0] == 0:
-            return
         window = ts // self.window_ms
         first, last = int(window.min()), int(window.max())
+        result.newest_window = last
         size = len(self._names) * self._n_props
         for w in range(first, last + 1):
             acc = self._windows.get(w)
@@ -222,16 +320,21 @@ class IngestPipeline:
                 sel = window == w
                 if sel.any():
                     acc.add(group[sel], value[sel])
+        return result
 
     # ---- outputs ------------------------------------------------------------------------
     def flush(self, watermark_ms: int | None = None) -> WindowAggregates:
-        """Close windows that end at or before the watermark (all, when None), and score them."""
+        """Close windows that end at or before the watermark (all, when None), and score them.
+
+        With a watermark, ``closed_before`` moves up to it even where no window was open: a
+        reading that arrives later for that span is late.
+        """
         self._metrics.flush()
-        closing = sorted(
-            w
-            for w in self._windows
-            if watermark_ms is None or (w + 1) * self.window_ms + self.lateness_ms <= watermark_ms
-        )
+        if watermark_ms is not None:
+            self._closed_before = max(
+                self._closed_before, (watermark_ms - self.lateness_ms) // self.window_ms
+            )
+        closing = sorted(w for w in self._windows if watermark_ms is None or w < self._closed_before)
         parts = []
         for w in closing:
             acc = self._windows.pop(w)
@@ -254,6 +357,29 @@ class IngestPipeline:
             maximum=np.concatenate([p[2].max[p[1]] for p in parts]),
             score=self._score(groups, mean),
         )
+
+    @property
+    def closed_before(self) -> int:
+        """Window index below which every window is closed (0 before the first closes)."""
+        return self._closed_before
+
+    def restore(self, closed_before: int) -> None:
+        """Resume from a checkpoint: windows below ``closed_before`` were closed and published."""
+        self._closed_before = max(self._closed_before, closed_before)
+        for w in [w for w in self._windows if w < self._closed_before]:
+            del self._windows[w]
+
+    @property
+    def newest_event_ms(self) -> int | None:
+        """The event clock: the newest accepted reading's time; None before the first."""
+        return self._newest_event_ms
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes held by per-terminal and per-window arrays (names and lookup tables aside)."""
+        held = self._ring.nbytes + self._ring_pos.nbytes + self._ring_newest.nbytes
+        held += sum(acc.nbytes for acc in self._windows.values())
+        return held + (self._last_seen.nbytes if self._last_seen is not None else 0)
 
     def terminals_seen_since(self, since_ms: int) -> int:
         """Terminals with an accepted reading at or after ``since_ms`` (needs ``track_terminals``)."""
@@ -279,13 +405,6 @@ class IngestPipeline:
             std = np.sqrt(np.maximum(squares / counts - mean**2, 0.0))
         span = (self._hi - self._lo)[np.arange(size) % self._n_props]
         self._baseline = (mean, np.maximum(std, 1e-3 * span))
-
-    def quarantined_rows(self) -> pa.Table:
-        """Every quarantined reading with its reason (rejected entities are in `rejected_entities`)."""
-        schema = READING_SCHEMA.append(pa.field("reason", pa.string()))
-        if not self.quarantine:
-            return schema.empty_table()
-        return pa.Table.from_batches(self.quarantine).cast(schema)
 
     # ---- internals ----------------------------------------------------------------------
     def _group_of(self, windows: WindowAggregates) -> IntArray:
@@ -331,6 +450,7 @@ class IngestPipeline:
         return self._lookup(column, sensors=False)
 
     def _map_sensors(self, dictionary: pa.Array) -> IntArray:
+        """Ids of a dictionary's terminals: -1 for none, ``_OVER_COUNT`` past ``max_terminals``."""
         # a pandas Index keeps its hash table between calls; pc.index_in would rebuild it
         # from the value set on every batch
         strings = dictionary.to_numpy(zero_copy_only=False)
@@ -341,13 +461,18 @@ class IngestPipeline:
         new = np.flatnonzero((ids < 0) & valid)
         if new.size:
             fresh = list(dict.fromkeys(str(s) for s in strings[new]))
-            if (len(self._names) + len(fresh)) * self._n_props >= 1 << (63 - _TS_BITS):
-                raise OverflowError(
-                    f"sensor type {self.sensor_type.name!r}: too many terminals for one pipeline"
-                )
-            self._names.extend(fresh)
-            self._known = pd.Index(self._names)
-            ids[new] = self._known.get_indexer(strings[new])
+            if self.max_terminals is not None:
+                fresh = fresh[: max(self.max_terminals - len(self._names), 0)]
+            if fresh:
+                if (len(self._names) + len(fresh)) * self._n_props >= 1 << (63 - _TS_BITS):
+                    raise OverflowError(
+                        f"sensor type {self.sensor_type.name!r}: too many terminals for one pipeline"
+                    )
+                self._names.extend(fresh)
+                self._known = pd.Index(self._names)
+                self._reserve(len(self._names))
+                ids[new] = self._known.get_indexer(strings[new])
+            ids[new[ids[new] < 0]] = _OVER_COUNT
         ids[~valid] = -1
         return ids
 
@@ -357,45 +482,89 @@ class IngestPipeline:
             dtype=np.int64,
         )
 
-    def _duplicates(self, key: IntArray) -> npt.NDArray[np.bool_] | None:
-        """Rows repeating a key seen earlier in this batch or in the previous one; None if none do."""
-        ordered = np.sort(key)
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        prev = self._prev_keys
-        self._prev_keys = ordered
-        seen_before = np.zeros(0, dtype=np.int64)
-        if prev.size:
-            lo, hi = np.searchsorted(ordered, [prev[0], prev[-1]], side="left")
-            overlap = ordered[lo : hi + 1]
-            if overlap.size:
-                pos = np.minimum(np.searchsorted(prev, overlap), prev.size - 1)
-                seen_before = overlap[prev[pos] == overlap]
-        if repeated.size == 0 and seen_before.size == 0:
+    def _reserve(self, terminals: int) -> None:
+        """Per-terminal arrays for at least ``terminals``, doubling (up to ``max_terminals``)."""
+        if terminals <= self._capacity:
+            return
+        capacity = max(terminals, 2 * self._capacity, 64)
+        if self.max_terminals is not None:
+            capacity = max(terminals, min(capacity, self.max_terminals))
+        old, size = self._capacity * self._n_props, capacity * self._n_props
+        ring = np.full((size, self.ring_slots), _NO_TS, dtype=np.int64)
+        ring[:old] = self._ring
+        pos = np.zeros(size, dtype=np.uint8)
+        pos[:old] = self._ring_pos
+        newest = np.full(size, _NO_TS, dtype=np.int64)
+        newest[:old] = self._ring_newest
+        self._ring, self._ring_pos, self._ring_newest = ring, pos, newest
+        if self._last_seen is not None:
+            seen = np.zeros(capacity, dtype=np.int64)
+            seen[: self._capacity] = self._last_seen
+            self._last_seen = seen
+        self._capacity = capacity
+
+    def _duplicates(self, group: IntArray, ts: IntArray) -> npt.NDArray[np.bool_] | None:
+        """Rows repeating an earlier row of this batch or a timestamp in their group's ring; None if none do.
+
+        The rows that remain are remembered in the ring. A stable sort by (group, time) puts
+        copies next to each other in arrival order, so the first copy is the one kept.
+        """
+        key = (group << _TS_BITS) | (ts - ts.min())
+        order = np.argsort(key, kind="stable")
+        ordered = key[order]
+        g, t = group[order], ts[order]
+        repeat = np.zeros(key.shape[0], dtype=bool)
+        repeat[1:] = ordered[1:] == ordered[:-1]
+        # only a row no newer than its group's newest remembered time can be in the ring
+        suspect = np.flatnonzero((t <= self._ring_newest[g]) & ~repeat)
+        if suspect.size:
+            hit = (self._ring[g[suspect]] == t[suspect, None]).any(axis=1)
+            repeat[suspect[hit]] = True
+        if not repeat.any():
+            self._remember(g, t)
             return None
+        self._remember(g[~repeat], t[~repeat])
         dup = np.zeros(key.shape[0], dtype=bool)
-        if seen_before.size:
-            dup |= _member(key, np.unique(seen_before))
-        if repeated.size:
-            suspects = np.flatnonzero(_member(key, np.unique(repeated)))
-            _, first = np.unique(key[suspects], return_index=True)
-            later = np.ones(suspects.size, dtype=bool)
-            later[first] = False
-            dup[suspects[later]] = True
+        dup[order[repeat]] = True
         return dup
 
+    def _remember(self, g: IntArray, t: IntArray) -> None:
+        """Write accepted timestamps, sorted by (group, time), into their groups' rings."""
+        m = g.shape[0]
+        if m == 0:
+            return
+        starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+        lengths = np.diff(np.append(starts, m))
+        run_group = g[starts]
+        self._ring_newest[run_group] = np.maximum(self._ring_newest[run_group], t[starts + lengths - 1])
+        slots = self.ring_slots
+        pos = self._ring_pos[run_group].astype(np.int64)
+        self._ring_pos[run_group] = (pos + lengths) % slots
+        if starts.shape[0] == m:  # one reading per group: no ranks to compute
+            self._ring[run_group, pos] = t
+            return
+        rank = np.arange(m) - np.repeat(starts, lengths)
+        newest_k = rank >= np.repeat(lengths - slots, lengths)  # a longer run keeps its newest K
+        slot = (np.repeat(pos, lengths) + rank) % slots
+        self._ring[g[newest_k], slot[newest_k]] = t[newest_k]
+
     def _quarantine(
-        self, batch: pa.RecordBatch, bad: npt.NDArray[np.bool_], reason: npt.NDArray[np.uint8]
+        self,
+        batch: pa.RecordBatch,
+        bad: npt.NDArray[np.bool_],
+        reason: npt.NDArray[np.uint8],
+        result: BatchResult,
     ) -> None:
         codes = reason[bad]
         counts = np.bincount(codes, minlength=len(REASONS) + 1)
         for name, code in _REASON_CODE.items():
             if counts[code]:
-                self.stats.quarantined[name] += int(counts[code])
+                result.quarantined[name] += int(counts[code])
         labels = pa.array(np.asarray(("", *REASONS), dtype=object)[codes], pa.string())
         rows = batch.filter(pa.array(bad))
-        self.quarantine.append(
-            pa.RecordBatch.from_arrays([*rows.columns, labels], names=[*rows.schema.names, "reason"])
-        )
+        result.quarantined_rows = pa.Table.from_batches(
+            [pa.RecordBatch.from_arrays([*rows.columns, labels], names=[*rows.schema.names, "reason"])]
+        ).cast(QUARANTINE_SCHEMA)
 
 
 def _lag_s(batch: pa.RecordBatch, now_ms: int) -> float | None:
@@ -411,11 +580,6 @@ def _same_buffers(a: pa.Array, b: pa.Array) -> bool:
         (x is None and y is None) or (x is not None and y is not None and x.address == y.address)
         for x, y in zip(a.buffers(), b.buffers(), strict=True)
     )
-
-
-def _member(values: IntArray, sorted_set: IntArray) -> npt.NDArray[np.bool_]:
-    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
-    return np.asarray(sorted_set[pos] == values)
 
 
 def _empty_windows() -> WindowAggregates:
