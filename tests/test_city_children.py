@@ -68,96 +68,104 @@ MODELS = {
 }
 
 
+TYPE_SPEC = {"dataModel": "WaterObserved", "properties": [
+    {"name": "pressure", "unitCode": "KPA", "minimum": "0", "maximum": "1600"}]}
+BROKER_URL = "nats://citynerve-broker.citynerve-system.svc:4222"
+
+
+def deployment(obj: dict[str, Any] | None = None, type_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    return children.desired_ingest_deployment(obj or fleet(), OPTIONS, type_spec or TYPE_SPEC, BROKER_URL)
+
+
 def test_ingest_deployment_is_deterministic_and_owned() -> None:
-    first = children.desired_ingest_deployment(fleet(), OPTIONS)
-    assert first == children.desired_ingest_deployment(fleet(), OPTIONS)
+    first = deployment()
+    assert first == deployment()
     assert first["metadata"]["name"] == "pudong-pressure-ingest"
     owner = first["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("SensorFleet", "uid-1", True)
+    # one consumer makes a fleet's windows: one replica, replaced rather than rolled
+    assert (first["spec"]["replicas"], first["spec"]["strategy"]) == (1, {"type": "Recreate"})
     pod = first["spec"]["template"]["spec"]
-    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"]
-           for e in pod["containers"][0]["env"]}
-    assert (env["POD_NAME"], env["POD_NAMESPACE"]) == ("metadata.name", "metadata.namespace")
     assert pod["serviceAccountName"] == children.desired_ingest_service_account(fleet())["metadata"]["name"]
-    assert json.loads(env["CITYNERVE_FLEET_CONFIG"])["count"] == 4200
-    assert env["CITYNERVE_ENCRYPT_AT_REST"] == "false"
+    assert pod["automountServiceAccountToken"] is False  # the worker talks to the broker only
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    config = json.loads(env["CITYNERVE_FLEET_CONFIG"])
+    assert config == children.fleet_config(fleet(), "shanghai", TYPE_SPEC, BROKER_URL)
+    assert (config["city"], config["fleet"], config["count"], config["brokerUrl"]) == (
+        "shanghai", "pudong-pressure", 4200, BROKER_URL)
+    assert config["sensorTypeSpec"] == TYPE_SPEC  # no API access needed to validate
+    assert (config["windowSeconds"], config["allowedLatenessSeconds"]) == (300, 60)
+    volume = pod["volumes"][0]
+    assert volume == {"name": "broker", "secret": {"secretName": "pudong-pressure-ingest-broker"}}
+    mount = pod["containers"][0]["volumeMounts"][0]
+    assert (mount["mountPath"], mount["readOnly"]) == (children.BROKER_CREDENTIALS_DIR, True)
+    args = pod["containers"][0]["args"]
+    assert args[:3] == ["python", "-m", "citynerve.workloads.dataplane.worker"]
+    assert args[args.index("--credentials-dir") + 1] == children.BROKER_CREDENTIALS_DIR
     selector = first["spec"]["selector"]["matchLabels"]
     assert selector.items() <= first["spec"]["template"]["metadata"]["labels"].items()
 
 
-def test_each_fleet_gets_an_ingest_identity_that_may_patch_its_own_report_only() -> None:
-    account, role, binding = children.ingest_identity(fleet())
-    assert children.ingest_identity(fleet()) == [account, role, binding]
-    for child in (account, role, binding, children.desired_ingest_report(fleet())):
+def test_a_changed_sensor_type_or_fleet_spec_rolls_the_worker() -> None:
+    tighter = {**TYPE_SPEC, "payloadSchema": {"type": "object", "required": ["pressure"]}}
+    assert children.deployment_drifted(deployment(type_spec=tighter), deployment())
+    assert children.deployment_drifted(deployment(fleet(windowSeconds=60)), deployment())
+
+
+def test_each_fleet_gets_an_account_without_api_rights_and_its_own_credentials() -> None:
+    account = children.desired_ingest_service_account(fleet())
+    assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "pudong-pressure-ingest")
+    assert account["automountServiceAccountToken"] is False
+    data = {"username": "cHVkb25n", "password": "c2VjcmV0"}
+    secret = children.desired_fleet_secret(fleet(), children.ingest_secret_name("pudong-pressure"), data)
+    service = children.desired_ingest_service(fleet())
+    for child in (account, secret, service):
         meta = child["metadata"]
         assert meta["namespace"] == "city"
         assert meta["labels"]["citynerve.io/sensorfleet"] == "pudong-pressure"
         owner = meta["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
             "SensorFleet", "pudong-pressure", "uid-1", True)
-    assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "pudong-pressure-ingest")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
-                              "resourceNames": ["pudong-pressure-ingest-report"], "verbs": ["patch"]}]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pudong-pressure-ingest",
-                                    "namespace": "city"}]
-    report = children.desired_ingest_report(fleet())
-    config = children.fleet_config(fleet()["spec"], "pudong-pressure")
-    assert report["metadata"]["name"] == config["reportConfigMap"]
-    assert report["metadata"]["labels"]["citynerve.io/ingest-report"] == "pudong-pressure"
-    assert "data" not in report  # the workers' keys; the operator never writes them
-    other = children.ingest_identity(fleet("pudong-flow"))[1]
-    assert other["rules"][0]["resourceNames"] == ["pudong-flow-ingest-report"]
+    assert (secret["metadata"]["name"], secret["data"]) == ("pudong-pressure-ingest-broker", data)
+    assert children.mqtt_secret_name("pudong-pressure") == "pudong-pressure-mqtt"
+    assert service["spec"]["selector"] == deployment()["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == children.INGEST_PORT
 
 
 def test_a_child_in_line_needs_no_patch_and_a_drifted_one_only_what_differs() -> None:
-    role = children.desired_ingest_role(fleet())
-    observed = copy.deepcopy(role)
+    service = children.desired_ingest_service(fleet())
+    observed = copy.deepcopy(service)
     observed["metadata"] |= {"resourceVersion": "9", "uid": "r-1"}
     observed["metadata"]["labels"]["team"] = "water"  # another's label is kept
-    assert children.child_patch(role, observed) is None
-    observed["rules"][0]["verbs"] = ["patch", "update"]
-    assert children.child_patch(role, observed) == {"rules": role["rules"]}
-    report = children.desired_ingest_report(fleet())
-    made_by_workers = {"metadata": {"name": report["metadata"]["name"], "labels": {
-        "citynerve.io/ingest-report": "pudong-pressure"}}, "data": {"worker.a": "{}"}}
-    assert children.child_conflict(report, made_by_workers) is None  # adopted
-    assert children.child_patch(report, made_by_workers) == {"metadata": {
-        "labels": report["metadata"]["labels"], "ownerReferences": report["metadata"]["ownerReferences"]}}
+    observed["spec"]["clusterIP"] = "10.0.0.7"  # the API server's default
+    assert children.child_patch(service, observed) is None
+    observed["spec"]["selector"] = {"app": "other"}
+    assert children.child_patch(service, observed) == {"spec": service["spec"]}
 
 
-def test_a_child_of_someone_else_or_bound_elsewhere_is_left_alone() -> None:
-    binding = children.desired_ingest_role_binding(fleet())
-    foreign = copy.deepcopy(binding)
+def test_a_child_of_someone_else_is_left_alone() -> None:
+    service = children.desired_ingest_service(fleet())
+    foreign = copy.deepcopy(service)
     foreign["metadata"]["ownerReferences"] = [{"kind": "SensorFleet", "name": "old", "uid": "uid-0",
                                                "controller": True}]
-    conflict = children.child_conflict(binding, foreign)
+    conflict = children.child_conflict(service, foreign)
     assert conflict is not None
-    assert "RoleBinding pudong-pressure-ingest" in conflict
+    assert "Service pudong-pressure-ingest" in conflict
     assert "SensorFleet old" in conflict
-    rebound = copy.deepcopy(binding)
-    rebound["roleRef"]["name"] = "admin"
-    assert "binds another role" in str(children.child_conflict(binding, rebound))
-    assert children.child_conflict(binding, copy.deepcopy(binding)) is None
-
-
-@pytest.mark.parametrize(("count", "replicas"), [(0, 1), (4200, 1), (50_001, 2), (10**8, 16)])
-def test_ingest_replicas_scale_with_terminals(count: int, replicas: int) -> None:
-    assert children.ingest_replicas(count) == replicas
+    assert children.child_conflict(service, copy.deepcopy(service)) is None
 
 
 def test_long_names_stay_dns_labels() -> None:
     name = "x" * 60
-    built = children.desired_ingest_deployment(fleet(name), OPTIONS)["metadata"]["name"]
+    built = deployment(fleet(name))["metadata"]["name"]
     assert len(built) <= 63
     assert built.endswith("-ingest")
 
 
 def test_drift_ignores_server_defaults_but_not_changes() -> None:
-    desired = children.desired_ingest_deployment(fleet(), OPTIONS)
+    desired = deployment()
     observed = copy.deepcopy(desired)
-    observed["spec"]["strategy"] = {"type": "RollingUpdate"}  # defaulted by the API server
+    observed["spec"]["progressDeadlineSeconds"] = 600  # defaulted by the API server
     observed["metadata"]["resourceVersion"] = "7"
     assert not children.deployment_drifted(desired, observed)
     observed["spec"]["replicas"] = 5
@@ -165,7 +173,7 @@ def test_drift_ignores_server_defaults_but_not_changes() -> None:
     observed = copy.deepcopy(desired)
     observed["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "EXTRA", "value": "1"})
     assert children.deployment_drifted(desired, observed)
-    changed = children.desired_ingest_deployment(fleet(count=10), OPTIONS)
+    changed = deployment(fleet(count=10))
     assert children.deployment_drifted(changed, desired)
 
 

@@ -70,28 +70,26 @@ def test_rbac_rules_cover_every_kind_and_child() -> None:
         "deployments",
         "rayjobs",
         "secrets",
-        "configmaps",
         "serviceaccounts",
-        "roles",
-        "rolebindings",
+        "services",
         "events",
     } <= resources
-    secrets = next(rule for rule in rules if "secrets" in rule["resources"])
+    reads = [rule for rule in rules if "secrets" in rule["resources"] and "get" in rule["verbs"]]
     # HMAC keys are read one by one, never listed, and only those the chart names.
-    assert secrets == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["duty-webhook"],
-                       "verbs": ["get"]}
-    # No Secret at all without alert Secrets: an empty resourceNames would mean every one.
-    assert "secrets" not in {r for rule in rbac.role_rules("kuberay") for r in rule["resources"]}
+    assert reads == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["duty-webhook"],
+                      "verbs": ["get"]}]
+    # Fleets' broker credentials are created, never read back (they derive from the broker key);
+    # without alert Secrets no Secret can be read at all (an empty resourceNames means every one).
+    plain = rbac.role_rules("kuberay")
+    assert {v for rule in plain if "secrets" in rule["resources"] for v in rule["verbs"]} == {"create"}
     assert "rayjobs" not in {r for rule in rbac.role_rules("local") for r in rule["resources"]}
     assert len(rbac.cluster_rules()) > len(rbac.role_rules())
-    # The operator holds what it grants each fleet's ingest workers (RBAC's escalation check)
-    # and nothing that would let it grant more: no bind, no escalate.
-    granted = {(g, r, v) for rule in rbac.ingest_rules("f-ingest-report") for g in rule["apiGroups"]
-               for r in rule["resources"] for v in rule["verbs"]}
-    held = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
-            for v in rule["verbs"] if "resourceNames" not in rule}
-    assert granted <= held
+    # Fleets' workers get no API rights, so the operator needs nothing to grant: no RBAC writes.
+    assert not {"roles", "rolebindings"} & resources
     assert not {v for rule in rules for v in rule["verbs"]} & {"bind", "escalate", "impersonate", "*"}
+    broker = rbac.broker_release_rules()
+    assert {v for rule in broker for v in rule["verbs"]} == {"create", "patch"}
+    assert next(r for r in broker if "patch" in r["verbs"])["resourceNames"] == [rbac.BROKER_AUTH_SECRET]
 
 
 def test_registry_has_thin_event_handlers_named_by_kind(tmp_path: Path) -> None:
@@ -112,7 +110,6 @@ def test_registry_has_thin_event_handlers_named_by_kind(tmp_path: Path) -> None:
         "scenario_event",
         "incident_event",
         "deployment_event",
-        "configmap_event",
         "rayjob_event",
     } <= names
     assert not registry._changing.get_all_handlers()  # no change handlers: no last-handled annotations

@@ -21,19 +21,17 @@ from citynerve.operators.api import API_VERSION
 from citynerve.operators.city.config import (
     LABEL_COMPONENT,
     LABEL_FLEET,
-    LABEL_INGEST_REPORT,
     LABEL_MANAGED_BY,
     LABEL_REVISION,
     LABEL_SCENARIO,
     MANAGED_BY,
     CityOptions,
 )
-from citynerve.operators.city.rbac import ingest_rules
 from citynerve.operators.conditions import rfc3339
 
-TERMINALS_PER_INGEST_REPLICA = 50_000
-MAX_INGEST_REPLICAS = 16
-INGEST_PORT = 8080  # the NGSI-LD batch endpoint of citynerve.workloads.ingest.worker
+INGEST_PORT = 8080  # the NGSI-LD endpoint of citynerve.workloads.dataplane.worker
+# Where a stream worker finds its broker credential (files `username`, `password`).
+BROKER_CREDENTIALS_DIR = "/var/run/citynerve/broker"
 _SEVERITY_ORDER = {"warning": 0, "alarm": 1, "critical": 2}
 
 
@@ -76,13 +74,8 @@ def ingest_name(fleet: str) -> str:
     return _dns_name(fleet, "ingest")
 
 
-def ingest_report_name(fleet: str) -> str:
-    """The ConfigMap the ingestion workload reports its counters in (read by the operator)."""
-    return _dns_name(fleet, "ingest-report", 253)
-
-
 def ingest_account_name(fleet: str) -> str:
-    """The ServiceAccount, Role and RoleBinding of a fleet's ingest workers (one name, three kinds)."""
+    """The ServiceAccount a fleet's stream workers run as (theirs alone; it holds no API rights)."""
     return ingest_name(fleet)
 
 
@@ -96,61 +89,48 @@ def _fleet_child_metadata(fleet: Mapping[str, Any], name: str, **labels: str) ->
 
 
 def desired_ingest_service_account(fleet: Mapping[str, Any]) -> dict[str, Any]:
-    """The identity a fleet's ingest workers run as: theirs alone, so RBAC can name their report."""
+    """The identity a fleet's workers run as. They talk to the broker, never to the API server."""
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _fleet_child_metadata(fleet, ingest_account_name(fleet["metadata"]["name"])),
-        # The workers call the API server with it: their report (and the SensorType, through the chart).
-        "automountServiceAccountToken": True,
+        "automountServiceAccountToken": False,
     }
 
 
-def desired_ingest_role(fleet: Mapping[str, Any]) -> dict[str, Any]:
-    """What the fleet's workers may do in its namespace: patch their fleet's report, nothing else."""
-    name = fleet["metadata"]["name"]
+def mqtt_secret_name(fleet: str) -> str:
+    """The Secret holding the credential an MQTT fleet's terminals (or their network server) publish with."""
+    return _dns_name(fleet, "mqtt", 253)
+
+
+def ingest_secret_name(fleet: str) -> str:
+    """The Secret the fleet's stream workers mount: their broker credential."""
+    return _dns_name(fleet, "ingest-broker", 253)
+
+
+def desired_fleet_secret(fleet: Mapping[str, Any], name: str, data: Mapping[str, str]) -> dict[str, Any]:
+    """A fleet's broker credential (``data`` base64, as the API holds it), collected with the fleet."""
     return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _fleet_child_metadata(fleet, ingest_account_name(name)),
-        "rules": ingest_rules(ingest_report_name(name)),
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _fleet_child_metadata(fleet, name),
+        "data": dict(data),
     }
 
 
-def desired_ingest_role_binding(fleet: Mapping[str, Any]) -> dict[str, Any]:
-    name = fleet["metadata"]["name"]
-    account = ingest_account_name(name)
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _fleet_child_metadata(fleet, account),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-        "subjects": [
-            {"kind": "ServiceAccount", "name": account, "namespace": fleet["metadata"]["namespace"]}
-        ],
-    }
-
-
-def desired_ingest_report(fleet: Mapping[str, Any]) -> dict[str, Any]:
-    """The fleet's report ConfigMap, made by the operator so its workers need only `patch` it.
-
-    Its data are the workers' (one key each): the operator states no data, and never changes it.
-    """
+def desired_ingest_service(fleet: Mapping[str, Any]) -> dict[str, Any]:
+    """The NGSI-LD endpoint of an HTTP fleet: its gateways post batch upserts here."""
     name = fleet["metadata"]["name"]
     return {
         "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _fleet_child_metadata(fleet, ingest_report_name(name), **{LABEL_INGEST_REPORT: name}),
+        "kind": "Service",
+        "metadata": _fleet_child_metadata(fleet, ingest_name(name)),
+        "spec": {
+            "selector": {LABEL_FLEET: name, LABEL_COMPONENT: "ingest"},
+            "ports": [{"name": "ngsi-ld", "port": INGEST_PORT, "targetPort": "ngsi-ld", "protocol": "TCP"}],
+        },
     }
-
-
-def ingest_identity(fleet: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """What a fleet's workers need before they start, in the order they are made."""
-    return [
-        desired_ingest_service_account(fleet),
-        desired_ingest_role(fleet),
-        desired_ingest_role_binding(fleet),
-    ]
 
 
 def child_conflict(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> str | None:
@@ -193,34 +173,52 @@ def child_patch(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict
     return patch or None
 
 
-def ingest_replicas(count: int) -> int:
-    return max(1, min(MAX_INGEST_REPLICAS, math.ceil(count / TERMINALS_PER_INGEST_REPLICA)))
-
-
-def fleet_config(spec: Mapping[str, Any], fleet: str) -> dict[str, Any]:
-    """The ingestion configuration of a fleet, as the ingest workers read it."""
+def scenario_fleet(spec: Mapping[str, Any], fleet: str) -> dict[str, Any]:
+    """A fleet as a Scenario's workload sees it (its windows are on ``windows.<city>.<fleet>.*``)."""
     return {
         "fleet": fleet,
         "sensorType": spec["sensorType"],
         "district": spec["district"],
         "count": spec["count"],
-        "protocol": spec.get("protocol", "MQTT"),
         "samplingIntervalSeconds": spec.get("samplingIntervalSeconds", 300),
+        "windowSeconds": spec.get("windowSeconds", 300),
         "owner": spec["owner"],
         "dataClassification": spec.get("dataClassification", "internal"),
-        "reportConfigMap": ingest_report_name(fleet),
     }
 
 
-def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) -> dict[str, Any]:
-    """The ingestion Deployment of a SensorFleet: its configuration travels in the pod template,
-    so a spec change rolls the workers in one write. The workers run as the fleet's own account
-    (``desired_ingest_service_account``)."""
-    name = fleet["metadata"]["name"]
+def fleet_config(
+    fleet: Mapping[str, Any], city: str, sensor_type_spec: Mapping[str, Any], broker_url: str
+) -> dict[str, Any]:
+    """What a fleet's stream worker reads (``citynerve.workloads.dataplane.worker.FleetConfig``).
+
+    The SensorType's spec travels with it, so the worker needs no API access and a changed type
+    rolls the workers like any other change of the pod template.
+    """
     spec = fleet["spec"]
+    return {
+        "city": city,
+        "fleet": fleet["metadata"]["name"],
+        "sensorType": spec["sensorType"],
+        "sensorTypeSpec": dict(sensor_type_spec),
+        "count": spec["count"],
+        "samplingIntervalSeconds": spec.get("samplingIntervalSeconds", 300),
+        "windowSeconds": spec.get("windowSeconds", 300),
+        "allowedLatenessSeconds": spec.get("allowedLatenessSeconds", 60),
+        "brokerUrl": broker_url,
+    }
+
+
+def desired_ingest_deployment(
+    fleet: Mapping[str, Any], options: CityOptions, sensor_type_spec: Mapping[str, Any], broker_url: str
+) -> dict[str, Any]:
+    """The stream worker of a SensorFleet: its configuration travels in the pod template, so a spec
+    change rolls it in one write. One replica, replaced (never two at once): windows are made by
+    one consumer of the fleet's readings (docs/data-plane.md). It runs as the fleet's own account,
+    with the fleet's broker credential mounted from ``secret`` and no API token."""
+    name = fleet["metadata"]["name"]
     selector = {LABEL_FLEET: name, LABEL_COMPONENT: "ingest"}
-    config = fleet_config(spec, name)
-    classified = spec.get("dataClassification", "internal") in ("confidential", "restricted")
+    config = fleet_config(fleet, options.city, sensor_type_spec, broker_url)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -231,46 +229,49 @@ def desired_ingest_deployment(fleet: Mapping[str, Any], options: CityOptions) ->
             "ownerReferences": [owner_reference(fleet)],
         },
         "spec": {
-            "replicas": ingest_replicas(int(spec["count"])),
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {"labels": {**_labels("ingest"), **selector}},
                 "spec": {
                     "serviceAccountName": ingest_account_name(name),
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "volumes": [{"name": "broker", "secret": {"secretName": ingest_secret_name(name)}}],
                     "containers": [
                         {
                             "name": "ingest",
                             "image": options.image,
                             "args": [
-                                "python",
-                                "-m",
-                                "citynerve.workloads.ingest",
-                                "--config-env",
-                                "CITYNERVE_FLEET_CONFIG",
+                                "python", "-m", "citynerve.workloads.dataplane.worker",
+                                "--config-env", "CITYNERVE_FLEET_CONFIG",
+                                "--credentials-dir", BROKER_CREDENTIALS_DIR,
+                                "--http-port", str(INGEST_PORT),
                             ],
                             "env": [
                                 {
                                     "name": "CITYNERVE_FLEET_CONFIG",
                                     "value": json.dumps(config, sort_keys=True, separators=(",", ":")),
                                 },
-                                {
-                                    "name": "CITYNERVE_ENCRYPT_AT_REST",
-                                    "value": "true" if classified else "false",
-                                },
-                                # Each worker reports under its own key of the fleet's report.
-                                {
-                                    "name": "POD_NAME",
-                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
-                                },
-                                {
-                                    "name": "POD_NAMESPACE",
-                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
-                                },
+                            ],
+                            "volumeMounts": [
+                                {"name": "broker", "mountPath": BROKER_CREDENTIALS_DIR, "readOnly": True}
                             ],
                             "ports": [{"name": "ngsi-ld", "containerPort": INGEST_PORT, "protocol": "TCP"}],
                             "readinessProbe": {
                                 "httpGet": {"path": "/healthz", "port": "ngsi-ld"},
                                 "periodSeconds": 10,
+                            },
+                            "livenessProbe": {
+                                "httpGet": {"path": "/healthz", "port": "ngsi-ld"},
+                                "periodSeconds": 20,
+                                "failureThreshold": 6,
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
                             },
                             "resources": {
                                 "requests": {"cpu": "100m", "memory": "128Mi"},
@@ -310,7 +311,7 @@ def scenario_payload(
             "simulation": spec.get("simulation"),
             "alertRoutes": [r["name"] for r in spec.get("alertRoutes") or []],
         },
-        "fleets": [fleet_config(fleets[f["name"]]["spec"], f["name"]) for f in spec["fleets"]],
+        "fleets": [scenario_fleet(fleets[f["name"]]["spec"], f["name"]) for f in spec["fleets"]],
         "models": [
             {
                 "name": m["name"],

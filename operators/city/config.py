@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from citynerve.models.places import city_centre
 from citynerve.operators import images
+
+if TYPE_CHECKING:
+    from citynerve.operators.city.broker import BrokerOptions
 
 WorkloadMode = Literal["local", "kuberay"]
 
@@ -17,7 +20,6 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_FLEET = "citynerve.io/sensorfleet"
 LABEL_SCENARIO = "citynerve.io/scenario"
 LABEL_REVISION = "citynerve.io/workload-revision"
-LABEL_INGEST_REPORT = "citynerve.io/ingest-report"
 ANNOTATION_NOTIFIED = "citynerve.io/notified"
 # The MLflow run that recorded what the workload scored when it detected an Incident
 # (citynerve.models.scenario_runs); absent when the operator runs without --mlflow-url.
@@ -71,6 +73,9 @@ class CityOptions:
     alert_retry_seconds: float = 5.0
     alert_retry_max_seconds: float = 300.0
     alert_policy: AlertPolicy = AlertPolicy()
+    # The city broker (NATS with JetStream) the fleets' readings travel on; None: no data plane,
+    # and every fleet says so.
+    broker: BrokerOptions | None = None
 
     @property
     def centre(self) -> tuple[str, str] | None:

@@ -20,7 +20,6 @@ from citynerve.operators.api import GROUP, VERSION
 from citynerve.operators.city.config import (
     LABEL_COMPONENT,
     LABEL_FLEET,
-    LABEL_INGEST_REPORT,
     LABEL_MANAGED_BY,
     LABEL_SCENARIO,
     MANAGED_BY,
@@ -106,10 +105,6 @@ def build_registry(
         # Its fleet's reconcile corrects drift and undoes a deletion.
         queue.add(("SensorFleet", _namespaced(namespace), labels[LABEL_FLEET]))
 
-    @kopf.on.event("", "v1", "configmaps", registry=registry, labels={LABEL_INGEST_REPORT: kopf.PRESENT})
-    async def configmap_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-        queue.add(("SensorFleet", _namespaced(namespace), labels[LABEL_INGEST_REPORT]))
-
     if city.workload_mode == "kuberay":
 
         @kopf.on.event(
@@ -127,7 +122,12 @@ def build_registry(
         # Before any resource handler runs (Kopf starts watching after startup): every Scenario's
         # first reconcile counts all of its open Incidents, so a restart writes no partial count.
         rec.load_open_incidents()
+        # The broker's users are written whole, so every fleet is listed before any is reconciled.
+        rec.load_fleets()
         start_workers(queue, reconcile, options.max_workers, f"reconcile-{options.name}")
+        if rec.broker is not None:
+            # A fleet's worker writes its status on the broker: that is what queues the fleet.
+            rec.broker.watch_status(_queue_fleet)
 
         def loop() -> None:
             while not stop.wait(city.resync_seconds):
@@ -139,9 +139,16 @@ def build_registry(
         stop.clear()
         threading.Thread(target=loop, name=f"resync-{options.name}", daemon=True).start()
 
+    def _queue_fleet(fleet: str) -> None:
+        namespace = rec.fleet_namespace(fleet)
+        if namespace is not None:
+            queue.add(("SensorFleet", namespace, fleet))
+
     @kopf.on.cleanup(registry=registry)
     def operator_cleanup(**_: Any) -> None:
         stop.set()
         queue.close()
+        if rec.broker is not None:
+            rec.broker.close()
 
     return registry

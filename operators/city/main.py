@@ -10,6 +10,7 @@ from pathlib import Path
 from citynerve.observability import configure_telemetry
 from citynerve.observability.logs import configure_logging
 from citynerve.operators import images
+from citynerve.operators.city.broker import BrokerOptions
 from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.city.rbac import IDENTITY_SECRET
@@ -53,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the image of the fleets' ingest Deployments and the scenarios' RayJobs; the chart passes "
         "its own (default: %(default)s)",
     )
+    broker = parser.add_argument_group("data plane", "the city broker the fleets' readings travel on")
+    broker.add_argument("--broker-url", default=None,
+                        help="NATS URL of the city broker, as the operator and the fleets' workers reach it "
+                        "(the chart sets it); without it every fleet reports NoBroker")
+    broker.add_argument("--broker-key-file", type=Path, default=None,
+                        help="file holding the key every broker password derives from (the chart mounts "
+                        "Secret citynerve-broker-key)")
+    broker.add_argument("--broker-namespace", default=os.environ.get("POD_NAMESPACE"),
+                        help="namespace of Secret citynerve-broker-auth, the broker's users "
+                        "(default: $POD_NAMESPACE)")
     parser.add_argument("--peering", default=None, help="Kopf peering name (default: standalone)")
     parser.add_argument(
         "--resync-seconds",
@@ -124,7 +135,13 @@ def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Name
         namespaces=tuple(args.namespaces),
         peering=args.peering,
     )
+    broker = None
+    if args.broker_url:
+        if not args.broker_key_file or not args.broker_namespace:
+            parser.error("--broker-url needs --broker-key-file and --broker-namespace (or $POD_NAMESPACE)")
+        broker = BrokerOptions(args.broker_url, args.broker_key_file, args.broker_namespace)
     city = CityOptions(
+        broker=broker,
         city=args.city,
         mlflow_url=args.mlflow_url,
         workload_mode=args.workload_mode,

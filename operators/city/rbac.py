@@ -8,9 +8,10 @@ Who holds what in a city:
 
 - the operator (and its agent, under the same account): ``role_rules``/``cluster_rules`` and
   the ``agent_*`` rules;
-- each SensorFleet's ingest workers: an identity of their own that the operator makes beside
-  the fleet (``children.desired_ingest_*``): ``ingest_rules`` of that fleet's report only, and
-  ``ingest_cluster_rules`` (the catalogue) through the chart.
+- each SensorFleet's stream worker: an account of its own that the operator makes beside the
+  fleet (``children.desired_ingest_service_account``), with no API token and no rules: it
+  talks to the city broker only, with the fleet's own broker credential
+  (``operators/city/broker.py``, ``docs/broker.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from citynerve.operators.api import GROUP
 
 _READ = ["get", "list", "watch"]
 IDENTITY_SECRET = "citynerve-hub-identity"  # noqa: S105 - the agent's key Secret's name, not a secret
+# The city broker's users (written by the operator, mounted by the broker): a name, not a secret.
+BROKER_AUTH_SECRET = "citynerve-broker-auth"  # noqa: S105
 _WRITE = ["create", "update", "patch", "delete"]
 _CHILD = ["get", "create", "patch"]  # children read one by one and kept in line with a merge patch
 
@@ -47,16 +50,12 @@ def role_rules(workload_mode: str = "local", alert_secrets: Sequence[str] = ()) 
             "verbs": ["get", "patch", "update"],
         },
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*_READ, *_WRITE]},
-        # Each fleet's report ConfigMap is made (or adopted) by the operator, so its workers need
-        # no `create`, which RBAC cannot narrow to a name. `patch` is also what the operator
-        # grants each fleet's workers on their report: RBAC lets it grant only what it holds.
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*_READ, "create", "patch"]},
-        # Each fleet's ingest identity (ServiceAccount, Role, RoleBinding), made and kept in line
-        # by the operator; never deleted by it (owner references take them with the fleet). The
-        # API server refuses a Role or RoleBinding granting more than the operator holds, so it
-        # needs neither `bind` nor `escalate`.
-        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": _CHILD},
-        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": _CHILD},
+        # Each fleet's worker account and (HTTP fleets) Service, made and kept in line by the
+        # operator; never deleted by it (owner references take them with the fleet).
+        {"apiGroups": [""], "resources": ["serviceaccounts", "services"], "verbs": _CHILD},
+        # Each fleet's broker credentials: created, never read back (they derive from the broker
+        # key, operators/city/broker.py), so the operator holds no `get` on any fleet's Secret.
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
     if alert_secrets:
@@ -115,25 +114,12 @@ def agent_release_rules(deployment: str, service_account: str) -> list[dict[str,
     ]
 
 
-# -- the ingest workers (citynerve.workloads.ingest.worker): one identity per SensorFleet -------
-def ingest_rules(report_config_map: str) -> list[dict[str, Any]]:
-    """What one fleet's ingest workers may do in its namespace (the Role the operator makes for
-    the fleet): write their keys into that fleet's report ConfigMap, which the operator made."""
-    return [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [report_config_map],
-             "verbs": ["patch"]}]
-
-
-def ingest_cluster_rules() -> list[dict[str, Any]]:
-    """The fleet's SensorType, read once at start (the catalogue is cluster-scoped)."""
-    return [{"apiGroups": [GROUP], "resources": ["sensortypes"], "verbs": ["get"]}]
-
-
-def ingest_cluster_subjects(namespaces: Sequence[str]) -> list[dict[str, Any]]:
-    """Who the chart binds ``ingest_cluster_rules`` to: the ServiceAccounts of each ingest namespace.
-
-    Per-fleet accounts are named only when a fleet appears, and a cluster-scoped read can be
-    granted only by a ClusterRoleBinding, which the operator has no business making; so the
-    chart grants the (public, read-only) catalogue to every account of those namespaces.
-    """
-    return [{"kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": f"system:serviceaccounts:{ns}"}
-            for ns in namespaces]
+# -- the city broker ------------------------------------------------------------------------
+def broker_release_rules() -> list[dict[str, Any]]:
+    """What the operator needs in the broker's namespace (a Role there): to write the broker's
+    users, Secret ``citynerve-broker-auth``, which the broker mounts (made on first write)."""
+    return [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [BROKER_AUTH_SECRET],
+         "verbs": ["patch"]},
+    ]

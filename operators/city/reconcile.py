@@ -23,16 +23,20 @@ from citynerve.observability import reconcile_span, record_incident_transitions,
 from citynerve.operators.api import API_VERSION
 from citynerve.operators.api.events import ALERT_DELIVERED, ALERT_FAILED, INCIDENT_DETECTED, EventReason
 from citynerve.operators.city import alerts
+from citynerve.operators.city.broker import AUTH_KEY, AUTH_SECRET, BrokerAdmin, Credentials, FleetIdentity
 from citynerve.operators.city.children import (
     child_conflict,
     child_patch,
     deployment_drifted,
+    desired_fleet_secret,
     desired_ingest_deployment,
-    desired_ingest_report,
+    desired_ingest_service,
+    desired_ingest_service_account,
     desired_rayjob,
     drifted,
-    ingest_identity,
     ingest_name,
+    ingest_secret_name,
+    mqtt_secret_name,
     replacement,
     scenario_payload,
     workload_revision,
@@ -47,7 +51,6 @@ from citynerve.operators.city.status import (
     compute_model_status,
     compute_scenario_status,
     incident_detected_message,
-    merge_ingest_reports,
     missing_references,
     running_models,
     scenario_events,
@@ -69,14 +72,18 @@ PLURALS = {
 # The plain children of a fleet besides its Deployment: (apiVersion, plural) by kind.
 CHILD_PATHS = {
     "ServiceAccount": ("v1", "serviceaccounts"),
-    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
-    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
-    "ConfigMap": ("v1", "configmaps"),
+    "Service": ("v1", "services"),
+    "Secret": ("v1", "secrets"),
 }
 
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _not_found(exc: client.ApiException) -> bool:
@@ -110,8 +117,20 @@ class CityReconciler:
         # Alerts never go to the API server this operator talks to (nor to kubernetes.default*).
         self.api_servers = alerts.api_server_endpoints(str(configuration.host))
         # When each fleet's ingest identity was last found in place (fleet uid, monotonic time):
-        # a fleet is reconciled at every report its workers write, its identity once a resync.
+        # a fleet is reconciled at every status its worker writes, its identity once a resync.
         self._identities: dict[tuple[str, str], tuple[str, float]] = {}
+        # The data plane: the broker's users follow the fleets (by name: subjects are per city
+        # and fleet name), written once every fleet has been listed; streams per fleet spec.
+        self.broker: BrokerAdmin | None = None
+        self.credentials: Credentials | None = None
+        if city.broker is not None:
+            self.broker = BrokerAdmin(city.city, city.broker)
+            self.credentials = Credentials(city.broker.key(), city.city)
+        self._fleet_lock = threading.Lock()
+        self._fleet_ids: dict[str, FleetIdentity] = {}
+        self._fleets_listed = False
+        self._auth_written: str | None = None
+        self._streams: dict[str, tuple[Any, ...]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
     def forget(self, kind: str, namespace: str, name: str) -> None:
@@ -232,44 +251,169 @@ class CityReconciler:
         with reconcile_span("SensorFleet", namespace, name):
             fleet = self.get("SensorFleet", namespace, name)
             if fleet is None:
+                self._fleet_gone(namespace, name)
                 return
-            # Before the workers: the account they run as, and the one ConfigMap it may write.
-            self._ensure_ingest_identity(fleet)
-            report = self._ensure_child(fleet, desired_ingest_report(fleet))
-            desired = desired_ingest_deployment(fleet, self.city)
-            deployment = self._read_deployment(namespace, desired["metadata"]["name"])
-            if deployment is None:
-                deployment = self._create_deployment(namespace, desired)
-            elif not any(
-                ref.get("uid") == fleet["metadata"]["uid"]
-                for ref in deployment["metadata"].get("ownerReferences") or []
-            ):
-                msg = (
-                    f"Deployment {ingest_name(name)} exists and is not owned by SensorFleet {name}; "
-                    "delete or rename it"
-                )
-                log.warning(msg)
-            elif deployment_drifted(desired, deployment):
-                deployment = self.kube.replace(
-                    object_path("apps/v1", "deployments", namespace, desired["metadata"]["name"]),
-                    replacement(desired, deployment),
-                )
-            merged = merge_ingest_reports((report or {}).get("data") or {})
-            lookup = self.sensor_types.lookup(str(fleet["spec"]["sensorType"]))
+            type_name = str(fleet["spec"]["sensorType"])
+            lookup = self.sensor_types.lookup(type_name)
+            problem = self._ensure_fleet_data_plane(fleet)
+            type_spec = self.sensor_types.spec(type_name) if lookup == "found" else None
+            deployment = self._read_deployment(namespace, ingest_name(name))
+            if problem is None and type_spec is not None and self.city.broker is not None:
+                desired = desired_ingest_deployment(fleet, self.city, type_spec, self.city.broker.url)
+                deployment = self._ensure_ingest_deployment(fleet, deployment, desired)
+            report = None
+            if problem is None and self.broker is not None:
+                try:
+                    report = self.broker.fleet_status(name)
+                except Exception as exc:  # noqa: BLE001 - said on the fleet, retried at the next resync
+                    problem = ("BrokerUnavailable", f"the city broker did not answer: {_first_line(exc)}")
             self.write_status(
-                "SensorFleet", fleet, compute_fleet_status(fleet, deployment, merged, _now(), lookup)
+                "SensorFleet", fleet, compute_fleet_status(fleet, deployment, report, _now(), lookup, problem)
             )
 
-    def _ensure_ingest_identity(self, fleet: Mapping[str, Any]) -> None:
-        """The fleet's ServiceAccount, Role and RoleBinding, checked at most once per resync period."""
-        meta = fleet["metadata"]
-        key, uid = (meta["namespace"], meta["name"]), meta["uid"]
+    def _ensure_ingest_deployment(
+        self, fleet: Mapping[str, Any], deployment: dict[str, Any] | None, desired: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        namespace, name = fleet["metadata"]["namespace"], fleet["metadata"]["name"]
+        if deployment is None:
+            return self._create_deployment(namespace, desired)
+        if not any(ref.get("uid") == fleet["metadata"]["uid"]
+                   for ref in deployment["metadata"].get("ownerReferences") or []):
+            log.warning("Deployment %s exists and is not owned by SensorFleet %s; delete or rename it",
+                        ingest_name(name), name)
+            return deployment
+        if deployment_drifted(desired, deployment):
+            return self.kube.replace(
+                object_path("apps/v1", "deployments", namespace, desired["metadata"]["name"]),
+                replacement(desired, deployment),
+            )
+        return deployment
+
+    def _ensure_fleet_data_plane(self, fleet: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The fleet's identity, broker users and streams; a (reason, message) when they cannot be."""
+        meta, spec = fleet["metadata"], fleet["spec"]
+        if self.broker is None or self.credentials is None:
+            return ("NoBroker", "The city operator runs without a broker (--broker-url): the fleet's "
+                    "readings have nowhere to go.")
+        identity = FleetIdentity(meta["namespace"], meta["name"], meta["uid"], spec.get("protocol", "MQTT"))
+        with self._fleet_lock:
+            holder = self._fleet_ids.get(identity.name)
+            if holder is not None and holder.namespace != identity.namespace:
+                return ("FleetNameTaken", f"SensorFleet {identity.name} of namespace {holder.namespace} "
+                        "holds this name in the city's data plane (subjects are per city and fleet name); "
+                        "rename one.")
+            self._fleet_ids[identity.name] = identity
+        self._ensure_ingest_identity(fleet, identity)
+        try:
+            self._sync_broker_auth()
+        except client.ApiException as exc:
+            return ("BrokerAuthNotWritten",
+                    f"Secret {AUTH_SECRET} could not be written: {exc.status} {exc.reason}")
+        wanted = (meta["uid"], spec.get("windowSeconds"), spec.get("allowedLatenessSeconds"),
+                  spec.get("historyRetentionDays"))
+        checked = self._streams.get(identity.name)
+        if checked is None or checked[:-1] != wanted or (
+            time.monotonic() - checked[-1] > self.city.resync_seconds
+        ):
+            try:
+                self.broker.ensure_fleet(identity.name, spec)
+            except Exception as exc:  # noqa: BLE001 - an unreachable or refusing broker is the fleet's condition
+                self._streams.pop(identity.name, None)
+                return ("BrokerUnavailable", f"The fleet's streams on the city broker could not be made: "
+                        f"{_first_line(exc)}")
+            self._streams[identity.name] = (*wanted, time.monotonic())
+        return None
+
+    def _ensure_ingest_identity(self, fleet: Mapping[str, Any], identity: FleetIdentity) -> None:
+        """The fleet's ServiceAccount, broker credentials and (HTTP fleets) Service, checked at most
+        once per resync period. Credentials are created, never read back: they derive from the key."""
+        key = (identity.namespace, identity.name)
         checked = self._identities.get(key)
-        if checked and checked[0] == uid and time.monotonic() - checked[1] < self.city.resync_seconds:
+        fresh = checked is not None and time.monotonic() - checked[1] < self.city.resync_seconds
+        if fresh and checked is not None and checked[0] == identity.uid:
             return
-        for desired in ingest_identity(fleet):
-            self._ensure_child(fleet, desired)
-        self._identities[key] = (uid, time.monotonic())
+        assert self.credentials is not None
+        self._ensure_child(fleet, desired_ingest_service_account(fleet))
+        secrets = [desired_fleet_secret(fleet, ingest_secret_name(identity.name),
+                                        self.credentials.secret_data("ingest", identity))]
+        if identity.protocol == "MQTT":
+            secrets.append(desired_fleet_secret(fleet, mqtt_secret_name(identity.name),
+                                                self.credentials.secret_data("mqtt", identity)))
+        for secret in secrets:
+            self._create_once(secret)
+        if identity.protocol == "HTTP":
+            self._ensure_child(fleet, desired_ingest_service(fleet))
+        self._identities[key] = (identity.uid, time.monotonic())
+
+    def _create_once(self, desired: Mapping[str, Any]) -> None:
+        """Create a Secret the operator may not read: one that exists is the fleet's already."""
+        api_version, plural = CHILD_PATHS[desired["kind"]]
+        try:
+            self.kube.create(object_path(api_version, plural, desired["metadata"]["namespace"]), desired)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def load_fleets(self) -> None:
+        """Every fleet's identity from one listing; then the broker's users can be written whole."""
+        if self.broker is None:
+            return
+        found: dict[str, FleetIdentity] = {}
+        namespaces: list[str | None] = list(self.options.namespaces) or [None]
+        listed = [f for ns in namespaces for f in self.iter_objects("SensorFleet", ns)
+                  if not f["metadata"].get("deletionTimestamp")]
+        for fleet in sorted(listed, key=lambda f: str(f["metadata"].get("creationTimestamp"))):
+            meta = fleet["metadata"]
+            found.setdefault(meta["name"], FleetIdentity(meta["namespace"], meta["name"], meta["uid"],
+                                                         fleet["spec"].get("protocol", "MQTT")))
+        with self._fleet_lock:
+            self._fleet_ids, self._fleets_listed = found, True
+        self._sync_broker_auth()
+
+    def fleet_namespace(self, fleet: str) -> str | None:
+        """The namespace of the fleet holding this name in the city's data plane, if any."""
+        with self._fleet_lock:
+            holder = self._fleet_ids.get(fleet)
+        return None if holder is None else holder.namespace
+
+    def _fleet_gone(self, namespace: str, name: str) -> None:
+        with self._fleet_lock:
+            holder = self._fleet_ids.get(name)
+            if holder is None or holder.namespace != namespace:
+                return
+            del self._fleet_ids[name]
+        self._streams.pop(name, None)
+        self._sync_broker_auth()
+        if self.broker is not None:
+            try:
+                self.broker.delete_fleet(name)
+            except Exception as exc:  # noqa: BLE001 - streams of a deleted fleet are removed at its next delete
+                log.warning("SensorFleet %s/%s is gone; its streams could not be removed: %s",
+                            namespace, name, _first_line(exc))
+
+    def _sync_broker_auth(self) -> None:
+        """Write the broker's users when they changed (and only once every fleet was listed)."""
+        if self.credentials is None or self.city.broker is None:
+            return
+        with self._fleet_lock:
+            if not self._fleets_listed:
+                return
+            text = self.credentials.render(dict(self._fleet_ids))
+            if text == self._auth_written:
+                return
+            data = {AUTH_KEY: base64.b64encode(text.encode()).decode()}
+            path = object_path("v1", "secrets", self.city.broker.namespace, AUTH_SECRET)
+            try:
+                self.kube.merge_patch(path, {"data": data})
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+                body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                        "metadata": {"name": AUTH_SECRET, "namespace": self.city.broker.namespace,
+                                     "labels": {LABEL_MANAGED_BY: MANAGED_BY}},
+                        "data": data}
+                self.kube.create(object_path("v1", "secrets", self.city.broker.namespace), body)
+            self._auth_written = text
 
     def _ensure_child(self, fleet: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create ``desired`` or bring the object of its name back in line with it; the object seen.
@@ -528,6 +672,7 @@ class CityReconciler:
         """
         namespaces: list[str | None] = list(self.options.namespaces) or [None]
         self.sensor_types.refresh()  # before the fleets are queued: a type that came or went is seen
+        self.load_fleets()  # a fleet deleted while no event came leaves the broker's users here
         existing: set[tuple[str, str]] = set()
         for namespace in namespaces:
             routes: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -566,12 +711,12 @@ class SensorTypeCatalogue:
     def __init__(self, kube: KubeRest) -> None:
         self.kube = kube
         self._lock = threading.Lock()
-        self._names: set[str] = set()
+        self._specs: dict[str, dict[str, Any]] = {}  # by name: a fleet's workers are configured with it
         self._forbidden = False
 
-    def _list(self, **query: Any) -> set[str]:
+    def _list(self, **query: Any) -> dict[str, dict[str, Any]]:
         listed = self.kube.list(object_path(API_VERSION, "sensortypes"), **query)
-        return {item["metadata"]["name"] for item in listed}
+        return {item["metadata"]["name"]: item.get("spec") or {} for item in listed}
 
     def _refused(self, exc: client.ApiException) -> None:
         """Remember that listing SensorTypes is forbidden (said once, and on every fleet's condition)."""
@@ -583,28 +728,33 @@ class SensorTypeCatalogue:
 
     def refresh(self) -> None:
         try:
-            names = self._list()
+            specs = self._list()
         except client.ApiException as exc:
             self._refused(exc)
             return
         with self._lock:
-            self._names, self._forbidden = names, False
+            self._specs, self._forbidden = specs, False
 
     def lookup(self, name: str) -> SensorTypeLookup:
         with self._lock:
-            if name in self._names:
+            if name in self._specs:
                 return "found"
             if self._forbidden:  # asked again at the next resync, not at every reconcile
                 return "unreadable"
         try:
-            found = name in self._list(fieldSelector=f"metadata.name={name}")
+            found = self._list(fieldSelector=f"metadata.name={name}")
         except client.ApiException as exc:
             self._refused(exc)
             return "unreadable"
-        if found:
+        if name in found:
             with self._lock:
-                self._names.add(name)
-        return "found" if found else "missing"
+                self._specs[name] = found[name]
+        return "found" if name in found else "missing"
+
+    def spec(self, name: str) -> dict[str, Any] | None:
+        """The spec of a type ``lookup`` found (as of the last listing or lookup)."""
+        with self._lock:
+            return self._specs.get(name)
 
 
 class OpenIncidents:

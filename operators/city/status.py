@@ -7,7 +7,6 @@ have. The reconciler writes it only when it differs from the stored one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,46 +40,6 @@ def _int(data: Mapping[str, Any], key: str) -> int | None:
         return max(0, int(str(data[key])))
     except (KeyError, ValueError):
         return None
-
-
-WORKER_KEY_PREFIX = "worker."  # one key per ingest worker (citynerve.workloads.ingest.worker)
-# A worker silent this long (its reports come every 15 s) was scaled down or is stuck.
-WORKER_STALE_SECONDS = 120.0
-
-
-def merge_ingest_reports(data: Mapping[str, str]) -> dict[str, Any] | None:
-    """One fleet report from the ingest-report ConfigMap, whose workers each write their own key.
-
-    Counters add up; the newest times win. A worker that stopped reporting (scaled down) keeps
-    its counters, and its terminals drop out of the online count as its report ages:
-    ``compute_fleet_status`` sees the newest reading, not a stale worker's claim.
-    Plain keys (one writer) are read as they are.
-    """
-    workers = []
-    for key, text in data.items():
-        if key.startswith(WORKER_KEY_PREFIX):
-            try:
-                workers.append(json.loads(text))
-            except ValueError:
-                continue
-    if not workers:
-        return dict(data) if data else None
-    newest = max(str(w.get("reportedAt") or "") for w in workers)
-    merged: dict[str, Any] = {"reportedAt": newest}
-    for key in ("acceptedReadings", "rejectedReadings", "quarantinedPayloads"):
-        merged[key] = sum(_int(w, key) or 0 for w in workers)
-    # A stale worker's terminals are not online; fresh workers' reports are within one interval.
-    merged["terminalsOnline"] = sum(_int(w, "terminalsOnline") or 0 for w in workers
-                                    if str(w.get("reportedAt") or "") == newest or _recent(w, newest))
-    last = [str(w["lastReadingTime"]) for w in workers if w.get("lastReadingTime")]
-    if last:
-        merged["lastReadingTime"] = max(last)
-    return merged
-
-
-def _recent(worker: Mapping[str, Any], newest: str, seconds: float = WORKER_STALE_SECONDS) -> bool:
-    reported, latest = parse_time(str(worker.get("reportedAt") or "")), parse_time(newest)
-    return bool(reported and latest and (latest - reported).total_seconds() <= seconds)
 
 
 # Whether a fleet's SensorType is in the city's catalogue: found, missing, or not readable by the
@@ -123,17 +82,20 @@ def compute_fleet_status(
     report: Mapping[str, Any] | None,
     now: datetime,
     sensor_type: SensorTypeLookup = "found",
+    data_plane: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Status of a SensorFleet from its SensorType, its ingestion Deployment and the ingest report.
+    """Status of a SensorFleet from its SensorType, its data plane, its stream worker's Deployment
+    and the status that worker last wrote on the city broker.
 
     A fleet whose SensorType does not exist is not Ready (``SensorTypeNotFound``), whatever its
-    workers do: nothing can validate its readings.
+    workers do: nothing can validate its readings. ``data_plane`` is why its broker users or
+    streams could not be made (reason, message): its ingestion is not available.
 
-    ``report`` is the data of the ingest-report ConfigMap: ``reportedAt``, ``terminalsOnline``,
-    ``lastReadingTime``, ``acceptedReadings``, ``rejectedReadings``, ``quarantinedPayloads``.
-    Freshness is measured at the report (reportedAt - lastReadingTime), so the status changes
-    when a report arrives, not every second; a report older than three sampling intervals
-    makes the data stale.
+    ``report`` is the worker's status from the broker's fleet bucket: ``reportedAt``,
+    ``terminalsOnline``, ``lastReadingTime``, ``acceptedReadings``, ``rejectedReadings``,
+    ``quarantinedPayloads``. Freshness is measured at the report (reportedAt - lastReadingTime), so
+    the status changes when a report arrives, not every second; a report older than three sampling
+    intervals makes the data stale.
     """
     name = fleet["metadata"]["name"]
     generation = _generation(fleet)
@@ -141,7 +103,9 @@ def compute_fleet_status(
     type_found = sensor_type_condition(fleet, sensor_type, generation)
     conditions = [type_found]
 
-    if deployment is None:
+    if data_plane is not None:
+        available = make_condition("IngestionAvailable", "False", data_plane[0], data_plane[1], generation)
+    elif deployment is None:
         available = make_condition(
             "IngestionAvailable",
             "False",
@@ -180,7 +144,7 @@ def compute_fleet_status(
             "DataFresh",
             "Unknown",
             "NoReport",
-            f"No ingest report yet in ConfigMap {name}-ingest-report.",
+            f"The stream worker of fleet {name} has not reported on the city broker yet.",
             generation,
         )
     else:

@@ -1,0 +1,252 @@
+"""The city operator's side of the data plane: credentials, the broker's users, streams, fleet status.
+
+Every identity on the city broker gets a password derived from one key (the chart's Secret
+``citynerve-broker-key``, mounted as a file): ``HMAC-SHA256(key, "<role>/<fleet uid>")``. So the
+operator never reads a fleet's Secret back — it may create Secrets, not read them — and the
+broker's user list (bcrypt hashes with salts derived the same way) is the same text after any
+restart: it is rewritten only when a fleet comes or goes. A fleet deleted and made again gets
+new passwords (a new uid); a new key rotates every password.
+
+The user list travels as Secret ``citynerve-broker-auth`` (key ``auth.conf``) in the operator's
+own namespace; the broker mounts it and reloads when it changes (``docs/broker.md``).
+
+Streams, the consumer and the status bucket are made here with the operator's own broker user;
+the fleets' stream workers write their status into the bucket, and a watch on it queues the
+fleet, so the SensorFleet status follows the stream (not a ConfigMap every 15 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import bcrypt
+import nats
+from citynerve.operators.city.rbac import BROKER_AUTH_SECRET
+from citynerve.workloads.dataplane import names
+from citynerve.workloads.dataplane.broker import (
+    OPERATOR_USER,
+    BrokerUser,
+    ingest_user,
+    operator_user,
+    render_auth,
+    terminal_user,
+)
+from citynerve.workloads.dataplane.streams import (
+    delete_fleet_streams,
+    ensure_city_streams,
+    ensure_fleet_streams,
+)
+from nats.js.errors import KeyNotFoundError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+AUTH_SECRET = BROKER_AUTH_SECRET
+AUTH_KEY = "auth.conf"
+BCRYPT_COST = 10
+# Keys of a fleet's credential Secrets (the MQTT one for its terminals, the ingest one for its workers).
+USERNAME_KEY, PASSWORD_KEY = "username", "password"
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """Where the city broker is and how the operator proves who it is."""
+
+    url: str  # nats://host:4222, reachable from the operator and from the fleets' workers
+    key_file: Path  # the key every broker password is derived from
+    namespace: str  # where Secret citynerve-broker-auth lives (the broker's namespace)
+
+    def key(self) -> bytes:
+        key = self.key_file.read_bytes().strip()
+        if len(key) < 16:
+            msg = f"the broker key in {self.key_file} is shorter than 16 bytes"
+            raise ValueError(msg)
+        return key
+
+
+def derive_password(key: bytes, role: str, uid: str) -> str:
+    """The password of one identity: what it is for, and whose (a fleet's uid, or ``operator``)."""
+    digest = hmac.new(key, f"{role}/{uid}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def derived_hash(key: bytes, password: str, role: str, uid: str) -> str:
+    """bcrypt of ``password`` with a salt derived from the key: the same text at every render."""
+    seed = hmac.new(key, f"salt/{role}/{uid}".encode(), hashlib.sha256).digest()
+    # bcrypt's salt is 22 characters of its own base64 (the last carries 4 significant bits).
+    number = int.from_bytes(seed[:17], "big")
+    chars = [_BCRYPT_ALPHABET[(number >> (6 * i)) & 63] for i in range(22)]
+    chars[-1] = _BCRYPT_ALPHABET[_BCRYPT_ALPHABET.index(chars[-1]) & 0x30]
+    salt = f"$2b${BCRYPT_COST:02d}$".encode() + "".join(chars).encode()
+    return bcrypt.hashpw(password.encode(), salt).decode()
+
+
+@dataclass(frozen=True)
+class FleetIdentity:
+    """What the broker must know of one SensorFleet."""
+
+    namespace: str
+    name: str
+    uid: str
+    protocol: str
+
+
+class Credentials:
+    """Passwords and hashes of the city's broker identities, derived from the key (hashes cached)."""
+
+    def __init__(self, key: bytes, city: str) -> None:
+        self.key, self.city = key, city
+        self._hashes: dict[tuple[str, str], str] = {}
+
+    def password(self, role: str, uid: str) -> str:
+        return derive_password(self.key, role, uid)
+
+    def _hash(self, role: str, uid: str) -> str:
+        cached = self._hashes.get((role, uid))
+        if cached is None:
+            cached = self._hashes[(role, uid)] = derived_hash(self.key, self.password(role, uid), role, uid)
+        return cached
+
+    def users(self, fleets: Mapping[str, FleetIdentity]) -> list[BrokerUser]:
+        """The operator, then per fleet its workers and (MQTT fleets) its terminals, by fleet name."""
+        users = [operator_user(self._hash("operator", "operator"))]
+        for name in sorted(fleets):
+            fleet = fleets[name]
+            users.append(ingest_user(self.city, name, self._hash("ingest", fleet.uid)))
+            if fleet.protocol == "MQTT":
+                users.append(terminal_user(self.city, name, self._hash("mqtt", fleet.uid)))
+        live = {("operator", "operator")} | {(r, f.uid) for f in fleets.values() for r in ("ingest", "mqtt")}
+        for gone in set(self._hashes) - live:
+            del self._hashes[gone]
+        return users
+
+    def render(self, fleets: Mapping[str, FleetIdentity]) -> str:
+        return render_auth(self.users(fleets))
+
+    def secret_data(self, role: str, fleet: FleetIdentity) -> dict[str, str]:
+        """A fleet credential Secret's data (base64, as the API wants it)."""
+        username = fleet.name if role == "mqtt" else f"{fleet.name}-ingest"
+        plain = {USERNAME_KEY: username, PASSWORD_KEY: self.password(role, fleet.uid)}
+        return {k: base64.b64encode(v.encode()).decode() for k, v in plain.items()}
+
+
+class BrokerAdmin:
+    """The operator's connection to the city broker, on an event loop thread of its own.
+
+    The reconciler is synchronous (its work queue's threads); each call here runs one coroutine
+    on this loop and waits for it with a timeout, so an unreachable broker costs a reconcile a
+    bounded wait and an error it can report, never a hang.
+    """
+
+    def __init__(self, city: str, options: BrokerOptions, timeout: float = 10.0) -> None:
+        self.city, self.options, self.timeout = city, options, timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="broker-admin", daemon=True)
+        self._thread.start()
+        self._nc: Any = None
+        self._js: Any = None
+        self._city_ready = False
+        self._watch: Any = None
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout)
+
+    async def _jetstream(self) -> Any:
+        if self._nc is None or self._nc.is_closed:
+            password = derive_password(self.options.key(), "operator", "operator")
+            self._nc = await nats.connect(
+                self.options.url, user=OPERATOR_USER, password=password,
+                name=f"citynerve-city-operator-{self.city}",
+                max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=self.timeout / 2,
+                allow_reconnect=True,
+            )
+            self._js = self._nc.jetstream(timeout=self.timeout / 2)
+            self._city_ready = False
+        if not self._city_ready:
+            await ensure_city_streams(self._js, self.city)
+            self._city_ready = True
+        return self._js
+
+    def ensure_fleet(self, fleet: str, spec: Mapping[str, Any]) -> None:
+        """The fleet's readings and windows streams and its workers' consumer, as its spec says."""
+
+        async def ensure() -> None:
+            js = await self._jetstream()
+            await ensure_fleet_streams(
+                js, self.city, fleet,
+                window_s=int(spec.get("windowSeconds", 300)),
+                allowed_lateness_s=int(spec.get("allowedLatenessSeconds", 60)),
+                retention_hours=24 * int(spec.get("historyRetentionDays", 30)),
+            )
+
+        self._run(ensure())
+
+    def delete_fleet(self, fleet: str) -> None:
+        async def delete() -> None:
+            await delete_fleet_streams(await self._jetstream(), fleet)
+
+        self._run(delete())
+
+    def fleet_status(self, fleet: str) -> dict[str, Any] | None:
+        """What the fleet's stream worker last put in the status bucket; None before it has."""
+
+        async def read() -> dict[str, Any] | None:
+            js = await self._jetstream()
+            kv = await js.key_value(names.FLEETS_BUCKET)
+            try:
+                entry = await kv.get(names.status_key(fleet))
+            except KeyNotFoundError:
+                return None
+            try:
+                value = json.loads(entry.value or b"")
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+
+        return self._run(read())
+
+    def watch_status(self, changed: Callable[[str], None]) -> None:
+        """Call ``changed(fleet)`` (on this loop's thread) whenever a fleet's worker writes its status."""
+
+        async def watch() -> None:
+            while True:
+                try:
+                    js = await self._jetstream()
+                    kv = await js.key_value(names.FLEETS_BUCKET)
+                    watcher = await kv.watch(names.ALL_STATUS_KEYS, include_history=False)
+                    async for entry in watcher:
+                        if entry is not None and entry.key:
+                            changed(entry.key.split(".", 1)[0])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a broker away is retried, said once per try
+                    log.warning("watching fleet status on the broker: %s; again in 5 s", exc)
+                    await asyncio.sleep(5)
+
+        self._watch = asyncio.run_coroutine_threadsafe(watch(), self._loop)
+
+    def close(self) -> None:
+        async def close() -> None:
+            if self._watch is not None:
+                self._watch.cancel()
+            if self._nc is not None and not self._nc.is_closed:
+                await self._nc.close()
+
+        try:
+            self._run(close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
