@@ -8,7 +8,12 @@ have is tried and refused.
 from __future__ import annotations
 
 import asyncio
+import signal
+import stat
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -18,13 +23,17 @@ import nats
 import paho.mqtt.client as mqtt
 import pytest
 from citynerve.operators.localfed import toolchain
+from citynerve.operators.localfed.federation import LocalFederation
 from citynerve.workloads.dataplane.broker import (
     OPERATOR_USER,
+    POLL_SECONDS,
     LocalBroker,
+    free_ports,
     hash_password,
     ingest_user,
     operator_user,
     render_auth,
+    render_server_config,
 )
 from citynerve.workloads.dataplane.names import (
     FLEETS_BUCKET,
@@ -308,3 +317,95 @@ def test_ingest_permissions_name_the_fleets_own_subjects() -> None:
     assert user.subscribe == ("_INBOX.>",)
     assert all("fleet-b" not in s for s in user.publish)
     assert f"$JS.API.DIRECT.GET.KV_{FLEETS_BUCKET}.$KV.{FLEETS_BUCKET}.fleet-a.>" in user.publish
+
+
+def start_supervisor(folder: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    """The supervisor as the chart runs it: a read-only config, a Secret mount, a writable include."""
+    client, mqtt_port, monitor = free_ports("127.0.0.1", 3)
+    for sub in ("config", "secret", "run", "jetstream"):
+        (folder / sub).mkdir()
+    (folder / "config" / "nats.conf").write_text(render_server_config(
+        server_name="mounted", host="127.0.0.1", client_port=client, mqtt_port=mqtt_port,
+        monitor_port=monitor, store_dir=str(folder / "jetstream"), auth_file="../run/auth.conf"))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "citynerve.workloads.dataplane.broker",
+         "--config", str(folder / "config" / "nats.conf"),
+         "--auth-file", str(folder / "secret" / "auth.conf"),
+         "--auth-include", str(folder / "run" / "auth.conf"),
+         "--nats-server", str(toolchain.binary("nats-server"))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return supervisor, client, monitor
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.asyncio
+async def test_the_supervisor_follows_a_mounted_auth_file_and_forwards_sigterm(tmp_path: Path) -> None:
+    supervisor, client, monitor = start_supervisor(tmp_path)
+    secret = tmp_path / "secret" / "auth.conf"
+    url = f"nats://127.0.0.1:{client}"
+    try:
+        wait_for(lambda: _healthy(monitor), what="the supervised nats-server's health")
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # no Secret yet: nobody
+            await nats.connect(url, user=OPERATOR_USER, password="pw", allow_reconnect=False)
+        # The kubelet swaps a mounted Secret's content in with a rename.
+        written = secret.with_name(".new")
+        written.write_text(render_auth([operator_user(hash_password("pw"))]))
+        written.replace(secret)
+        started = time.monotonic()
+        while True:
+            try:
+                nc = await nats.connect(url, user=OPERATOR_USER, password="pw", allow_reconnect=False)
+                break
+            except nats.errors.Error:
+                assert time.monotonic() - started < 10, "the new auth file was not loaded within 10 s"
+                await asyncio.sleep(0.1)
+        await nc.close()
+        assert time.monotonic() - started < 2 * POLL_SECONDS + 1
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=20) == 0
+        assert not _healthy(monitor)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+
+
+def _healthy(monitor_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/healthz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.asyncio
+async def test_a_local_federation_city_keeps_its_broker_password_ports_and_users(tmp_path: Path) -> None:
+    federation = LocalFederation(tmp_path / "state", cities=("chengdu",))
+    assert federation.cluster("hub").broker is None
+    cluster = federation.cluster("chengdu")
+    try:
+        cluster.start_broker()
+        city = federation.broker("chengdu")
+        assert stat.S_IMODE(cluster.broker_password_file.stat().st_mode) == 0o600
+        async with connected(city.broker, OPERATOR_USER, city.operator_password) as (nc, _):
+            await nc.jetstream().add_stream(StreamConfig(name="kept", subjects=["readings.chengdu.>"]))
+        worker = ingest_user("chengdu", "fleet-a", hash_password("worker-pw"))
+        city.broker.set_users([operator_user(hash_password(city.operator_password)), worker])
+        assert federation.status()[1]["broker"]["running"] is True
+        assert "chengdu/broker" in federation.running_components()
+        federation.down()
+        assert federation.running_components() == []
+
+        again = LocalFederation(tmp_path / "state")  # another process finds the same broker
+        again.cluster("chengdu").start_broker()
+        city2 = again.broker("chengdu")
+        assert city2.operator_password == city.operator_password
+        assert city2.broker.url == city.broker.url
+        async with connected(city2.broker, "fleet-a-ingest", "worker-pw") as (nc, _):
+            assert nc.is_connected  # the users set before ``down`` are still there
+        async with connected(city2.broker, OPERATOR_USER, city2.operator_password) as (nc, _):
+            assert (await nc.jetstream().stream_info("kept")).config.subjects == ["readings.chengdu.>"]
+    finally:
+        federation.cluster("chengdu").stop_broker()
+        LocalFederation(tmp_path / "state").cluster("chengdu").stop_broker()

@@ -1,8 +1,10 @@
 """One real Kubernetes control plane on this machine: etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler and kwok, each a process of its own.
+kube-controller-manager, kube-scheduler and kwok, each a process of its own; for a city,
+also its broker (nats-server with JetStream and MQTT, started after the control plane).
 
-The cluster's whole state (ports, certificates, etcd data, logs, the processes' ids) lives
-in one folder, so another process (`citynerve dev status|down`) can find and stop it.
+The cluster's whole state (ports, certificates, etcd data, the broker's store, logs, the
+processes' ids) lives in one folder, so another process (`citynerve dev status|down`) can
+find and stop it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from citynerve.operators.localfed import process, toolchain
 from citynerve.operators.localfed.pki import CLIENTS, ClusterPki, create_cluster_pki
 from citynerve.operators.localfed.process import ProcessTable
+from citynerve.workloads.dataplane.broker import LocalBroker, hash_password, new_password, operator_user
 
 # Start order; a component only starts once the ones before it answer.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -80,16 +83,29 @@ class Ports:
         return cls(*ports)
 
 
-class LocalCluster:
-    """A control plane whose state lives in ``root``; cheap to construct, ``start`` runs it."""
+@dataclass(frozen=True)
+class CityBroker:
+    """A city's local broker and the password of its operator user (``OPERATOR_USER``)."""
 
-    def __init__(self, name: str, root: Path) -> None:
+    broker: LocalBroker
+    operator_password: str
+
+
+class LocalCluster:
+    """A control plane whose state lives in ``root``; cheap to construct, ``start`` runs it.
+
+    With ``with_broker`` (a city) it also runs a broker in ``root/broker``.
+    """
+
+    def __init__(self, name: str, root: Path, *, with_broker: bool = False) -> None:
         self.name = name
         self.root = root
         self.pki = ClusterPki(root / "pki")
         state = self._read_state()
         self.ports = Ports(**state["ports"]) if state else Ports.allocate()
         self.processes = ProcessTable(state.get("pids", {}) if state else {})
+        self.broker = (LocalBroker(root / "broker", name, nats_server=toolchain.binary("nats-server"))
+                       if with_broker else None)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -319,10 +335,56 @@ class LocalCluster:
             self.start_component(component)
         if "kwok" in components:
             self.ensure_node()
+        if components == COMPONENTS:
+            self.start_broker()
 
     def stop(self) -> None:
+        self.stop_broker()
         for component in reversed(COMPONENTS):
             self.stop_component(component)
+
+    # -- the city's broker ----------------------------------------------------------------
+    def _city_broker(self) -> LocalBroker:
+        if self.broker is None:
+            msg = f"{self.name} runs no broker (only cities do)"
+            raise ClusterError(msg)
+        return self.broker
+
+    @property
+    def broker_password_file(self) -> Path:
+        return self._city_broker().folder / "operator-password"
+
+    def broker_operator_password(self) -> str:
+        """The operator user's password: made once, kept 0600 beside the broker's store."""
+        path = self.broker_password_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.touch(mode=0o600)
+            tmp.write_text(new_password())
+            tmp.replace(path)
+        return path.read_text().strip()
+
+    def city_broker(self) -> CityBroker:
+        return CityBroker(self._city_broker(), self.broker_operator_password())
+
+    def start_broker(self) -> None:
+        """Start the broker unless it runs; a broker started before keeps the users it was given since."""
+        if self.broker is None or self.broker.is_running():
+            return
+        try:
+            if self.broker.auth_file.exists():
+                self.broker.restart()
+            else:
+                password = self.broker_operator_password()
+                self.broker.start([operator_user(hash_password(password))])
+        except (RuntimeError, TimeoutError) as exc:
+            msg = f"{self.name}: the broker did not start: {exc}"
+            raise ClusterError(msg) from exc
+
+    def stop_broker(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
 
     def ensure_node(self, name: str = "kwok-node-0") -> None:
         """Register a kwok-managed Node (kwok then keeps it and its Pods Ready)."""
@@ -341,10 +403,14 @@ class LocalCluster:
                 raise
 
     def status(self) -> dict[str, Any]:
-        """Name, API URL, server version and Ready nodes, as ``citynerve dev status`` shows them."""
+        """Name, API URL, server version, Ready nodes and the broker's ports (cities), for ``dev status``."""
         running = {c: self.is_running(c) for c in COMPONENTS}
         row: dict[str, Any] = {"name": self.name, "api": self.api_url, "version": "-",
-                               "nodes_ready": "-", "components": running}
+                               "nodes_ready": "-", "components": running, "broker": "-"}
+        if self.broker is not None:
+            ports = self.broker.ports
+            row["broker"] = {"running": self.broker.is_running(), "url": self.broker.url,
+                             "mqtt": ports.mqtt, "monitor": ports.monitor}
         if not running["kube-apiserver"]:
             return row
         try:

@@ -1,4 +1,5 @@
-"""The local federation: a hub and N city control planes, independent of each other.
+"""The local federation: a hub and N city control planes, independent of each other; each city
+also runs its broker (the hub has none: nothing publishes to one).
 
 Used by ``citynerve dev up|down|status``, by ``make demo`` and by the e2e fixtures. Its
 state folder holds one sub-folder per cluster and a merged kubeconfig with one context per
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from citynerve.operators.localfed import toolchain
-from citynerve.operators.localfed.cluster import COMPONENTS, LocalCluster
+from citynerve.operators.localfed.cluster import COMPONENTS, CityBroker, LocalCluster
 
 HUB = "hub"
 DEFAULT_CITIES = ("shanghai", "chengdu")
@@ -36,7 +37,7 @@ class LocalFederation:
         saved = self._saved_names()
         names = (HUB, *(cities or DEFAULT_CITIES)) if cities or not saved else saved
         self.clusters: dict[str, LocalCluster] = {
-            name: LocalCluster(name, self.state_dir / name) for name in names
+            name: LocalCluster(name, self.state_dir / name, with_broker=name != HUB) for name in names
         }
 
     def _saved_names(self) -> tuple[str, ...]:
@@ -65,6 +66,10 @@ class LocalFederation:
             msg = f"no cluster named {name!r} in this federation; it has {', '.join(self.clusters)}"
             raise KeyError(msg) from None
 
+    def broker(self, city: str) -> CityBroker:
+        """A city's broker (``url``, ``mqtt_port``, …) and its operator user's password."""
+        return self.cluster(city).city_broker()
+
     def up(self) -> float:
         """Build missing binaries, start every cluster in parallel; returns seconds spent starting."""
         toolchain.ensure()
@@ -84,11 +89,13 @@ class LocalFederation:
 
     def pids(self) -> list[int]:
         """Every component process id this federation has started and not yet stopped."""
-        return [pid for c in self.clusters.values() for pid in c.pids.values()]
+        brokers = [c.broker.pid for c in self.clusters.values() if c.broker and c.broker.pid]
+        return [pid for c in self.clusters.values() for pid in c.pids.values()] + brokers
 
     def running_components(self) -> list[str]:
         return [f"{c.name}/{comp}" for c in self.clusters.values()
-                for comp in COMPONENTS if c.is_running(comp)]
+                for comp in COMPONENTS if c.is_running(comp)] + [
+                f"{c.name}/broker" for c in self.clusters.values() if c.broker and c.broker.is_running()]
 
     def status(self) -> list[dict[str, Any]]:
         return [c.status() for c in self.clusters.values()]

@@ -199,20 +199,21 @@ class _AuthSync:
     def __init__(self, source: Path, include: Path) -> None:
         self.source = source
         self.include = include
-        self._seen: str | None = "unset"
+        self._seen: str | None = ""  # no digest is empty: the first sync always writes
 
     def sync(self) -> bool:
         """Bring the included file up to date; True if its content changed."""
         digest = _digest(self.source)
         if digest == self._seen:
             return False
-        self._seen = digest
         if digest is None:
-            text = render_auth(())
-            if _digest(self.include) == hashlib.sha256(text.encode()).hexdigest():
-                return False
-            _write_atomically(self.include, text)
-            return True
+            deny_all = render_auth(())
+            changed = _digest(self.include) != hashlib.sha256(deny_all.encode()).hexdigest()
+            if changed:
+                _write_atomically(self.include, deny_all)
+            self._seen = _digest(self.source)  # still None, unless the include is the source
+            return changed
+        self._seen = digest
         if self.include != self.source:
             _write_atomically(self.include, self.source.read_text())
         return True
@@ -262,10 +263,16 @@ class BrokerPorts:
     monitor: int
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_ports(host: str, count: int) -> list[int]:
+    """Ports nothing listens on right now, all different (each socket stays bound until all are)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _get_json(url: str, timeout: float = 2.0) -> dict[str, object]:
@@ -288,16 +295,11 @@ class LocalBroker:
         self.server_name = server_name
         self.host = host
         self.nats_server = str(nats_server) if nats_server else "nats-server"
-        folder.mkdir(parents=True, exist_ok=True)
         state = self._state()
         if ports is None:
             saved = state.get("ports")
-            ports = BrokerPorts(**saved) if isinstance(saved, dict) else BrokerPorts(
-                *(_free_port(host) for _ in range(3)))
+            ports = BrokerPorts(**saved) if isinstance(saved, dict) else BrokerPorts(*free_ports(host, 3))
         self.ports = ports
-        pid = state.get("pid")
-        self.pid: int | None = pid if isinstance(pid, int) else None
-        self._save()
 
     # -- files ---------------------------------------------------------------------------------
     @property
@@ -323,9 +325,16 @@ class LocalBroker:
             return {}
         return state
 
-    def _save(self) -> None:
+    def _save(self, pid: int | None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         ports = {"client": self.ports.client, "mqtt": self.ports.mqtt, "monitor": self.ports.monitor}
-        _write_atomically(self.state_file, json.dumps({"ports": ports, "pid": self.pid}), mode=0o644)
+        _write_atomically(self.state_file, json.dumps({"ports": ports, "pid": pid}), mode=0o644)
+
+    @property
+    def pid(self) -> int | None:
+        """The supervisor's process id, as the last start wrote it (by this process or another)."""
+        pid = self._state().get("pid")
+        return pid if isinstance(pid, int) else None
 
     # -- addresses -----------------------------------------------------------------------------
     @property
@@ -346,11 +355,12 @@ class LocalBroker:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def is_running(self) -> bool:
-        if self.pid is None:
+        pid = self.pid
+        if pid is None:
             return False
         try:
-            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
         zombie = stat.rsplit(")", 1)[1].split()[0] == "Z"
@@ -361,7 +371,7 @@ class LocalBroker:
         if self.is_running():
             msg = f"the broker in {self.folder} is already running (pid {self.pid})"
             raise RuntimeError(msg)
-        (self.folder / "jetstream").mkdir(exist_ok=True)
+        (self.folder / "jetstream").mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(render_server_config(
             server_name=self.server_name, host=self.host, client_port=self.ports.client,
             mqtt_port=self.ports.mqtt, monitor_port=self.ports.monitor,
@@ -376,8 +386,7 @@ class LocalBroker:
         with self.log_file.open("ab") as log:
             child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, cwd=self.folder)
-        self.pid = child.pid
-        self._save()
+        self._save(child.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if child.poll() is not None:
@@ -405,8 +414,9 @@ class LocalBroker:
         """Replace the users without a restart; return once the server runs with them."""
         before = self._load_time()
         _write_atomically(self.auth_file, render_auth(users))
-        if self.pid is not None:
-            os.kill(self.pid, signal.SIGHUP)  # the supervisor would see the change within POLL_SECONDS
+        pid = self.pid
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)  # the supervisor would see the change within POLL_SECONDS
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._load_time() != before:
@@ -417,14 +427,15 @@ class LocalBroker:
         raise TimeoutError(msg)
 
     def _signal_group(self, sig: signal.Signals, timeout: float) -> bool:
-        if self.pid is None or not self.is_running():
+        pid = self.pid
+        if pid is None or not self.is_running():
             return True
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, sig)
+            os.killpg(pid, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)
             if not self.is_running():
                 return True
             time.sleep(0.05)
@@ -434,14 +445,14 @@ class LocalBroker:
         """SIGTERM (nats-server flushes JetStream and exits), SIGKILL if it lingers."""
         if not self._signal_group(signal.SIGTERM, timeout):
             self._signal_group(signal.SIGKILL, 5.0)
-        self.pid = None
-        self._save()
+        if self.pid is not None:
+            self._save(None)
 
     def kill(self) -> None:
         """SIGKILL the supervisor and nats-server at once: a crash, for tests."""
         self._signal_group(signal.SIGKILL, 5.0)
-        self.pid = None
-        self._save()
+        if self.pid is not None:
+            self._save(None)
 
     def restart(self, timeout: float = 30.0) -> None:
         """Stop if running and start again with the same ports, users and JetStream data."""
