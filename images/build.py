@@ -9,7 +9,8 @@
    (``uv pip install --target``, from uv's cache after the first build), scripts pointed at
    ``/usr/bin/python3``, the situation map's assets beside the code (the host's Python is 3.11
    on the same glibc, so its wheels are the image's).
-3. ``buildah bud`` of ``images/Containerfile`` over those two contexts (``--storage-driver vfs
+3. The pinned ``nats-server`` (the city broker) from the toolchain's cache, built there if missing.
+4. ``buildah bud`` of ``images/Containerfile`` over those contexts (``--storage-driver vfs
    --isolation chroot``: what works in an unprivileged sandbox), tagged ``localhost/citynerve:<version>``
    and ``…:<version>-<commit>``, labelled ``org.opencontainers.image.*``, then pushed to
    ``.citynerve/images/citynerve-<version>-<commit>.oci.tar`` (``skopeo copy`` or ``crane push``
@@ -79,9 +80,18 @@ def rootfs() -> Path:
     return path
 
 
-def content_key(base: Path) -> str:
-    """A digest of what the image is made of: tracked sources, packaging, root filesystem."""
+def nats_server() -> Path:
+    """The toolchain's pinned nats-server (a static binary), built into its cache if missing."""
+    from citynerve.operators.localfed import toolchain  # noqa: PLC0415
+
+    toolchain.build(toolchain.COMPONENTS["nats"])
+    return toolchain.binary("nats-server")
+
+
+def content_key(base: Path, nats: Path) -> str:
+    """A digest of what the image is made of: tracked sources, packaging, root filesystem, nats-server."""
     digest = hashlib.sha256(base.name.encode())
+    digest.update(nats.parent.name.encode())  # nats-<version>
     listed = run("git", "ls-files", "-s", "--", *SOURCE_FOLDERS, "pyproject.toml", "setup.py",
                  "images/Containerfile", capture=True, cwd=ROOT)
     digest.update(listed.encode())
@@ -135,7 +145,8 @@ def build() -> tuple[list[str], Path]:
     repository = "localhost/citynerve"
     refs = [f"{repository}:{version}", f"{repository}:{version}-{revision}"]
     base = rootfs()
-    key = content_key(base)
+    nats = nats_server()
+    key = content_key(base, nats)
     archive = WORK / f"citynerve-{version}-{revision}.oci.tar"
     if existing_content(refs[1]) == key and archive.is_file():
         print(f"  image: unchanged ({refs[1]})", flush=True)
@@ -147,11 +158,13 @@ def build() -> tuple[list[str], Path]:
     link = context / "rootfs.tar"
     link.unlink(missing_ok=True)
     shutil.copy2(base, link)
+    (context / "bin").mkdir(exist_ok=True)
+    shutil.copy2(nats, context / "bin" / "nats-server")
     created = run("git", "log", "-1", "--format=%cI", capture=True, cwd=ROOT).strip()
     labels = {
         "org.opencontainers.image.title": "citynerve",
         "org.opencontainers.image.description":
-            "CityNerve: operators, agent, ingest, Ray workloads and MLflow",
+            "CityNerve: operators, agent, ingest, the city broker, Ray workloads and MLflow",
         "org.opencontainers.image.version": version,
         "org.opencontainers.image.revision": revision,
         "org.opencontainers.image.created": created,
@@ -182,7 +195,7 @@ def forget_older_builds(repository: str, keep: list[str]) -> None:
 
 
 def smoke(ref: str) -> None:
-    """The image runs as a non-root user, its CLI answers and the workloads' engines import."""
+    """The image runs as a non-root user, its CLI and the broker answer, the workloads' engines import."""
     container = run(*BUILDAH, "from", "--quiet", ref, capture=True).strip()
     try:
         drill = json.dumps({"kind": "urban-flood", "mode": "drill", "fleets": [], "models": [],
@@ -197,6 +210,7 @@ def smoke(ref: str) -> None:
             # the workload runner scores a SWMM drill on Ray, as a RayJob's entrypoint would
             ("sh", "-ec", f"printf '%s' '{drill}' > /tmp/spec.json; "
                           "python -m citynerve.workloads.runner --spec /tmp/spec.json 2>&1 | tail -1"),
+            ("nats-server", "--version"),
         )
         outputs = [run(*BUILDAH, "run", "--isolation", "chroot", container, "--", *c, capture=True).strip()
                    for c in checks]
@@ -204,12 +218,16 @@ def smoke(ref: str) -> None:
         run(*BUILDAH, "rm", container, capture=True)
     if outputs[0] != "65532":
         raise SystemExit(f"images: {ref} runs as uid {outputs[0]}, not 65532")
+    from citynerve.operators.localfed.toolchain import NATS_VERSION  # noqa: PLC0415
+
+    if outputs[5] != f"nats-server: {NATS_VERSION}":
+        raise SystemExit(f"images: the broker in {ref} answers {outputs[5]!r}")
     summary = json.loads(outputs[4].splitlines()[-1])["summary"]
     if summary.get("kind") != "urban-flood" or not summary.get("incidents"):
         raise SystemExit(f"images: the runner in {ref} scored no incident: {outputs[4][-500:]}")
     print(f"  smoke: uid {outputs[0]}; {outputs[1]}; Ray {outputs[2].splitlines()[-1]}, WNTR, SWMM, "
           f"MLflow ({outputs[3].splitlines()[-1]}) import; the runner scored a SWMM drill on Ray "
-          f"({summary['incidents']} incidents)", flush=True)
+          f"({summary['incidents']} incidents); {outputs[5]}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

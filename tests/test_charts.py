@@ -8,14 +8,16 @@ city's agent configuration against ``embedded.join_request``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
 from citynerve.operators import cli, helm, images
 from citynerve.operators.api import crdgen
+from citynerve.operators.city import broker as city_broker
 from citynerve.operators.city import main as city_main
 from citynerve.operators.city import rbac as city_rbac
 from citynerve.operators.city.config import AlertPolicy
@@ -23,6 +25,7 @@ from citynerve.operators.federation import onboarding
 from citynerve.operators.federation.embedded import join_request
 from citynerve.operators.hub import rbac as hub_rbac
 from citynerve.operators.localfed import toolchain
+from citynerve.workloads.dataplane import broker, names
 
 CHARTS = {"hub": helm.HUB_CHART, "city": helm.CITY_CHART}
 NAMESPACES = {"hub": helm.HUB_NAMESPACE, "city": "citynerve"}
@@ -658,3 +661,144 @@ def test_the_hub_charts_mlflow_start_script_serves_with_authentication_and_its_a
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(60)
         log.close()
+
+
+# -- the city's broker ------------------------------------------------------------------------
+def _broker_pod(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec = one(docs, "StatefulSet", "citynerve-broker")["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    return spec, container
+
+
+def _mount_of(spec: dict[str, Any], container: dict[str, Any], path: PurePosixPath) -> dict[str, Any]:
+    """The volume whose mount holds ``path``."""
+    [mount] = [m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    if mount["name"] == "jetstream":
+        return {"name": "jetstream", "claim": True}
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+@pytest.mark.timeout(60)
+def test_the_broker_config_is_the_one_the_broker_module_renders() -> None:
+    docs = render("city", {"city": {"name": "chengdu"}, "broker": {"maxPayload": 1048576}})
+    config = one(docs, "ConfigMap", "citynerve-broker-config")["data"]["nats.conf"]
+    _, container = _broker_pod(docs)
+    args = broker.argument_parser().parse_args(container["command"][3:])
+    assert config == broker.render_server_config(
+        server_name="chengdu", host="0.0.0.0",  # noqa: S104 - the pod's listeners, on every interface
+        client_port=names.CLIENT_PORT, mqtt_port=names.MQTT_PORT,
+        monitor_port=names.MONITOR_PORT, store_dir="/data/jetstream",
+        auth_file=os.path.relpath(args.auth_include, args.config.parent), max_payload=1048576)
+
+
+@pytest.mark.timeout(60)
+def test_the_broker_pod_runs_the_supervisor_on_the_operators_secret_and_a_claim() -> None:
+    docs = render("city")
+    spec, container = _broker_pod(docs)
+    assert container["command"][:3] == ["python3", "-m", "citynerve.workloads.dataplane.broker"]
+    args = broker.argument_parser().parse_args(container["command"][3:])
+    posix = {k: PurePosixPath(str(v)) for k, v in vars(args).items()}
+    assert _mount_of(spec, container, posix["config"])["configMap"]["name"] == "citynerve-broker-config"
+    # The users: the Secret the city operator writes, optional (the server denies all until then) …
+    assert _mount_of(spec, container, posix["auth_file"])["secret"] == {
+        "secretName": city_rbac.BROKER_AUTH_SECRET, "optional": True}
+    assert posix["auth_file"].name == city_broker.AUTH_KEY
+    # … copied by the supervisor to a writable place, which the server config includes.
+    assert "emptyDir" in _mount_of(spec, container, posix["auth_include"])
+    store = PurePosixPath("/data/jetstream")
+    assert _mount_of(spec, container, store) == {"name": "jetstream", "claim": True}
+    assert args.nats_server == "/usr/local/bin/nats-server"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"client": names.CLIENT_PORT, "mqtt": names.MQTT_PORT, "monitor": names.MONITOR_PORT}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "monitor"
+        assert container[probe]["httpGet"]["path"].startswith("/healthz")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False
+    statefulset = one(docs, "StatefulSet", "citynerve-broker")
+    assert statefulset["spec"]["replicas"] == 1
+    assert statefulset["spec"]["serviceName"] == one(docs, "Service", "citynerve-broker-headless")[
+        "metadata"]["name"]
+    service = one(docs, "Service", "citynerve-broker")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "client": names.CLIENT_PORT, "mqtt": names.MQTT_PORT}
+    selector = service["spec"]["selector"]
+    assert all(statefulset["spec"]["template"]["metadata"]["labels"][k] == v for k, v in selector.items())
+    operator = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert operator["app.kubernetes.io/component"] != selector["app.kubernetes.io/component"]
+
+
+@pytest.mark.timeout(60)
+def test_the_broker_honours_every_value() -> None:
+    values = {
+        "image": {"repository": "registry.example.org/citynerve", "tag": "1.2.3", "pullPolicy": "Always"},
+        "imagePullSecrets": ["pull"],
+        "broker": {
+            "storage": {"size": "50Gi", "storageClassName": "fast-ssd"},
+            "service": {"type": "LoadBalancer", "annotations": {"lb.example.org/internal": "false"}},
+            "resources": {"requests": {"cpu": "250m", "memory": "512Mi"},
+                          "limits": {"cpu": "2", "memory": "2Gi"}},
+            "podAnnotations": {"example.org/team": "water"},
+            "nodeSelector": {"disk": "ssd"},
+            "tolerations": [{"key": "broker", "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": "city-critical",
+        },
+    }
+    docs = render("city", values)
+    statefulset = one(docs, "StatefulSet", "citynerve-broker")
+    spec, container = _broker_pod(docs)
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert container["image"] == "registry.example.org/citynerve:1.2.3"
+    assert container["imagePullPolicy"] == "Always"
+    assert spec["imagePullSecrets"] == [{"name": "pull"}]
+    assert container["resources"] == values["broker"]["resources"]
+    assert statefulset["spec"]["template"]["metadata"]["annotations"]["example.org/team"] == "water"
+    assert spec["nodeSelector"] == {"disk": "ssd"}
+    assert spec["tolerations"] == values["broker"]["tolerations"]
+    assert spec["priorityClassName"] == "city-critical"
+    service = one(docs, "Service", "citynerve-broker")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["metadata"]["annotations"] == {"lb.example.org/internal": "false"}
+    # Defaults: the cluster's default StorageClass, no extra scheduling constraints.
+    spec, _ = _broker_pod(render("city"))
+    assert "storageClassName" not in one(render("city"), "StatefulSet", "citynerve-broker")["spec"][
+        "volumeClaimTemplates"][0]["spec"]
+    assert not {"nodeSelector", "tolerations", "priorityClassName", "imagePullSecrets"} & set(spec)
+
+
+@pytest.mark.timeout(60)
+def test_the_brokers_network_policy_names_who_may_reach_each_port() -> None:
+    mqtt = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    scrape = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    docs = render("city", {"ingest": {"namespaces": ["water", "citynerve"]},
+                           "broker": {"mqttClients": mqtt}, "networkPolicy": {"metricsClients": scrape}})
+    rules = {r["ports"][0]["port"]: r.get("from") for r in
+             one(docs, "NetworkPolicy", "citynerve-broker")["spec"]["ingress"]}
+    assert rules["client"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+                               for ns in ("water", "citynerve")]
+    assert rules["mqtt"] == mqtt
+    assert rules["monitor"] == scrape
+    open_mqtt = one(render("city"), "NetworkPolicy", "citynerve-broker")["spec"]["ingress"]
+    assert [r.get("from") for r in open_mqtt if r["ports"][0]["port"] == "mqtt"] == [None]  # anyone
+    assert [d for d in render("city", {"networkPolicy": {"enabled": False}})
+            if d["kind"] == "NetworkPolicy"] == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("values", "named"), [
+    ({"broker": {"storage": {"size": "lots"}}}, "/broker/storage/size"),
+    ({"broker": {"maxPayload": "8MB"}}, "/broker/maxPayload"),
+    ({"broker": {"service": {"type": "ExternalName"}}}, "/broker/service/type"),
+    ({"broker": {"replicas": 3}}, "replicas"),
+])
+def test_the_schema_refuses_wrong_broker_values_naming_them(values: dict[str, Any], named: str,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    proc = helm_run("template", "x", str(CHARTS["city"]), "--values", str(path))
+    assert proc.returncode != 0
+    assert named in proc.stderr

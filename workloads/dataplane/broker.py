@@ -239,7 +239,8 @@ def supervise(nats_server: str, config: Path, auth: _AuthSync) -> int:
             child.send_signal(received.si_signo)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """The supervisor's command line (the chart's StatefulSet passes exactly these)."""
     parser = argparse.ArgumentParser(
         prog="python -m citynerve.workloads.dataplane.broker",
         description="Run a city's nats-server and reload it whenever its auth file changes.")
@@ -250,7 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the file the server config includes, kept as a copy of --auth-file "
                              "(default: --auth-file itself; set it when that is read-only)")
     parser.add_argument("--nats-server", default="nats-server", help="the nats-server binary")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
     auth = _AuthSync(args.auth_file, args.auth_include or args.auth_file)
     return supervise(args.nats_server, args.config, auth)
 
