@@ -22,6 +22,7 @@ from typing import Any
 import nats
 import paho.mqtt.client as mqtt
 import pytest
+from citynerve.operators.city.broker import derive_password
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.federation import LocalFederation
 from citynerve.workloads.dataplane.broker import (
@@ -380,18 +381,19 @@ def _healthy(monitor_port: int) -> bool:
 
 @pytest.mark.timeout(90)
 @pytest.mark.asyncio
-async def test_a_local_federation_city_keeps_its_broker_password_ports_and_users(tmp_path: Path) -> None:
+async def test_a_local_federation_city_keeps_its_broker_key_ports_and_users(tmp_path: Path) -> None:
     federation = LocalFederation(tmp_path / "state", cities=("chengdu",))
     assert federation.cluster("hub").broker is None
     cluster = federation.cluster("chengdu")
     try:
         cluster.start_broker()
         city = federation.broker("chengdu")
-        assert stat.S_IMODE(cluster.broker_password_file.stat().st_mode) == 0o600
-        async with connected(city.broker, OPERATOR_USER, city.operator_password) as (nc, _):
+        assert stat.S_IMODE(city.key_file.stat().st_mode) == 0o600
+        password = derive_password(city.key_file.read_bytes().strip(), "operator", "operator")
+        async with connected(city.broker, OPERATOR_USER, password) as (nc, _):
             await nc.jetstream().add_stream(StreamConfig(name="kept", subjects=["readings.chengdu.>"]))
         worker = ingest_user("chengdu", "fleet-a", hash_password("worker-pw"))
-        city.broker.set_users([operator_user(hash_password(city.operator_password)), worker])
+        city.broker.set_users([operator_user(hash_password(password)), worker])
         assert federation.status()[1]["broker"]["running"] is True
         assert "chengdu/broker" in federation.running_components()
         federation.down()
@@ -400,11 +402,11 @@ async def test_a_local_federation_city_keeps_its_broker_password_ports_and_users
         again = LocalFederation(tmp_path / "state")  # another process finds the same broker
         again.cluster("chengdu").start_broker()
         city2 = again.broker("chengdu")
-        assert city2.operator_password == city.operator_password
+        assert city2.key_file.read_bytes() == city.key_file.read_bytes()
         assert city2.broker.url == city.broker.url
         async with connected(city2.broker, "fleet-a-ingest", "worker-pw") as (nc, _):
             assert nc.is_connected  # the users set before ``down`` are still there
-        async with connected(city2.broker, OPERATOR_USER, city2.operator_password) as (nc, _):
+        async with connected(city2.broker, OPERATOR_USER, password) as (nc, _):
             assert (await nc.jetstream().stream_info("kept")).config.subjects == ["readings.chengdu.>"]
     finally:
         federation.cluster("chengdu").stop_broker()

@@ -247,6 +247,7 @@ def desired_ingest_deployment(
                                 "python", "-m", "citynerve.workloads.dataplane.worker",
                                 "--config-env", "CITYNERVE_FLEET_CONFIG",
                                 "--credentials-dir", BROKER_CREDENTIALS_DIR,
+                                "--http-address", "0.0.0.0",  # noqa: S104 - the pod's own address
                                 "--http-port", str(INGEST_PORT),
                             ],
                             "env": [

@@ -10,6 +10,7 @@ find and stop it.
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import ssl
 import time
@@ -20,10 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from citynerve.operators.city.broker import Credentials
 from citynerve.operators.localfed import process, toolchain
 from citynerve.operators.localfed.pki import CLIENTS, ClusterPki, create_cluster_pki
 from citynerve.operators.localfed.process import ProcessTable
-from citynerve.workloads.dataplane.broker import LocalBroker, hash_password, new_password, operator_user
+from citynerve.workloads.dataplane.broker import LocalBroker
 
 # Start order; a component only starts once the ones before it answer.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -85,10 +87,10 @@ class Ports:
 
 @dataclass(frozen=True)
 class CityBroker:
-    """A city's local broker and the password of its operator user (``OPERATOR_USER``)."""
+    """A city's local broker and the key its operator derives every broker password from."""
 
     broker: LocalBroker
-    operator_password: str
+    key_file: Path
 
 
 class LocalCluster:
@@ -351,22 +353,20 @@ class LocalCluster:
         return self.broker
 
     @property
-    def broker_password_file(self) -> Path:
-        return self._city_broker().folder / "operator-password"
-
-    def broker_operator_password(self) -> str:
-        """The operator user's password: made once, kept 0600 beside the broker's store."""
-        path = self.broker_password_file
+    def broker_key_file(self) -> Path:
+        """The key the city operator derives every broker password from (``--broker-key-file``):
+        made once, kept 0600 beside the broker's store (in a cluster: Secret citynerve-broker-key)."""
+        path = self._city_broker().folder / "key"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.touch(mode=0o600)
-            tmp.write_text(new_password())
+            tmp.write_text(secrets.token_hex(32))
             tmp.replace(path)
-        return path.read_text().strip()
+        return path
 
     def city_broker(self) -> CityBroker:
-        return CityBroker(self._city_broker(), self.broker_operator_password())
+        return CityBroker(self._city_broker(), self.broker_key_file)
 
     def start_broker(self) -> None:
         """Start the broker unless it runs; a broker started before keeps the users it was given since."""
@@ -376,8 +376,9 @@ class LocalCluster:
             if self.broker.auth_file.exists():
                 self.broker.restart()
             else:
-                password = self.broker_operator_password()
-                self.broker.start([operator_user(hash_password(password))])
+                # The operator alone, until it writes every fleet's users (LocalPods copies them in).
+                key = self.broker_key_file.read_bytes().strip()
+                self.broker.start(Credentials(key, self.name).users({}))
         except (RuntimeError, TimeoutError) as exc:
             msg = f"{self.name}: the broker did not start: {exc}"
             raise ClusterError(msg) from exc
