@@ -131,7 +131,8 @@ async def ensure_city_streams(
         discard=DiscardPolicy.OLD,
         duplicate_window=QUARANTINE_DUPLICATE_WINDOW_S,
     ))
-    await js.create_key_value(bucket=FLEETS_BUCKET, history=1, storage=StorageType.FILE)
+    # direct gets: a worker reads its checkpoint with the one subject its user may use for it
+    await js.create_key_value(bucket=FLEETS_BUCKET, history=1, storage=StorageType.FILE, direct=True)
 
 
 async def ensure_fleet_streams(
