@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import nats
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import pytest_asyncio
+from citynerve.workloads.dataplane.broker import OPERATOR_USER
 from citynerve.workloads.dataplane.history import (
     HISTORY_SCHEMA,
     SORT_KEYS,
@@ -32,21 +34,21 @@ from citynerve.workloads.dataplane.history import (
     write_part,
 )
 from citynerve.workloads.dataplane.names import HISTORY_CONSUMER, windows_stream, windows_subject
+from citynerve.workloads.dataplane.streams import ensure_fleet_streams
 from citynerve.workloads.dataplane.windows import Window
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 pytestmark = pytest.mark.timeout(60)
-NATS_SERVER = Path.home() / ".cache" / "citynerve" / "bin" / "nats-v2.15.2" / "nats-server"
 CITY, FLEET = "pudong", "pudong-pressure"
 DAY0_MS = int(datetime(2026, 3, 1, tzinfo=UTC).timestamp() * 1000)
 FIVE_MIN_MS = 300_000
 
 
-def window(prop: str, index: int, terminals: int = 3) -> Window:
+def window(prop: str, index: int, terminals: int = 3, city: str = CITY) -> Window:
     """The ``index``-th 5-minute window of ``prop`` after 2026-03-01 22:00 UTC (index 24: the next day)."""
     values = 300.0 + index + np.arange(terminals, dtype=np.float64)
-    return Window(city=CITY, fleet=FLEET, prop=prop, start_ms=DAY0_MS + 22 * 3_600_000 + index * FIVE_MIN_MS,
+    return Window(city=city, fleet=FLEET, prop=prop, start_ms=DAY0_MS + 22 * 3_600_000 + index * FIVE_MIN_MS,
                   seconds=300, sensor=np.asarray([f"g{i}" for i in range(terminals)], dtype=object),
                   count=np.full(terminals, 5, np.int64), mean=values, minimum=values - 1.0,
                   maximum=values + 1.0)
@@ -61,53 +63,39 @@ def keys(table: pa.Table) -> list[tuple[object, ...]]:
     return list(zip(*columns, strict=True))
 
 
-# -- a real nats-server with JetStream, and the fleet's windows stream -----------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [str(NATS_SERVER), "-js", "-sd", str(tmp_path / "jetstream"), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nats-server did not listen within 10 s"
-                time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
+# -- the city's broker (the shared fixture), the fleet's windows stream ---------------------------------
+@dataclass(frozen=True)
+class Stream:
+    js: JetStreamContext
+    city: str
+    url: str
+    password: str  # the operator's: the broker has no identity of the history writer's own yet
 
 
 @pytest_asyncio.fixture
-async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(nats_url)
-    context = nc.jetstream()
-    await context.add_stream(name=windows_stream(FLEET), subjects=[windows_subject(CITY, FLEET)])
-    yield context
+async def stream(broker: Any) -> AsyncIterator[Stream]:
+    nc = await nats.connect(broker.broker.url, user=OPERATOR_USER, password=broker.operator_password)
+    js = nc.jetstream()
+    await ensure_fleet_streams(js, broker.city, FLEET, window_s=300, allowed_lateness_s=60,
+                               retention_hours=24)
+    yield Stream(js, broker.city, broker.broker.url, broker.operator_password)
     await nc.close()
 
 
-async def publish(js: JetStreamContext, windows: list[Window]) -> None:
+async def publish(stream: Stream, windows: list[Window]) -> None:
     for w in windows:
-        await js.publish(windows_subject(CITY, FLEET, w.prop), w.encode(), headers=w.headers())
+        await stream.js.publish(windows_subject(stream.city, FLEET, w.prop), w.encode(), headers=w.headers())
 
 
-async def all_acknowledged(js: JetStreamContext, published: int, within_s: float = 20.0) -> None:
+async def all_acknowledged(js: JetStreamContext, published: int, writer: asyncio.Task[None],
+                           within_s: float = 20.0) -> None:
     """Wait until the history consumer exists and has acknowledged every message of the stream."""
     deadline = time.monotonic() + within_s
     info = None
     while True:
+        if writer.done():
+            writer.result()  # the writer's error, if it failed
+            raise AssertionError("the history writer returned before it was stopped")
         try:
             info = await js.consumer_info(windows_stream(FLEET), HISTORY_CONSUMER)
             if info.ack_floor.stream_seq >= published and info.num_ack_pending == 0:
@@ -118,10 +106,10 @@ async def all_acknowledged(js: JetStreamContext, published: int, within_s: float
         await asyncio.sleep(0.05)
 
 
-async def run_until_acknowledged(writer: HistoryWriter, js: JetStreamContext, published: int) -> None:
+async def run_until_acknowledged(writer: HistoryWriter, published: int) -> None:
     task = asyncio.create_task(writer.run())
     try:
-        await all_acknowledged(js, published)
+        await all_acknowledged(writer.js, published, task)
     finally:
         writer.stop()
         await asyncio.wait_for(task, 10)
@@ -130,11 +118,11 @@ async def run_until_acknowledged(writer: HistoryWriter, js: JetStreamContext, pu
 # -- the writer on a real stream ------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_published_windows_become_history_rows_and_a_closed_day_is_one_file(
-        js: JetStreamContext, tmp_path: Path) -> None:
-    windows = [window(prop, i) for i in range(30) for prop in ("pressure", "batteryLevel")]  # 22:00 → +1 day
-    await publish(js, windows)
-    writer = HistoryWriter(js, CITY, FLEET, tmp_path, flush_windows=8, flush_seconds=0.2)
-    await run_until_acknowledged(writer, js, len(windows))
+        stream: Stream, tmp_path: Path) -> None:
+    windows = [window(p, i, city=stream.city) for i in range(30) for p in ("pressure", "batteryLevel")]
+    await publish(stream, windows)  # 22:00 to 00:25 the next day
+    writer = HistoryWriter(stream.js, stream.city, FLEET, tmp_path, flush_windows=8, flush_seconds=0.2)
+    await run_until_acknowledged(writer, len(windows))
 
     assert read_history(tmp_path, FLEET).equals(expected_rows(windows))
     assert days(tmp_path, FLEET) == ["2026-03-01", "2026-03-02"]
@@ -145,28 +133,30 @@ async def test_published_windows_become_history_rows_and_a_closed_day_is_one_fil
 
 
 @pytest.mark.asyncio
-async def test_a_restarted_writer_resumes_without_duplicates(js: JetStreamContext, tmp_path: Path) -> None:
-    first = [window("pressure", i) for i in range(10)]
-    await publish(js, first)
-    await run_until_acknowledged(HistoryWriter(js, CITY, FLEET, tmp_path, flush_windows=4, flush_seconds=0.2),
-                                 js, len(first))
-    second = [window("pressure", i) for i in range(10, 30)]
-    await publish(js, second)
-    await run_until_acknowledged(HistoryWriter(js, CITY, FLEET, tmp_path, flush_windows=4, flush_seconds=0.2),
-                                 js, len(first) + len(second))
+async def test_a_restarted_writer_resumes_without_duplicates(stream: Stream, tmp_path: Path) -> None:
+    first = [window("pressure", i, city=stream.city) for i in range(10)]
+    await publish(stream, first)
+    await run_until_acknowledged(
+        HistoryWriter(stream.js, stream.city, FLEET, tmp_path, flush_windows=4, flush_seconds=0.2),
+        len(first))
+    second = [window("pressure", i, city=stream.city) for i in range(10, 30)]
+    await publish(stream, second)
+    await run_until_acknowledged(
+        HistoryWriter(stream.js, stream.city, FLEET, tmp_path, flush_windows=4, flush_seconds=0.2),
+        len(first) + len(second))
 
     assert read_history(tmp_path, FLEET).equals(expected_rows(first + second))
 
 
 @pytest.mark.asyncio
 async def test_a_message_that_is_not_a_window_is_terminated_and_the_rest_written(
-        js: JetStreamContext, tmp_path: Path) -> None:
-    windows = [window("pressure", i) for i in range(3)]
-    await publish(js, windows[:1])
-    await js.publish(windows_subject(CITY, FLEET, "pressure"), b"not arrow")
-    await publish(js, windows[1:])
-    await run_until_acknowledged(HistoryWriter(js, CITY, FLEET, tmp_path, flush_windows=8, flush_seconds=0.2),
-                                 js, 4)
+        stream: Stream, tmp_path: Path) -> None:
+    windows = [window("pressure", i, city=stream.city) for i in range(3)]
+    await publish(stream, windows[:1])
+    await stream.js.publish(windows_subject(stream.city, FLEET, "pressure"), b"not arrow")
+    await publish(stream, windows[1:])
+    await run_until_acknowledged(
+        HistoryWriter(stream.js, stream.city, FLEET, tmp_path, flush_windows=8, flush_seconds=0.2), 4)
 
     assert read_history(tmp_path, FLEET).equals(expected_rows(windows))
 
@@ -182,8 +172,9 @@ class KilledBeforeAcknowledging(HistoryWriter):
         os.kill(os.getpid(), signal.SIGKILL)  # the file is renamed into place; no message is acknowledged
 
 async def main():
-    nc = await nats.connect(sys.argv[1])
-    writer = KilledBeforeAcknowledging(nc.jetstream(), sys.argv[2], sys.argv[3], Path(sys.argv[4]),
+    url, user, city, fleet, root = sys.argv[1:]
+    nc = await nats.connect(url, user=user, password=os.environ["BROKER_PASSWORD"])
+    writer = KilledBeforeAcknowledging(nc.jetstream(), city, fleet, Path(root),
                                        flush_windows=4, flush_seconds=30, ack_wait_seconds=1)
     await writer.run()
 
@@ -193,26 +184,28 @@ asyncio.run(main())
 
 @pytest.mark.asyncio
 async def test_killed_between_rename_and_ack_every_window_appears_once(
-        js: JetStreamContext, nats_url: str, tmp_path: Path) -> None:
+        stream: Stream, tmp_path: Path) -> None:
     root = tmp_path / "history"
-    first = [window("pressure", i) for i in range(6)]
-    await publish(js, first)
+    first = [window("pressure", i, city=stream.city) for i in range(6)]
+    await publish(stream, first)
     script = tmp_path / "killed_writer.py"
     script.write_text(KILLED_WRITER)
-    killed = await asyncio.create_subprocess_exec(sys.executable, str(script), nats_url, CITY, FLEET,
-                                                  str(root))
+    killed = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stream.url, OPERATOR_USER, stream.city, FLEET, str(root),
+        env={**os.environ, "BROKER_PASSWORD": stream.password})
     assert await asyncio.wait_for(killed.wait(), 30) == -signal.SIGKILL
     written = [f.name for f in live_files(day_dir(root, FLEET, "2026-03-01"))]
     assert written == ["part-1-4.parquet"]  # renamed, then killed
     inode = (day_dir(root, FLEET, "2026-03-01") / written[0]).stat().st_ino
-    info = await js.consumer_info(windows_stream(FLEET), HISTORY_CONSUMER)
+    info = await stream.js.consumer_info(windows_stream(FLEET), HISTORY_CONSUMER)
     assert info.ack_floor.stream_seq == 0
 
-    # redelivered after the 1 s acknowledgement wait, mixed with windows published since
-    second = [window("pressure", i) for i in range(6, 12)]
-    await publish(js, second)
-    writer = HistoryWriter(js, CITY, FLEET, root, flush_windows=5, flush_seconds=0.3, ack_wait_seconds=1)
-    await run_until_acknowledged(writer, js, len(first) + len(second))
+    # redelivered after the 1 s acknowledgement wait, then the windows published since
+    second = [window("pressure", i, city=stream.city) for i in range(6, 12)]
+    await publish(stream, second)
+    writer = HistoryWriter(stream.js, stream.city, FLEET, root, flush_windows=5, flush_seconds=0.3,
+                           ack_wait_seconds=1)
+    await run_until_acknowledged(writer, len(first) + len(second))
 
     history = read_history(root, FLEET)
     assert len(set(keys(history))) == history.num_rows  # no row twice

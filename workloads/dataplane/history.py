@@ -32,7 +32,6 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nats.errors
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -371,7 +370,7 @@ class HistoryWriter:
                     timeout = min(timeout, max(0.05, self._oldest_at + self.flush_seconds - time.monotonic()))
                 try:
                     msgs = await sub.fetch(self.flush_windows - len(self._buffer), timeout=timeout)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own subclass, or asyncio's, when nothing came
                     msgs = []
                 for msg in msgs:
                     await self._take(msg)
