@@ -56,6 +56,8 @@ class RunningBroker:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    if not toolchain.COMPONENTS["nats"].is_built():
+        pytest.fail("nats-server is not built: run `citynerve tools nats` (a minute, once)")
     password = new_password()
     users = [operator_user(hash_password(password))]
     local = LocalBroker(tmp_path / "broker", BROKER_CITY, nats_server=toolchain.binary("nats-server"))

@@ -71,11 +71,13 @@ class Terminal:
 
     def __init__(self, broker: LocalBroker, user: str, password: str, *, clean_session: bool = True) -> None:
         self.connack: ReasonCode | None = None
+        self.connects = 0
         self.disconnected = False
         self.suback: list[ReasonCode] | None = None
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-terminal-1",
                                   protocol=mqtt.MQTTv311, clean_session=clean_session)
         self.client.username_pw_set(user, password)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -85,6 +87,7 @@ class Terminal:
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         self.connack = reason
+        self.connects += 1
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _reason: ReasonCode, _p: Any) -> None:
         self.disconnected = True
@@ -310,6 +313,23 @@ async def test_kill_9_and_restart_keeps_acknowledged_messages(broker: Any) -> No
     assert broker.broker.ports == ports
     async with connected(broker.broker, OPERATOR_USER, broker.operator_password) as (nc, _):
         assert await stored(nc, READINGS_ALL, subject) == 50
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio
+async def test_a_terminal_reconnects_after_a_broker_crash_and_loses_nothing_acknowledged(broker: Any) -> None:
+    a = broker.add_fleet("fleet-a")
+    await create_readings_stream(broker)
+    topic = readings_topic(broker.city, "fleet-a")
+    with terminal(broker.broker, "fleet-a", a.terminal, clean_session=False) as term:
+        term.publish_all(topic, 50)
+        broker.broker.kill()
+        wait_for(lambda: term.disconnected, what="the terminal noticing the crash")
+        broker.broker.restart()
+        wait_for(lambda: term.connects == 2, timeout=30, what="the terminal's reconnection")
+        term.publish_all(topic, 50)
+    async with connected(broker.broker, OPERATOR_USER, broker.operator_password) as (nc, _):
+        assert await stored(nc, READINGS_ALL, readings_subject(broker.city, "fleet-a")) == 100
 
 
 def test_ingest_permissions_name_the_fleets_own_subjects() -> None:
