@@ -12,10 +12,8 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import aiohttp
 import nats
 import pytest
 import pytest_asyncio
+from citynerve.workloads.dataplane.broker import OPERATOR_USER
 from citynerve.workloads.dataplane.http_gateway import (
     UPSERT_PATH,
     BatchShape,
@@ -41,13 +40,14 @@ from citynerve.workloads.dataplane.names import (
     readings_stream,
     readings_subject,
 )
+from citynerve.workloads.dataplane.streams import ensure_fleet_streams
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StreamConfig
+
+from tests.conftest import RunningBroker
 
 pytestmark = pytest.mark.timeout(90)
-NATS_SERVER = Path.home() / ".cache/citynerve/bin/nats-v2.15.2/nats-server"
-CITY, FLEET = "testcity", "pudong-pressure"
+FLEET = "pudong-pressure"
 LIMITS = GatewayLimits(max_body_bytes=1024 * 1024, max_entities=100, max_depth=32, read_timeout_s=1.5,
                        keepalive_timeout_s=5.0, linger_s=0.5, retry_after_s=3)
 
@@ -62,14 +62,6 @@ def batch(n: int = 3, start: int = 0) -> bytes:
     return json.dumps(entities(n, start)).encode()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.02)
-
-
 async def wait_until(condition: Callable[[], bool], within_s: float, what: str) -> None:
     deadline = time.monotonic() + within_s
     while not condition():
@@ -78,66 +70,14 @@ async def wait_until(condition: Callable[[], bool], within_s: float, what: str) 
         await asyncio.sleep(0.02)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
-
-
-class NatsServer:
-    """A nats-server with JetStream in a folder; stopped and started again on the same port and store."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = _free_port()
-        self.config = folder / "nats.conf"
-        self.config.write_text(f'listen: "127.0.0.1:{self.port}"\nmax_payload: 8MB\n'
-                               f'jetstream {{ store_dir: "{folder / "js"}" }}\n')
-        self.log = folder / "nats.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([str(NATS_SERVER), "-c", str(self.config)],
-                                            stdout=log, stderr=log)
-        wait_for(lambda: _accepts(self.port), 10, f"nats-server on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @dataclass
 class Gateway:
-    """A served gateway app, its broker connection and the fleet's readings stream."""
+    """A served gateway app, its broker connection (the fleet's ingest user) and the stream."""
 
     app: Any
     port: int
     nc: Client
-    js: JetStreamContext
+    admin: JetStreamContext  # the operator's: it may read the stream, the gateway may not
 
     @property
     def url(self) -> str:
@@ -145,40 +85,39 @@ class Gateway:
 
     async def stored(self) -> list[Any]:
         """Every message of the fleet's readings stream."""
-        info = await self.js.stream_info(readings_stream(FLEET))
-        return [await self.js.get_msg(readings_stream(FLEET), seq)
-                for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages]
+        state = (await self.admin.stream_info(readings_stream(FLEET))).state
+        if not state.messages:
+            return []
+        return [await self.admin.get_msg(readings_stream(FLEET), seq)
+                for seq in range(state.first_seq, state.last_seq + 1)]
 
     def answers(self) -> dict[str, int]:
         answers: dict[str, int] = counters(self.app).as_status()["answers"]
         return answers
 
 
-async def _connect(server: NatsServer) -> Client:
-    return await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
-                              connect_timeout=2)
-
-
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest_asyncio.fixture
-async def make_gateway(nats_server: NatsServer) -> AsyncIterator[GatewayFactory]:
-    """Builds the fleet's stream and a served gateway app publishing into it."""
-    runners, connections = [], []
+async def make_gateway(broker: RunningBroker) -> AsyncIterator[GatewayFactory]:
+    """Builds the fleet's streams as the city operator does, and a served gateway publishing into
+    them as the fleet's ingest user (the identity the worker that runs the gateway has)."""
+    passwords = broker.add_fleet(FLEET)
+    admin = await nats.connect(broker.broker.url, user=OPERATOR_USER, password=broker.operator_password)
+    runners, connections = [], [admin]
 
-    async def build(limits: GatewayLimits = LIMITS, **stream: Any) -> Gateway:
-        nc = await _connect(nats_server)
+    async def build(limits: GatewayLimits = LIMITS, max_bytes: int | None = None) -> Gateway:
+        await ensure_fleet_streams(admin.jetstream(), broker.city, FLEET, window_s=60, allowed_lateness_s=30,
+                                   retention_hours=1, max_bytes=max_bytes)
+        nc = await nats.connect(broker.broker.url, user=f"{FLEET}-ingest", password=passwords.ingest,
+                                reconnect_time_wait=0.1, max_reconnect_attempts=-1)
         connections.append(nc)
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name=readings_stream(FLEET),
-                                         subjects=[readings_subject(CITY, FLEET)],
-                                         duplicate_window=120.0, **stream))
-        app = make_app(jetstream_publisher(js, readings_subject(CITY, FLEET), timeout_s=2.0), limits,
-                       broker_connected=lambda: nc.is_connected)
+        publish = jetstream_publisher(nc.jetstream(), readings_subject(broker.city, FLEET), timeout_s=2.0)
+        app = make_app(publish, limits, broker_connected=lambda: nc.is_connected)
         runner = await serve(app, "127.0.0.1", 0)
         runners.append(runner)
-        return Gateway(app, runner.addresses[0][1], nc, js)
+        return Gateway(app, runner.addresses[0][1], nc, admin.jetstream())
 
     yield build
     for runner in runners:
@@ -421,9 +360,9 @@ async def test_a_connection_that_never_sends_a_request_is_closed_after_the_keepa
 # -- the broker: 503 and nothing lost ---------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_broker_down_is_503_with_retry_after_and_the_retry_is_stored_once(
-        gateway: Gateway, nats_server: NatsServer) -> None:
+        gateway: Gateway, broker: RunningBroker) -> None:
     body = batch(4)
-    nats_server.stop()
+    broker.broker.stop()
     await wait_until(lambda: not gateway.nc.is_connected, 10, "the gateway's connection to notice")
     async with aiohttp.ClientSession() as session:
         async with session.post(gateway.url + UPSERT_PATH, data=body,
@@ -434,7 +373,7 @@ async def test_broker_down_is_503_with_retry_after_and_the_retry_is_stored_once(
         for probe in ("/healthz", "/readyz"):
             async with session.get(gateway.url + probe) as resp:
                 assert resp.status == 503
-        nats_server.start()
+        broker.broker.start(broker.users)
         await wait_until(lambda: gateway.nc.is_connected, 15, "the gateway to reconnect")
         for probe in ("/healthz", "/readyz"):
             async with session.get(gateway.url + probe) as resp:
@@ -447,11 +386,11 @@ async def test_broker_down_is_503_with_retry_after_and_the_retry_is_stored_once(
 
 @pytest.mark.asyncio
 async def test_a_full_stream_is_503_and_stores_nothing_more(make_gateway: GatewayFactory) -> None:
-    gateway = await make_gateway(max_msgs=1, discard=DiscardPolicy.NEW)
+    gateway = await make_gateway(max_bytes=len(batch(2)) + 200)  # one batch, its subject and headers
     assert (await post(gateway, batch(2)))[0] == 204
     status, problem = await post(gateway, batch(2, start=10))
     assert status == 503
-    assert "maximum messages exceeded" in problem["detail"]
+    assert "maximum bytes exceeded" in problem["detail"]
     assert [m.data for m in await gateway.stored()] == [batch(2)]
     assert counters(gateway.app).stored_batches == 1
 
@@ -506,3 +445,16 @@ async def test_rss_stays_bounded_over_2000_bad_requests(gateway: Gateway,
     assert sum(gateway.answers().values()) == 2500
     # Measured: 72.6 MiB after the warm-up, within 2 MiB of it over 4,500 more requests.
     assert grown < 8 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB over 2,000 bad requests"
+
+
+@pytest.mark.asyncio
+async def test_a_body_over_the_brokers_largest_message_is_413(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(GatewayLimits(max_entities=200_000))  # 16 MiB; the broker takes 8 MiB
+    two_mb, nine_mb = batch(16_000), batch(72_000)
+    assert 2_000_000 < len(two_mb) < 2_500_000
+    assert 9_000_000 < len(nine_mb) < 16 * 2**20
+    assert (await post(gateway, two_mb))[0] == 204  # checked off the event loop (over 1 MiB)
+    status, problem = await post(gateway, nine_mb)
+    assert (status, problem["title"]) == (413, "body too large for the broker")
+    assert [m.data for m in await gateway.stored()] == [two_mb]
+    assert gateway.answers() == {"204": 1, "413": 1}
