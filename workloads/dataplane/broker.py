@@ -416,7 +416,14 @@ class LocalBroker:
         return _get_json(f"{self.monitor_url}/varz").get("config_load_time")
 
     def set_users(self, users: Sequence[BrokerUser], timeout: float = 30.0) -> None:
-        """Replace the users without a restart; return once the server runs with them."""
+        """Replace the users without a restart; return once the server runs with them.
+
+        A broker that is not running only gets the file: its next start (``restart``) uses it.
+        """
+        if not self.is_running():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomically(self.auth_file, render_auth(users))
+            return
         before = self._load_time()
         _write_atomically(self.auth_file, render_auth(users))
         pid = self.pid
