@@ -349,7 +349,8 @@ def test_a_reading_for_a_closed_window_is_late_and_quarantined() -> None:
     assert set(late.quarantined_rows["reason"].to_pylist()) == {"late"}
     assert late.newest_window is None
     assert balanced(late)
-    # a window that never held a reading is closed by the watermark all the same
+    # a later window closing makes every window below it closed, one that held nothing too
+    pipeline.ingest_batch(pressure_batch(900.0, steps=1), NOW_MS)
     pipeline.flush(EPOCH_MS + 1_260_000)
     assert pipeline.ingest_batch(pressure_batch(700.0, steps=1), NOW_MS).quarantined == {"late": 20}
     assert pipeline.stats.quarantined == {"late": 60}

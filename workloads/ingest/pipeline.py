@@ -207,7 +207,8 @@ class IngestPipeline:
         self._ring_pos = np.zeros(0, dtype=np.uint8)
         self._ring_newest = np.zeros(0, dtype=np.int64)
         self._baseline: tuple[FloatArray, FloatArray] | None = None
-        self._decoder: NgsiDecoder | None = None
+        # built now when there is a payload schema, so a broken one is refused at once
+        self._decoder = NgsiDecoder(sensor_type) if sensor_type.payload_schema is not None else None
         self._metrics = IngestRecorder(sensor_type.name)
         # Newest accepted reading per terminal (ms), for "terminals online"; off in the hot path.
         self._last_seen: IntArray | None = np.zeros(0, dtype=np.int64) if track_terminals else None
@@ -324,17 +325,14 @@ class IngestPipeline:
 
     # ---- outputs ------------------------------------------------------------------------
     def flush(self, watermark_ms: int | None = None) -> WindowAggregates:
-        """Close windows that end at or before the watermark (all, when None), and score them.
-
-        With a watermark, ``closed_before`` moves up to it even where no window was open: a
-        reading that arrives later for that span is late.
-        """
+        """Close windows whose end plus the allowed lateness is at or before the watermark (all,
+        when None), and score them. ``closed_before`` moves past the last window closed."""
         self._metrics.flush()
-        if watermark_ms is not None:
-            self._closed_before = max(
-                self._closed_before, (watermark_ms - self.lateness_ms) // self.window_ms
-            )
-        closing = sorted(w for w in self._windows if watermark_ms is None or w < self._closed_before)
+        closing = sorted(
+            w
+            for w in self._windows
+            if watermark_ms is None or (w + 1) * self.window_ms + self.lateness_ms <= watermark_ms
+        )
         parts = []
         for w in closing:
             acc = self._windows.pop(w)

@@ -7,7 +7,7 @@ the resource's camelCase spec); ingestion never imports the operators.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,8 @@ class SensorType:
 
     `max_future_skew_s` bounds how far ahead of the ingesting clock a timestamp may be;
     `max_age_s` how far behind (late data beyond it is quarantined, not silently folded in).
+    `payload_schema` is the resource's ``payloadSchema`` (JSON Schema), evaluated on every
+    NGSI-LD entity (`citynerve.workloads.ingest.payload_schema`).
     """
 
     name: str
@@ -44,6 +46,7 @@ class SensorType:
     properties: tuple[MeasuredProperty, ...]
     max_future_skew_s: float = 300.0
     max_age_s: float = 7 * 86400.0
+    payload_schema: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.properties]
@@ -82,6 +85,7 @@ class SensorType:
                 properties=props,
                 max_future_skew_s=float(spec.get("maxFutureSkewSeconds", 300.0)),
                 max_age_s=float(spec.get("maxAgeSeconds", 7 * 86400.0)),
+                payload_schema=spec.get("payloadSchema"),
             )
         except KeyError as err:
             raise ValueError(f"sensor type spec lacks field {err.args[0]!r}") from err
@@ -99,7 +103,12 @@ class SensorType:
                 )
                 for p in spec["properties"]
             )
-            return cls(name=name, data_model=str(spec["dataModel"]["entityType"]), properties=props)
+            return cls(
+                name=name,
+                data_model=str(spec["dataModel"]["entityType"]),
+                properties=props,
+                payload_schema=spec.get("payloadSchema"),
+            )
         except KeyError as err:
             raise ValueError(f"SensorType {name} lacks field {err.args[0]!r}") from err
 
