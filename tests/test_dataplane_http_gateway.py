@@ -346,14 +346,17 @@ async def test_64_stalled_connections_do_not_hold_back_a_65th_and_are_cut(gatewa
 
 
 @pytest.mark.asyncio
-async def test_a_connection_that_never_sends_a_request_is_closed_after_the_keepalive(
+async def test_a_connection_that_never_completes_a_request_is_closed_after_the_keepalive(
         make_gateway: GatewayFactory) -> None:
     gateway = await make_gateway(GatewayLimits(keepalive_timeout_s=0.5))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    silent = await asyncio.open_connection("127.0.0.1", gateway.port)
+    trickling = await asyncio.open_connection("127.0.0.1", gateway.port)
     started = time.monotonic()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
+    trickling[1].write(b"POST " + UPSERT_PATH.encode() + b" HTTP/1.1\r\nHost: gate")  # and no more
+    for reader, writer in (silent, trickling):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
     assert 0.4 < time.monotonic() - started < 3
-    writer.close()
     assert gateway.answers() == {}
 
 
