@@ -258,6 +258,30 @@ def _utc(moment: datetime, name: str) -> datetime:
     return moment.astimezone(UTC)
 
 
+def _day_groups(root: Path, fleet: str, selected: list[str]) -> list[tuple[bool, list[Path]]]:
+    """The days' files in day order, each group with whether it needs sorting once read.
+
+    Days do not overlap in time and every file is written sorted, so consecutive one-file days
+    read in order are sorted already (one group); a day of several files is a group of its own.
+    """
+    groups: list[tuple[bool, list[Path]]] = []
+    for day in selected:
+        files = live_files(day_dir(root, fleet, day))
+        if len(files) == 1 and groups and not groups[-1][0]:
+            groups[-1][1].extend(files)
+        elif files:
+            groups.append((len(files) > 1, files))
+    return groups
+
+
+def _scan(root: Path, files: list[Path], condition: pc.Expression, *, sort: bool) -> pa.Table:
+    # a dataset's to_table keeps the files' order and each file's row order
+    dataset = ds.dataset([str(f) for f in files], format="parquet", partitioning=_PARTITIONING,
+                         partition_base_dir=str(root))
+    table = dataset.to_table(columns=HISTORY_SCHEMA.names, filter=condition).cast(HISTORY_SCHEMA)
+    return table.sort_by(SORT_KEYS) if sort else table
+
+
 def read_history(
     root: Path,
     fleet: str,
@@ -292,15 +316,13 @@ def read_history(
         selected = [d for d in days(root, fleet)
                     if (first_day is None or d >= first_day) and (last_day is None or d <= last_day)]
         try:
-            files = [str(f) for d in selected for f in live_files(day_dir(root, fleet, d))]
-            if not files:
-                return HISTORY_SCHEMA.empty_table()
-            dataset = ds.dataset(files, format="parquet", partitioning=_PARTITIONING,
-                                 partition_base_dir=str(root))
-            table = dataset.to_table(columns=HISTORY_SCHEMA.names, filter=condition)
+            pieces = [_scan(root, files, condition, sort=needs_sort)
+                      for needs_sort, files in _day_groups(root, fleet, selected)]
         except FileNotFoundError:
             continue  # compacted or pruned between the listing and the reading: list again
-        return table.cast(HISTORY_SCHEMA).sort_by(SORT_KEYS).combine_chunks()
+        if not pieces:
+            return HISTORY_SCHEMA.empty_table()
+        return pa.concat_tables(pieces)
     msg = f"the history of fleet {fleet} under {root} kept changing while read ({_READ_ATTEMPTS} tries)"
     raise RuntimeError(msg)
 
