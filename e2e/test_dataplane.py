@@ -1,0 +1,295 @@
+"""A city's data plane end to end: terminals publish, the stream worker windows, the fleet says so.
+
+Real pieces only: the city's control plane (RBAC on) and its nats-server (JetStream, MQTT), the
+city operator in-process under a ServiceAccount holding exactly the chart's rules, each fleet's
+stream worker run from its own Deployment by ``LocalPods`` (kwok runs no containers), paho-mqtt
+terminals with the fleet's own credential, and a field gateway posting NGSI-LD over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from citynerve.operators.city import rbac
+from citynerve.operators.city.broker import BrokerOptions, derive_password
+from citynerve.operators.city.config import CityOptions
+from citynerve.operators.city.handlers import build_registry
+from citynerve.operators.federation.embedded import install_crds
+from citynerve.operators.localfed.pods import LocalPods
+from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
+from citynerve.workloads.dataplane import names
+from citynerve.workloads.dataplane.broker import OPERATOR_USER
+from citynerve.workloads.dataplane.http_gateway import UPSERT_PATH
+from citynerve.workloads.dataplane.windows import Window
+from kubernetes import client
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+CITY = "chengdu"
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+OPERATOR_SA = "citynerve-city-operator"
+WINDOW_S, LATENESS_S = 10, 2
+WINDOWS = 3  # full windows each terminal reports in
+
+
+@pytest.fixture(scope="module")
+def city(federation: Any) -> Any:
+    install_crds(KubeTarget(federation.kubeconfig, CITY))
+    return federation.cluster(CITY)
+
+
+def operator_target(federation: Any, namespace: str, folder: Path) -> KubeTarget:
+    """The chart's rules for the operator: its Role in the (work and broker) namespace, the catalogue."""
+    api = federation.api_client(CITY)
+    core, rbac_api = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": OPERATOR_SA}})
+    subject = [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}]
+    for name, rules in (("operator", rbac.role_rules("local")), ("broker", rbac.broker_release_rules())):
+        rbac_api.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": rules})
+        rbac_api.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": name}, "subjects": subject,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}})
+    catalogue = f"citynerve-catalogue-{namespace}"
+    rbac_api.create_cluster_role({"metadata": {"name": catalogue}, "rules": rbac.agent_cluster_rules()})
+    rbac_api.create_cluster_role_binding({
+        "metadata": {"name": catalogue}, "subjects": subject,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": catalogue}})
+    return service_account_target(KubeTarget(federation.kubeconfig, CITY), namespace, OPERATOR_SA, folder)
+
+
+@contextlib.contextmanager
+def data_plane(federation: Any, city: Any, namespace: str, folder: Path) -> Iterator[LocalPods]:
+    """The city operator (with its broker) and the local pod host, for one test."""
+    target = operator_target(federation, namespace, folder / "operator")
+    broker = BrokerOptions(city.broker.url, city.broker_key_file, namespace)
+    options = OperatorOptions(f"city-{CITY}", target, namespaces=(namespace,))
+    city_options = CityOptions(city=CITY, resync_seconds=4.0, broker=broker)
+    operator = InProcessOperator(options, build_registry(options, city_options)).start()
+    api = federation.api_client(CITY)
+    pods = LocalPods(api, [namespace], city.broker, namespace, folder / "pods").start()
+    try:
+        yield pods
+    finally:
+        pods.stop()
+        operator.stop()
+
+
+def sensor_type(namespace: str) -> dict[str, Any]:
+    body = yaml.safe_load((ROOT / "samples/sensortypes/water-level-gauge-underpass.yaml").read_text())
+    body["metadata"]["name"] = f"underpass-{namespace}"
+    return body
+
+
+def fleet(name: str, type_name: str, count: int, protocol: str) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SensorFleet", "metadata": {"name": name},
+            "spec": {"sensorType": type_name, "district": "wuhou", "count": count, "owner": "government",
+                     "protocol": protocol, "samplingIntervalSeconds": 60, "windowSeconds": WINDOW_S,
+                     "allowedLatenessSeconds": LATENESS_S}}
+
+
+def entities(fleet_name: str, terminal: int, start_s: int, values: list[float]) -> bytes:
+    """One terminal's readings, one a second from ``start_s``, as concise NGSI-LD FloodMonitoring."""
+    return json.dumps([
+        {"id": f"urn:ngsi-ld:FloodMonitoring:{fleet_name}-{terminal}", "type": "FloodMonitoring",
+         "dateObserved": datetime.fromtimestamp(start_s + i, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+         "waterLevel": value}
+        for i, value in enumerate(values)
+    ]).encode()
+
+
+def secret(federation: Any, namespace: str, name: str) -> dict[str, str]:
+    body = client.CoreV1Api(federation.api_client(CITY)).read_namespaced_secret(name, namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (body.data or {}).items()}
+
+
+class Terminals:
+    """An MQTT client with a fleet's credential (what a network server of its terminals holds)."""
+
+    def __init__(self, host: str, port: int, username: str, password: str) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311,
+                                  client_id=f"{username}-{time.monotonic_ns()}")
+        self.client.username_pw_set(username, password)
+        answered = threading.Event()
+        refused: list[str] = []
+
+        def on_connect(_client: Any, _data: Any, _flags: Any, reason: Any, _props: Any) -> None:
+            if reason.is_failure:
+                refused.append(str(reason))
+            answered.set()
+
+        self.client.on_connect = on_connect
+        self.client.connect(host, port)
+        self.client.loop_start()
+        if not answered.wait(10) or refused:
+            self.close()
+            msg = f"the broker refused {username}: {refused or 'no answer'}"
+            raise ConnectionError(msg)
+        self.client.on_connect = None
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(30)
+        assert info.is_published(), f"the broker did not acknowledge a QoS 1 publish to {topic}"
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def post(url: str, body: bytes) -> int:
+    request = urllib.request.Request(  # noqa: S310 - the local worker
+        url + UPSERT_PATH, body, {"Content-Type": "application/ld+json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - the local worker
+        return int(answer.status)
+
+
+Aggregates = dict[tuple[str, int], tuple[int, float, float, float]]
+
+
+def read_windows(url: str, key_file: Path, fleet_name: str) -> Aggregates:
+    """Every window message on the fleet's windows stream, by (terminal, window start)."""
+
+    password = derive_password(key_file.read_bytes().strip(), "operator", "operator")
+
+    async def read() -> Aggregates:
+        nc = await nats.connect(url, user=OPERATOR_USER, password=password, allow_reconnect=False)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(names.windows_stream(fleet_name))
+            found: Aggregates = {}
+            if not info.state.messages:  # an empty stream's first sequence is 0, no message's
+                return found
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(names.windows_stream(fleet_name), seq)
+                window = Window.decode(msg.data or b"")
+                for i, sensor in enumerate(window.sensor):
+                    key = (str(sensor), window.start_ms)
+                    assert key not in found, f"window {key} of {fleet_name} published twice"
+                    found[key] = (int(window.count[i]), float(window.mean[i]), float(window.minimum[i]),
+                                  float(window.maximum[i]))
+            return found
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def fleet_status(federation: Any, namespace: str, name: str) -> dict[str, Any]:
+    body = client.CustomObjectsApi(federation.api_client(CITY)).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "sensorfleets", name)
+    return dict(body.get("status") or {})
+
+
+def ready(status: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
+
+
+def test_terminals_over_mqtt_and_http_become_exact_windows_and_fleet_status(
+        federation: Any, city: Any, namespace: str, tmp_path: Path, wait_for: Any) -> None:
+    custom = client.CustomObjectsApi(federation.api_client(CITY))
+    type_body = sensor_type(namespace)
+    custom.create_cluster_custom_object(GROUP, VERSION, "sensortypes", type_body)
+    type_name = type_body["metadata"]["name"]
+    rng = np.random.default_rng(17)
+    plan = {"underpass-mqtt": ("MQTT", 4), "underpass-http": ("HTTP", 3)}
+    try:
+        with data_plane(federation, city, namespace, tmp_path) as pods:
+            for name, (protocol, count) in plan.items():
+                custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "sensorfleets",
+                                                       fleet(name, type_name, count, protocol))
+            wait_for(lambda: len(pods.running()) == 2, 60, what="both fleets' stream workers running")
+            wait_for(lambda: pods.url(namespace, "underpass-http"), 30, what="the HTTP fleet's gateway")
+            credential = wait_for(lambda: secret(federation, namespace, "underpass-mqtt-mqtt"), 30,
+                                  what="the MQTT fleet's terminal credential")
+            # Windows in the near future: the wall clock never closes them before the test does.
+            base = (int(time.time()) // WINDOW_S + 2) * WINDOW_S
+            expected: dict[str, dict[tuple[str, int], list[float]]] = {name: {} for name in plan}
+            terminals = wait_for(lambda: _connect(city, credential), 60, what="the terminals' MQTT login")
+            http_url = str(pods.url(namespace, "underpass-http"))
+            wait_for(lambda: _healthy(http_url), 60, what="the HTTP fleet's gateway healthy")
+            for window in range(WINDOWS):
+                start = base + window * WINDOW_S
+                for name, (protocol, count) in plan.items():
+                    for terminal in range(count):
+                        values = [round(float(v), 1) for v in rng.uniform(100, 2900, WINDOW_S)]
+                        expected[name][(f"{name}-{terminal}", start * 1000)] = values
+                        body = entities(name, terminal, start, values)
+                        if protocol == "MQTT":
+                            terminals.publish(names.readings_topic(CITY, name), body)
+                        else:
+                            assert post(http_url, body) == 204
+                if window == 1:  # a crash mid-stream: every reading is windowed once all the same
+                    pods.kill(namespace, "underpass-mqtt")
+            # One reading past the last window's end and lateness closes it on the event clock; its
+            # own window closes on the wall clock once the fleets are quiet (every reading counts).
+            close_at = base + WINDOWS * WINDOW_S + LATENESS_S + 1
+            for name in plan:
+                expected[name][(f"{name}-0", (close_at // WINDOW_S) * WINDOW_S * 1000)] = [500.0]
+            terminals.publish(names.readings_topic(CITY, "underpass-mqtt"),
+                              entities("underpass-mqtt", 0, close_at, [500.0]))
+            assert post(http_url, entities("underpass-http", 0, close_at, [500.0])) == 204
+            # A terminal of one fleet cannot publish into another's topic.
+            with contextlib.suppress(AssertionError, RuntimeError, OSError):
+                terminals.publish(names.readings_topic(CITY, "underpass-http"),
+                                  entities("underpass-http", 99, base, [1.0]))
+            terminals.close()
+
+            for name, sent in expected.items():
+                want = {k: (len(v), float(np.mean(v)), min(v), max(v)) for k, v in sent.items()}
+
+                def windows(n: str = name, w: int = len(want)) -> Any:
+                    got = read_windows(city.broker.url, city.broker_key_file, n)
+                    return got if len(got) >= w else None
+
+                got = wait_for(windows, 120, what=f"{name}'s {len(want)} terminal windows")
+                assert set(got) == set(want), f"{name}: windows of other terminals or times"
+                for key, (n, mean, low, high) in want.items():
+                    assert got[key][0] == n, f"{name} {key}: {got[key][0]} readings windowed, {n} sent"
+                    assert got[key][1:] == pytest.approx((mean, low, high)), f"{name} {key}"
+
+            for name, (_, count) in plan.items():
+                def online(n: str = name, c: int = count) -> dict[str, Any] | None:
+                    status = fleet_status(federation, namespace, n)
+                    return status if status.get("terminalsOnline") == c and ready(status) else None
+
+                status = wait_for(online, 60, what=f"{name}: {count} terminals online and Ready")
+                assert status["qualityScore"] == 100
+    finally:
+        with contextlib.suppress(client.ApiException):
+            custom.delete_cluster_custom_object(GROUP, VERSION, "sensortypes", type_name)
+        rbac_api = client.RbacAuthorizationV1Api(federation.api_client(CITY))
+        for delete in (rbac_api.delete_cluster_role_binding, rbac_api.delete_cluster_role):
+            with contextlib.suppress(client.ApiException):
+                delete(f"citynerve-catalogue-{namespace}")
+
+
+def _connect(city: Any, credential: dict[str, str]) -> Terminals | None:
+    """The terminals' client once the broker knows the fleet's user (it reloads the operator's list)."""
+    try:
+        return Terminals(city.broker.mqtt_host, city.broker.mqtt_port, credential["username"],
+                         credential["password"])
+    except (OSError, ConnectionError):
+        return None
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:  # noqa: S310 - local worker
+            return bool(answer.status == 200)
+    except OSError:
+        return False
