@@ -63,8 +63,8 @@ $(BOUNDARIES): observability/situation/boundaries.py observability/situation/geo
 	$(BIN)/python -m citynerve.observability.situation.boundaries --out $@
 
 tools: $(STAMP)
-	@echo "==> Pinned binaries (etcd, Kubernetes, kwok, helm, KubeRay; built once into ~/.cache/citynerve)"
-	$(BIN)/citynerve tools etcd kubernetes kwok helm kuberay
+	@echo "==> Pinned binaries (etcd, Kubernetes, kwok, helm, KubeRay, nats-server; built once into ~/.cache/citynerve)"
+	$(BIN)/citynerve tools etcd kubernetes kwok helm kuberay nats
 
 # The CityNerve image every chart names (docs/images.md): built with buildah, cached, smoke-run;
 # prints its references and writes an OCI archive under .citynerve/images/.

@@ -87,8 +87,17 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 
 
 def cluster_table(federation: LocalFederation) -> str:
-    rows = [(s["name"], s["api"], s["version"], s["nodes_ready"]) for s in federation.status()]
-    return format_table(("CLUSTER", "API", "VERSION", "NODES READY"), rows)
+    rows = [(s["name"], s["api"], s["version"], s["nodes_ready"], _broker_cell(s["broker"]))
+            for s in federation.status()]
+    return format_table(("CLUSTER", "API", "VERSION", "NODES READY", "BROKER (MQTT)"), rows)
+
+
+def _broker_cell(broker: object) -> str:
+    """A city's broker as `citynerve dev status` shows it; the hub runs none."""
+    if not isinstance(broker, dict):
+        return "-"
+    state = "" if broker.get("running") else " (stopped)"
+    return f"{broker['url']} (mqtt :{broker['mqtt']}){state}"
 
 
 def _dev(args: argparse.Namespace) -> int:
