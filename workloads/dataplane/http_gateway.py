@@ -94,11 +94,13 @@ class GatewayCounters:
     stored_batches: int = 0
     stored_bytes: int = 0
     stalled_cut: int = 0  # connections cut because the body did not arrive in time
+    abandoned: int = 0  # requests whose client closed the connection mid-body
 
     def as_status(self) -> dict[str, Any]:
         return {"answers": {str(status): n for status, n in sorted(self.answers.items())},
                 "bodyBytes": self.body_bytes, "storedBatches": self.stored_batches,
-                "storedBytes": self.stored_bytes, "stalledConnectionsCut": self.stalled_cut}
+                "storedBytes": self.stored_bytes, "stalledConnectionsCut": self.stalled_cut,
+                "abandonedRequests": self.abandoned}
 
 
 DEFAULT_LIMITS = GatewayLimits()
@@ -226,6 +228,9 @@ async def _upsert(request: web.Request) -> web.Response:
             counters.stalled_cut += 1
             return _problem(HTTPStatus.REQUEST_TIMEOUT, "body too slow",
                             f"the body did not arrive within {limits.read_timeout_s:g} s")
+        except ConnectionError:  # the client closed mid-body: the answer reaches no one
+            counters.abandoned += 1
+            return _problem(HTTPStatus.BAD_REQUEST, "body incomplete", "the client closed the connection")
         if len(body) > _OFF_LOOP_BYTES:
             await asyncio.get_running_loop().run_in_executor(None, check_batch, body, limits)
         else:
