@@ -352,6 +352,28 @@ async def test_64_stalled_connections_do_not_hold_back_a_65th_and_are_cut(gatewa
 
 
 @pytest.mark.asyncio
+async def test_bodies_in_flight_are_bounded_in_bytes_and_released(make_gateway: GatewayFactory) -> None:
+    limits = GatewayLimits(max_body_bytes=1_000_000, max_entities=10_000, read_timeout_s=1.5, linger_s=0.5,
+                           max_pending_bytes=2 * 1024 * 1024)
+    gateway = await make_gateway(limits)
+    clients = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(3)]
+    for _, writer in clients:  # 900 kB each of a declared 1 MB, then nothing: 2.7 MB offered
+        writer.write(request_head("1000000") + b"[" + b" " * 899_999)
+    answers = await asyncio.gather(*(asyncio.wait_for(reader.read(), limits.read_timeout_s + 5)
+                                     for reader, _ in clients))
+    for _, writer in clients:
+        writer.close()
+    assert sorted(status_of(answer) for answer in answers) == [408, 408, 503]
+    assert b"Retry-After: 5" in next(answer for answer in answers if status_of(answer) == 503)
+    # Every byte held was released: two bodies of nearly 1 MB each fit in the 2 MiB together again.
+    first, second = batch(7000), batch(6900, start=7000)
+    assert 1_950_000 < len(first) + len(second) < 2_000_000
+    stored = await asyncio.gather(post(gateway, first), post(gateway, second))
+    assert [status for status, _ in stored] == [204, 204]
+    assert gateway.answers() == {"204": 2, "408": 2, "503": 1}
+
+
+@pytest.mark.asyncio
 async def test_a_client_that_closes_mid_body_is_counted_and_nothing_is_stored(
         gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)

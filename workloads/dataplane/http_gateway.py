@@ -25,6 +25,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -47,10 +48,8 @@ log = logging.getLogger(__name__)
 
 UPSERT_PATH = "/ngsi-ld/v1/entityOperations/upsert"
 ACCEPTED_CONTENT_TYPES = (CONTENT_JSON, CONTENT_NGSI_LD)
-PROBLEM_CONTENT_TYPE = "application/json"
 # NGSI-LD ProblemDetails types (ETSI GS CIM 009, 5.5.2).
 BAD_REQUEST_TYPE = "https://uri.etsi.org/ngsi-ld/errors/BadRequestData"
-INVALID_REQUEST_TYPE = "https://uri.etsi.org/ngsi-ld/errors/InvalidRequest"
 INTERNAL_ERROR_TYPE = "https://uri.etsi.org/ngsi-ld/errors/InternalError"
 # Bodies above this size are scanned and parsed on a worker thread, so the event loop keeps
 # answering other connections meanwhile (16 MiB take ≈ 0.2 s).
@@ -83,6 +82,9 @@ class GatewayLimits:
     # long, so the client reads the answer rather than a connection reset.
     linger_s: float = 2.0
     retry_after_s: int = 5  # the Retry-After of a 503
+    # Body bytes all requests together may hold while they are read, checked and published:
+    # what bounds the gateway's memory, whatever the number of clients. Past it: 503.
+    max_pending_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -114,7 +116,12 @@ class _Gateway:
     broker_connected: Callable[[], bool]
     limits: GatewayLimits
     counters: GatewayCounters = field(default_factory=GatewayCounters)
+    pending_bytes: int = 0  # body bytes held by requests in flight (see ``max_pending_bytes``)
     draining: bool = False
+    # Large bodies are checked here, one at a time: the scan's copies of a 16 MiB body take
+    # about 100 MB while it runs.
+    checker: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-check"))
 
 
 _GATEWAY = web.AppKey("gateway", _Gateway)
@@ -132,7 +139,7 @@ _BATCH = msgspec.json.Decoder(list[_Entity])
 
 @dataclass(frozen=True)
 class BatchShape:
-    """The nesting depth of a JSON text and how many values its outermost container holds."""
+    """The nesting depth of a JSON text and how many containers its outermost one holds."""
 
     depth: int
     top_level: int
@@ -159,9 +166,9 @@ def batch_shape(body: bytes) -> BatchShape:
 
 
 class _Refused(Exception):  # noqa: N818 - a refusal with its answer, not an error of ours
-    def __init__(self, status: HTTPStatus, title: str, detail: str, problem: str = BAD_REQUEST_TYPE) -> None:
+    def __init__(self, status: HTTPStatus, title: str, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.title, self.detail, self.problem = status, title, detail, problem
+        self.status, self.title, self.detail = status, title, detail
 
 
 def check_batch(body: bytes, limits: GatewayLimits) -> None:
@@ -194,23 +201,40 @@ def _problem(status: HTTPStatus, title: str, detail: str, problem: str = BAD_REQ
     return response
 
 
-async def _read_body(request: web.Request, limits: GatewayLimits, counters: GatewayCounters) -> bytes:
+class _Busy(Exception):  # noqa: N818 - an answer (503), not an error of ours
+    """The requests in flight hold ``max_pending_bytes`` already."""
+
+
+@dataclass
+class _Held:
+    """The body bytes one request holds against the gateway's ``pending_bytes``."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+async def _read_body(request: web.Request, gateway: _Gateway, held: _Held) -> bytes:
     """The body as received, refused once it passes the limit, whatever the headers said."""
-    chunks: list[bytes] = []
-    size = 0
+    limits = gateway.limits
     while chunk := await request.content.read(_READ_CHUNK):
-        size += len(chunk)
-        counters.body_bytes += len(chunk)
-        if size > limits.max_body_bytes:
+        gateway.counters.body_bytes += len(chunk)
+        if held.size + len(chunk) > limits.max_body_bytes:
             raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body too large",
                            f"the body passed {limits.max_body_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if gateway.pending_bytes + len(chunk) > limits.max_pending_bytes:
+            raise _Busy
+        held.size += len(chunk)
+        gateway.pending_bytes += len(chunk)
+        held.chunks.append(chunk)
+    body = b"".join(held.chunks)
+    held.chunks.clear()
+    return body
 
 
 async def _upsert(request: web.Request) -> web.Response:
     gateway = request.app[_GATEWAY]
     limits, counters = gateway.limits, gateway.counters
+    held = _Held()
     try:
         if request.content_type not in ACCEPTED_CONTENT_TYPES:
             return _problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported content type",
@@ -223,7 +247,7 @@ async def _upsert(request: web.Request) -> web.Response:
             return _unavailable(limits, "the broker is not connected")
         try:
             async with asyncio.timeout(limits.read_timeout_s):
-                body = await _read_body(request, limits, counters)
+                body = await _read_body(request, gateway, held)
         except TimeoutError:
             counters.stalled_cut += 1
             return _problem(HTTPStatus.REQUEST_TIMEOUT, "body too slow",
@@ -232,17 +256,21 @@ async def _upsert(request: web.Request) -> web.Response:
             counters.abandoned += 1
             return _problem(HTTPStatus.BAD_REQUEST, "body incomplete", "the client closed the connection")
         if len(body) > _OFF_LOOP_BYTES:
-            await asyncio.get_running_loop().run_in_executor(None, check_batch, body, limits)
+            await asyncio.get_running_loop().run_in_executor(gateway.checker, check_batch, body, limits)
         else:
             check_batch(body, limits)
         await gateway.publish(body, request.content_type, hashlib.sha256(body).hexdigest())
     except _Refused as refused:
-        return _problem(refused.status, refused.title, refused.detail, refused.problem)
+        return _problem(refused.status, refused.title, refused.detail)
+    except _Busy:
+        return _unavailable(limits, f"the gateway holds {limits.max_pending_bytes} bytes of bodies in flight")
     except BodyTooLargeForBrokerError as exc:
         return _problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body too large for the broker", str(exc))
     except BrokerUnavailableError as exc:
         log.warning("a batch was not stored; the client is told to retry: %s", exc)
         return _unavailable(limits, str(exc))
+    finally:
+        gateway.pending_bytes -= held.size
     counters.stored_batches += 1
     counters.stored_bytes += len(body)
     return web.Response(status=HTTPStatus.NO_CONTENT)
@@ -282,7 +310,11 @@ def make_app(publish: Publish, limits: GatewayLimits = DEFAULT_LIMITS, *,
     async def drain(app: web.Application) -> None:
         app[_GATEWAY].draining = True
 
+    async def close(app: web.Application) -> None:
+        app[_GATEWAY].checker.shutdown(wait=True)
+
     app.on_shutdown.append(drain)
+    app.on_cleanup.append(close)
     app.router.add_post(UPSERT_PATH, _upsert)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
