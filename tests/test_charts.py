@@ -7,6 +7,7 @@ city's agent configuration against ``embedded.join_request``.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -42,6 +43,11 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
     found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
+
+
+def bootstrap_secrets(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Secrets a city chart renders besides its broker key (which it always makes)."""
+    return [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] != "citynerve-broker-key"]
 
 
 def helm_run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -155,11 +161,10 @@ def test_city_role_per_watched_namespace_is_role_rules(workload_mode: str) -> No
     assert {b["metadata"]["namespace"] for b in bindings} == {"north", "south"}
     subject = {"kind": "ServiceAccount", "name": "citynerve-city", "namespace": "citynerve"}
     assert all(b["subjects"] == [subject] for b in bindings)
-    # The operator has no cluster-wide permission; the agent's and the workers' catalogue reads are.
+    # The operator has no cluster-wide permission; the agent's catalogue reads are.
     cluster_wide = sorted(d["metadata"]["name"] for d in docs
                           if d["kind"] in {"ClusterRole", "ClusterRoleBinding"})
-    assert cluster_wide == ["citynerve-city-agent", "citynerve-city-agent", "citynerve-city-ingest",
-                            "citynerve-city-ingest"]
+    assert cluster_wide == ["citynerve-city-agent", "citynerve-city-agent"]
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=north", "--namespace=south"]
     assert f"--workload-mode={workload_mode}" in args
@@ -186,8 +191,8 @@ def test_city_cluster_role_is_cluster_rules(workload_mode: str) -> None:
     assert one(docs, "ClusterRole", "citynerve-city")["rules"] == city_rbac.cluster_rules(workload_mode)
     assert one(docs, "ClusterRoleBinding", "citynerve-city")["roleRef"]["name"] == "citynerve-city"
     roles = [d["metadata"]["name"] for d in docs if d["kind"] in {"Role", "RoleBinding"}]
-    assert all(("-agent-" in name or name.endswith("-ingest")) for name in roles), \
-        "the operator's own rules are cluster-wide"
+    assert all(("-agent-" in name or name.endswith("-broker")) for name in roles), \
+        "the operator's own rules are cluster-wide (but the broker's users, in the release namespace)"
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in args if a.startswith("--namespace")]
 
@@ -204,13 +209,13 @@ def test_the_city_operator_may_read_only_the_alert_secrets_it_is_told(rbac_mode:
     expected = (city_rbac.cluster_rules("local", secrets) if rbac_mode == "cluster"
                 else city_rbac.role_rules("local", secrets))
     assert operator_rules(docs) == expected
-    assert [r for r in operator_rules(docs) if "secrets" in r["resources"]] == [
+    assert [r for r in operator_rules(docs) if "secrets" in r["resources"] and "get" in r["verbs"]] == [
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": ["get"]}]
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--alert-secret")] == [f"--alert-secret={s}" for s in secrets]
     # None listed: no Secret at all, rather than an empty resourceNames (which would mean every one).
     plain = render("city", {"rbac": {"mode": rbac_mode}})
-    assert not [r for r in operator_rules(plain) if "secrets" in r["resources"]]
+    assert not [r for r in operator_rules(plain) if "secrets" in r["resources"] and "get" in r["verbs"]]
     assert not [a for a in one(plain, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
                 if a.startswith("--alert-secret")]
 
@@ -236,22 +241,27 @@ def test_city_agent_rules_are_the_agents_in_both_modes(rbac_mode: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("values", "namespaces"), [
-    ({"operator": {"watchNamespaces": ["north", "south"]}}, ["north", "south"]),
-    ({"rbac": {"mode": "cluster"}}, ["citynerve"]),
-    ({"rbac": {"mode": "cluster"}, "ingest": {"namespaces": ["east"]}}, ["east"]),
-])
-def test_ingest_namespaces_may_read_the_catalogue_and_nothing_else(
-        values: dict[str, Any], namespaces: list[str]) -> None:
-    docs = render("city", values)
-    assert one(docs, "ClusterRole", "citynerve-city-ingest")["rules"] == city_rbac.ingest_cluster_rules()
-    subjects = one(docs, "ClusterRoleBinding", "citynerve-city-ingest")["subjects"]
-    assert subjects == city_rbac.ingest_cluster_subjects(namespaces)
-    # Each fleet's workers get an account and a Role of their own from the operator, none from the chart.
-    assert not [d for d in docs if d["kind"] in {"ServiceAccount", "Role", "RoleBinding"}
+@pytest.mark.parametrize("rbac_mode", ["namespaced", "cluster"])
+def test_the_operator_writes_the_brokers_users_and_reads_its_key_only(rbac_mode: str) -> None:
+    docs = render("city", {"rbac": {"mode": rbac_mode}})
+    role = one(docs, "Role", "citynerve-city-broker")
+    assert (role["metadata"]["namespace"], role["rules"]) == ("citynerve", city_rbac.broker_release_rules())
+    binding = one(docs, "RoleBinding", "citynerve-city-broker")
+    subject = {"kind": "ServiceAccount", "name": "citynerve-city", "namespace": "citynerve"}
+    assert binding["subjects"] == [subject]
+    # The fleets' workers get nothing from the chart: an account without rights, from the operator.
+    assert not [d for d in docs if d["kind"] in {"ServiceAccount", "Role", "RoleBinding", "ClusterRole"}
                 and d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "ingest"]
-    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert not [a for a in args if a.startswith("--ingest-service-account")]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    _, city = city_main.parse_options(args[2:])
+    assert city.broker is not None
+    assert (city.broker.url, str(city.broker.key_file), city.broker.namespace) == (
+        "nats://citynerve-broker.citynerve.svc:4222", "/etc/citynerve/broker-key/key", "citynerve")
+    assert {"name": "broker-key", "secret": {"secretName": "citynerve-broker-key"}} in pod["volumes"]
+    key = one(docs, "Secret", "citynerve-broker-key")
+    assert key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # kept across upgrades
+    assert len(base64.b64decode(key["data"]["key"])) == 64
 
 
 # -- the city's configuration -----------------------------------------------------------------
@@ -273,7 +283,7 @@ def test_city_agent_config_carries_the_join_request(city: str) -> None:
     # The token is in the Secret `city onboard` writes (helm.bootstrap_secret), not in the values.
     assert (config["bootstrapSecret"], config["bootstrapSecretKey"]) == (helm.CITY_BOOTSTRAP_SECRET, "token")
     assert "t0ken" not in yaml.safe_dump(values)
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert not bootstrap_secrets(docs)
     assert helm.bootstrap_secret("t0ken", "citynerve")["data"]["token"] == "dDBrZW4="  # base64 of t0ken
 
 
@@ -285,7 +295,7 @@ def test_city_name_defaults_to_the_release_and_existing_secret_wins() -> None:
     assert config["city"] == "hangzhou"
     assert config["joinRequest"]["spec"]["displayName"] == "Hangzhou"
     assert config["bootstrapSecret"] == "from-vault"
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert not bootstrap_secrets(docs)
 
 
 # -- pods: restricted security, resources; optional parts -----------------------------------------
@@ -595,7 +605,7 @@ def test_a_users_own_bootstrap_credential_wins_and_no_secret_is_written(own: dic
     assert values["hub"]["bootstrap"] == own
     assert "t0ken" not in yaml.safe_dump(values)
     # An inline token still works: the chart keeps it in a Secret of its own.
-    secrets = [d for d in render("city", values) if d["kind"] == "Secret"]
+    secrets = bootstrap_secrets(render("city", values))
     assert [s["data"]["token"] for s in secrets] == (["bWluZQ=="] if "token" in own else [])  # base64 of mine
 
 
