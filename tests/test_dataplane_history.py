@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -297,3 +298,46 @@ def test_prune_removes_whole_days_older_than_retention_only(tmp_path: Path) -> N
     assert [t.date() for t in kept] == [date(2026, 3, d) for d in range(7, 11)]
     assert prune(tmp_path, FLEET, keep_days=3, today=date(2026, 3, 10)) == []
 
+
+
+def test_a_reader_during_writes_and_compactions_sees_every_finished_window_once(tmp_path: Path) -> None:
+    windows = [window("pressure", i) for i in range(24)]  # all on 2026-03-01
+    finished = 0
+    failure: list[BaseException] = []
+
+    def write_and_compact() -> None:
+        nonlocal finished
+        try:
+            for i, w in enumerate(windows):
+                write_windows(tmp_path, [w], i + 1)
+                finished = i + 1
+                if i % 3 == 2:
+                    compact(tmp_path, FLEET, "2026-03-01")
+        except BaseException as exc:  # noqa: BLE001 (handed to the test's thread)
+            failure.append(exc)
+
+    writer = threading.Thread(target=write_and_compact)
+    writer.start()
+    reads = 0
+    while writer.is_alive() or reads == 0:
+        before = finished
+        history = read_history(tmp_path, FLEET)
+        seen = keys(history)
+        assert len(set(seen)) == len(seen), "a row read twice"
+        if before:
+            assert set(keys(expected_rows(windows[:before]))) <= set(seen), "a finished window missing"
+        reads += 1
+    writer.join()
+    assert not failure, failure
+    assert reads > 1
+    assert read_history(tmp_path, FLEET).equals(expected_rows(windows))
+
+
+def test_a_window_is_filed_under_the_day_it_starts_in(tmp_path: Path) -> None:
+    start_ms = DAY0_MS + 86_400_000 - 600_000  # 23:50, a 20-minute window (does not divide a day)
+    w = Window(CITY, FLEET, "pressure", start_ms, 1200, np.asarray(["g0"], dtype=object),
+               np.ones(1, np.int64), np.ones(1), np.ones(1), np.ones(1))
+    write_windows(tmp_path, [w], 1)
+    assert days(tmp_path, FLEET) == ["2026-03-01"]
+    assert read_history(tmp_path, FLEET, start=datetime(2026, 3, 2, tzinfo=UTC)).num_rows == 0
+    assert read_history(tmp_path, FLEET, end=datetime(2026, 3, 2, tzinfo=UTC)).equals(expected_rows([w]))
