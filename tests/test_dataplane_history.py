@@ -125,7 +125,13 @@ async def test_published_windows_become_history_rows_and_a_closed_day_is_one_fil
     writer = HistoryWriter(stream.js, stream.city, FLEET, tmp_path, flush_windows=8, flush_seconds=0.2)
     await run_until_acknowledged(writer, len(windows))
 
-    assert read_history(tmp_path, FLEET).equals(expected_rows(windows))
+    history = read_history(tmp_path, FLEET)
+    assert history.equals(expected_rows(windows))
+    assert history.num_rows == 60 * 3
+    assert history.slice(1, 1).to_pylist() == [{  # the first window's second row, column by column
+        "city": stream.city, "fleet": FLEET, "property": "batteryLevel",
+        "window_start": datetime(2026, 3, 1, 22, 0, tzinfo=UTC), "window_seconds": 300, "sensor": "g1",
+        "count": 5, "mean": 301.0, "minimum": 300.0, "maximum": 302.0}]
     assert days(tmp_path, FLEET) == ["2026-03-01", "2026-03-02"]
     first_day = [f.name for f in live_files(day_dir(tmp_path, FLEET, "2026-03-01"))]
     assert len(first_day) == 1, first_day
