@@ -430,6 +430,19 @@ async def test_broker_down_is_503_with_retry_after_and_the_retry_is_stored_once(
 
 
 @pytest.mark.asyncio
+async def test_readyz_turns_503_when_the_app_shuts_down_while_healthz_stays_200(gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/readyz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"ready": True})
+        await gateway.app.shutdown()  # what the runner's cleanup does first
+        async with session.get(gateway.url + "/readyz") as resp:
+            assert (resp.status, (await resp.json())["reason"]) == (503, "shutting down")
+        async with session.get(gateway.url + "/healthz") as resp:
+            assert resp.status == 200
+    assert gateway.answers() == {"200": 2, "503": 1}
+
+
+@pytest.mark.asyncio
 async def test_a_full_stream_is_503_and_stores_nothing_more(make_gateway: GatewayFactory) -> None:
     gateway = await make_gateway(max_bytes=len(batch(2)) + 200)  # one batch, its subject and headers
     assert (await post(gateway, batch(2)))[0] == 204
