@@ -10,7 +10,9 @@ place, downstream); it checks the request as a whole and hands the body, unchang
   arrive within the read timeout (a client that stalls mid-body is answered 408 and cut off);
 - its nesting depth and entity count are measured by a vectorised scan of its brackets outside
   strings, before any parser recurses on it;
-- only then is it parsed, as an array of objects that each hold an ``id`` and a ``type``.
+- only then is it parsed, as an array of objects that each hold an ``id`` and a ``type``;
+- the bodies of all requests in flight share one byte budget, so memory stays bounded however
+  many clients send at once (past it: 503 with Retry-After).
 
 A broken whole payload is answered 400 with an NGSI-LD ProblemDetails body, never 207. The
 message id is the body's SHA-256, so a batch posted twice (a gateway retrying after a lost
