@@ -204,6 +204,7 @@ def smoke(ref: str) -> None:
             ("id", "-u"),
             ("citynerve", "--version"),
             ("python", "-c", "import ray, wntr, pyswmm, mlflow, kopf, citynerve.workloads.runner, "
+                             "citynerve.workloads.dataplane.worker, citynerve.workloads.dataplane.broker, "
                              "citynerve.operators.hub.main, citynerve.operators.city.main; "
                              "print(ray.__version__)"),
             ("mlflow", "--version"),
