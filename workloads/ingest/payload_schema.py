@@ -18,6 +18,13 @@ other keywords of those properties (``multipleOf``, ``anyOf`` …), patterns RE2
 residual schema that `jsonschema`'s Draft 2020-12 validator (built once, with the same
 date-time check) evaluates per entity; a schema with ``unevaluatedProperties`` goes there
 whole. Annotations (``title``, ``description``, ``$comment`` …) are ignored.
+
+Where the answer can differ from evaluating the raw JSON: the decoder's own checks come first
+(``id`` and ``type`` must be strings, a measured property a number or null, else the entity
+is ``undecodable``); a normalized ``dateObserved`` sent as null reads as absent; a measured
+property's value shows in a message as the float it decoded to (``400.0`` for ``400``); and a
+``pattern`` runs in RE2, whose syntax RE2 accepts means the same as ECMA-262's for the usual
+constructs (classes, anchors, repetition, alternation).
 """
 
 from __future__ import annotations
