@@ -216,8 +216,7 @@ BROKEN_PAYLOADS = [
     (b'[{"id": "a", "type": "b"}', "not JSON"),  # cut short
     (b'{"id": "a", "type": "b"}', "not a batch of entities"),  # an entity, not an array
     (b"[1, 2]", "not a batch of entities"),
-    (b'[{"id": "a", "type": "b"}, {"type": "b"}]', "not a batch of entities"),  # no id
-    (b'[{"id": "a", "type": "b"}, {"id": "c"}]', "not a batch of entities"),  # no type
+    (b'[{"id": "a", "type": "b"}, 7]', "not a batch of entities"),  # a number among the entities
     (b"[]", "empty batch"),
     (b"", "not JSON"),
 ]
@@ -231,10 +230,19 @@ async def test_a_broken_whole_payload_is_400_with_a_problem(gateway: Gateway) ->
         assert (status, problem["title"]) == (400, title), body
         assert set(problem) == {"type", "title", "detail"}, body
         assert problem["type"] == "https://uri.etsi.org/ngsi-ld/errors/BadRequestData", body
-    _, no_id = await post(gateway, BROKEN_PAYLOADS[4][0])
-    assert "missing required field `id` - at `$[1]`" in no_id["detail"]  # the detail names the entity
+    _, stray = await post(gateway, BROKEN_PAYLOADS[4][0])
+    assert "at `$[1]`" in stray["detail"], stray  # the detail names the entity
     assert await gateway.stored() == []
     assert gateway.answers() == {"400": len(BROKEN_PAYLOADS) + 1}
+
+
+@pytest.mark.asyncio
+async def test_an_entity_without_id_or_type_is_the_workers_to_quarantine_not_the_batchs_end(
+        gateway: Gateway) -> None:
+    body = b'[{"id": "a", "type": "b"}, {"type": "b"}, {"id": "c"}]'
+    status, _ = await post(gateway, body)
+    assert status == 204  # stored whole: the stream worker quarantines the two, windows the first
+    assert [m.data for m in await gateway.stored()] == [body]
 
 
 @pytest.mark.asyncio
@@ -470,7 +478,7 @@ def bad_request(i: int) -> bytes:
         chunked + b"%x\r\n%s\r\n0\r\n\r\n" % (len(filler), filler),
         request_head(str(len(filler)), "text/plain") + filler,
         request_head(str(2 * (i % 5000) + 2)) + b"[" * (i % 5000 + 1) + b"]" * (i % 5000 + 1),  # deep
-        request_head("40") + b'[{"id": "a"}]' + b" " * 27,  # no type
+        request_head("40") + b'[{"id": "a"}, 7]' + b" " * 24,  # a number among the entities
         b"GARBAGE / HTTP/1.1\r\n\r\n" + filler,
         request_head(extra="X-" + "a" * 9000 + ": 1\r\n"),  # a header line over aiohttp's 8190
     ]

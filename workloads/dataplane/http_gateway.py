@@ -130,10 +130,9 @@ _GATEWAY = web.AppKey("gateway", _Gateway)
 
 
 class _Entity(msgspec.Struct):
-    """All the gateway asks of an entity; its other members are skipped, not decoded."""
-
-    id: str
-    type: str | list[str]
+    """All the gateway asks of an entity: that it is a JSON object. Its members are skipped, not
+    decoded: an entity without an id or type is the stream worker's to quarantine, with a reason
+    and counted, while the rest of its batch is windowed (one bad entity never costs a batch)."""
 
 
 _BATCH = msgspec.json.Decoder(list[_Entity])
@@ -187,7 +186,7 @@ def check_batch(body: bytes, limits: GatewayLimits) -> None:
         entities = _BATCH.decode(body)
     except msgspec.ValidationError as exc:
         raise _Refused(HTTPStatus.BAD_REQUEST, "not a batch of entities",
-                       f"an upsert is a JSON array of entities, each with an id and a type: {exc}") from exc
+                       f"an upsert is a JSON array of entities (JSON objects): {exc}") from exc
     except msgspec.DecodeError as exc:
         raise _Refused(HTTPStatus.BAD_REQUEST, "not JSON", str(exc)) from exc
     if not entities:
