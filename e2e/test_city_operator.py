@@ -8,11 +8,11 @@ process through the CLI instead, to SIGKILL it mid-reconcile.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import itertools
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,10 +22,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import yaml
 from citynerve.models.registry import register_model_version
@@ -37,6 +39,7 @@ from citynerve.operators.api.events import (
     WORKLOAD_STARTED,
 )
 from citynerve.operators.city import rbac
+from citynerve.operators.city.broker import BrokerOptions, derive_password
 from citynerve.operators.city.config import MANAGED_BY, AlertPolicy, CityOptions, WorkloadMode
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.city.signing import ReplayGuard, verify_alert
@@ -44,6 +47,8 @@ from citynerve.operators.conditions import duration, now_rfc3339
 from citynerve.operators.localfed import toolchain
 from citynerve.operators.localfed.cluster import free_port
 from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
+from citynerve.workloads.dataplane import names
+from citynerve.workloads.dataplane.broker import OPERATOR_USER
 from kubernetes import client
 
 pytestmark = pytest.mark.e2e
@@ -72,7 +77,8 @@ def _kuberay_crds() -> Path:
 
 @pytest.fixture(scope="module")
 def city_cluster(federation: Any) -> Any:
-    """Shanghai with the CityNerve and KubeRay CRDs installed."""
+    """Shanghai with the CityNerve and KubeRay CRDs installed, and the sample SensorTypes (what the
+    agent applies from the hub's catalogue: each fleet's worker is configured with its type)."""
     for path in (ROOT / "crds", _kuberay_crds()):
         federation.kubectl(CITY, "apply", "--server-side", "--force-conflicts", "-f", str(path), timeout=120)
     deadline = time.monotonic() + 60
@@ -84,6 +90,8 @@ def city_cluster(federation: Any) -> Any:
     ):  # a CRD just created has no conditions yet
         assert time.monotonic() < deadline, "CRDs not Established within 60 s"
         time.sleep(0.5)
+    federation.kubectl(CITY, "apply", "--server-side", "--force-conflicts", "-f",
+                       str(ROOT / "samples" / "sensortypes"), timeout=120)
     return federation.cluster(CITY)
 
 
@@ -127,6 +135,27 @@ def operator_kubeconfig(
             "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}],
         },
     )
+    # The catalogue, which the chart grants the operator's account through the agent's rules: a
+    # fleet's worker is configured with its SensorType.
+    catalogue = f"citynerve-catalogue-{namespace}"
+    rbac_api.create_cluster_role({"metadata": {"name": catalogue}, "rules": rbac.agent_cluster_rules()})
+    rbac_api.create_cluster_role_binding({
+        "metadata": {"name": catalogue},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": catalogue},
+        "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}]})
+    # The broker's users are written in the operator's own namespace (the chart's broker Role).
+    rbac_api.create_namespaced_role(
+        namespace, {"metadata": {"name": f"{OPERATOR_SA}-broker"}, "rules": rbac.broker_release_rules()}
+    )
+    rbac_api.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": f"{OPERATOR_SA}-broker"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": f"{OPERATOR_SA}-broker"},
+            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}],
+        },
+    )
     target = service_account_target(KubeTarget(federation.kubeconfig, CITY), namespace, OPERATOR_SA, folder)
     assert target.kubeconfig is not None
     path = target.kubeconfig
@@ -141,19 +170,42 @@ def running_operator(
     mode: WorkloadMode,
     mlflow_url: str | None = None,
     alert_secrets: tuple[str, ...] = ALERT_SECRETS,
+    broker: BrokerOptions | None = None,
     **alert_options: float,
 ) -> Iterator[InProcessOperator]:
     """The city operator in this process; the tests' alert receivers listen on 127.0.0.1."""
     options = OperatorOptions(f"city-{CITY}", KubeTarget(kubeconfig, context), namespaces=namespaces)
     city = CityOptions(
         city=CITY, mlflow_url=mlflow_url, workload_mode=mode, resync_seconds=4.0, model_cache_seconds=60.0,
-        alert_policy=AlertPolicy(allow_loopback=True), alert_secrets=alert_secrets, **alert_options,
+        alert_policy=AlertPolicy(allow_loopback=True), alert_secrets=alert_secrets, broker=broker,
+        **alert_options,
     )
     operator = InProcessOperator(options, build_registry(options, city)).start()
     try:
         yield operator
     finally:
         operator.stop()
+
+
+def city_broker(cluster: Any, namespace: str) -> BrokerOptions:
+    """Shanghai's local broker, its users written in ``namespace`` (the operator's, in these tests)."""
+    return BrokerOptions(cluster.broker.url, cluster.broker_key_file, namespace)
+
+
+def put_fleet_status(cluster: Any, fleet: str, status: dict[str, Any]) -> None:
+    """Write a fleet's status on the broker, where its stream worker writes it."""
+    password = derive_password(cluster.broker_key_file.read_bytes().strip(), "operator", "operator")
+
+    async def put() -> None:
+        nc = await nats.connect(cluster.broker.url, user=OPERATOR_USER, password=password,
+                                allow_reconnect=False)
+        try:
+            kv = await nc.jetstream().key_value(names.FLEETS_BUCKET)
+            await kv.put(names.status_key(fleet), json.dumps(status).encode())
+        finally:
+            await nc.close()
+
+    asyncio.run(put())
 
 
 class AuditLog:
@@ -326,7 +378,8 @@ def test_samples_become_ready_and_a_drill_alerts_the_webhook(
         },
     )
     fleets = [d["metadata"]["name"] for d in yaml.safe_load_all(sample("sensorfleets.yaml"))]
-    with running_operator(kubeconfig, "hub", (namespace,), "local", mlflow_server.url) as operator:
+    with running_operator(kubeconfig, "hub", (namespace,), "local", mlflow_server.url,
+                          broker=city_broker(city_cluster, namespace)) as operator:
         apply(federation, namespace, sample("sensorfleets.yaml"))
         apply(federation, namespace, sample("analyticsmodels.yaml"))
         for fleet in fleets:
@@ -644,7 +697,8 @@ def test_fleet_children_follow_spec_drift_and_deletion(
         cond = condition(obj)
         return cond.get("observedGeneration") if cond.get("status") == "True" else None
 
-    with running_operator(kubeconfig, "hub", (namespace,), "local"):
+    broker = city_broker(city_cluster, namespace)
+    with running_operator(kubeconfig, "hub", (namespace,), "local", broker=broker):
         apply(federation, namespace, yaml.safe_dump(fleet))
         wait_for(lambda: ready_generation() == 1, 30, what="fleet Ready at generation 1")
         assert audit.quiet_writes(6) == []
@@ -673,36 +727,18 @@ def test_fleet_children_follow_spec_drift_and_deletion(
             what="the ingestion Deployment recreated",
         )
 
-        # The workers' identity is kept in line too: a widened Role is narrowed, a deleted one made again.
-        rbac_api = client.RbacAuthorizationV1Api(federation.api_client(CITY))
-        role = rbac_api.read_namespaced_role(child, namespace)
-        assert [r.resource_names for r in role.rules] == [[f"{name}-ingest-report"]]
-        rbac_api.patch_namespaced_role(child, namespace, {"rules": [
-            {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "patch"]}]})
-        wait_for(lambda: [r.resources for r in rbac_api.read_namespaced_role(child, namespace).rules]
-                 == [["configmaps"]], 20, what="the widened Role narrowed again")
-        rbac_api.delete_namespaced_role_binding(child, namespace)
-        wait_for(lambda: [b for b in rbac_api.list_namespaced_role_binding(namespace).items
-                          if b.metadata.name == child], 20, what="the deleted RoleBinding made again")
+        # The workers' identity is kept in line too: a token automounted again is turned off again.
+        core.patch_namespaced_service_account(child, namespace, {"automountServiceAccountToken": True})
+        account = partial(core.read_namespaced_service_account, child, namespace)
+        wait_for(lambda: account().automount_service_account_token is False, 20,
+                 what="the worker account's token automount turned off again")
 
-        # The ingestion workers' report (made by the operator, written by them) reaches the status.
-        report = core.read_namespaced_config_map(f"{name}-ingest-report", namespace)
-        assert [(o.kind, o.name) for o in report.metadata.owner_references] == [("SensorFleet", name)]
+        # The stream worker's status on the broker reaches the fleet's.
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        core.patch_namespaced_config_map(
-            f"{name}-ingest-report",
-            namespace,
-            {
-                "data": {
-                    "reportedAt": now,
-                    "lastReadingTime": now,
-                    "terminalsOnline": "4100",
-                    "acceptedReadings": "990",
-                    "rejectedReadings": "10",
-                    "quarantinedPayloads": "10",
-                },
-            },
-        )
+        put_fleet_status(city_cluster, name, {
+            "reportedAt": now, "lastReadingTime": now, "terminalsOnline": 4100,
+            "acceptedReadings": 990, "rejectedReadings": 10, "quarantinedPayloads": 10,
+        })
         status = wait_for(
             lambda: (
                 (get(federation, "sensorfleets", namespace, name) or {})
@@ -711,7 +747,7 @@ def test_fleet_children_follow_spec_drift_and_deletion(
                 and get(federation, "sensorfleets", namespace, name)["status"]  # type: ignore[index]
             ),
             20,
-            what="fleet figures from the ingest report",
+            what="fleet figures from the worker's status on the broker",
         )
         assert (status["terminalsOnline"], status["qualityScore"], status["quarantinedPayloads"]) == (
             4100,
@@ -730,7 +766,7 @@ def test_fleet_children_follow_spec_drift_and_deletion(
             what="ingestion Deployment collected",
         )
         wait_for(lambda: not fleet_children(federation, namespace), 30,
-                 what="the workers' account, Role, RoleBinding and report collected")
+                 what="the workers' account and credentials collected")
 
 
 @pytest.mark.timeout(90)
@@ -742,11 +778,6 @@ def test_a_fleet_naming_a_missing_sensor_type_is_not_ready_until_the_type_arrive
     api = federation.api_client(CITY)
     rbac_api = client.RbacAuthorizationV1Api(api)
     role = f"citynerve-catalogue-{namespace}"
-    rbac_api.create_cluster_role({"metadata": {"name": role}, "rules": rbac.agent_cluster_rules()})
-    rbac_api.create_cluster_role_binding({
-        "metadata": {"name": role},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-        "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}]})
     sample_type = ROOT / "samples" / "sensortypes" / "tunnel-settlement-sensor.yaml"
     sensor_type = yaml.safe_load(sample_type.read_text())
     type_name = sensor_type["metadata"]["name"] = f"settlement-{namespace}"[:63]  # cluster-scoped: unique
@@ -761,7 +792,8 @@ def test_a_fleet_naming_a_missing_sensor_type_is_not_ready_until_the_type_arrive
 
     catalogue = client.CustomObjectsApi(api)
     try:
-        with running_operator(kubeconfig, "hub", (namespace,), "local"):
+        with running_operator(kubeconfig, "hub", (namespace,), "local",
+                              broker=city_broker(city_cluster, namespace)):
             apply(federation, namespace, json.dumps(fleet))
             missing = wait_for(lambda: fleet_condition("Ready", ("False", "SensorTypeNotFound")), 30,
                                what="the fleet's Ready naming the missing SensorType")
@@ -779,23 +811,26 @@ def test_a_fleet_naming_a_missing_sensor_type_is_not_ready_until_the_type_arrive
 
 
 def fleet_children(federation: Any, namespace: str) -> list[str]:
-    """The ServiceAccounts, Roles, RoleBindings and ConfigMaps the operator made in ``namespace``."""
-    api = federation.api_client(CITY)
-    core, rbac_api = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    """The ServiceAccounts, Secrets and Services the operator made in ``namespace``."""
+    core = client.CoreV1Api(federation.api_client(CITY))
     selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     listed = [
         ("ServiceAccount", core.list_namespaced_service_account(namespace, label_selector=selector).items),
-        ("Role", rbac_api.list_namespaced_role(namespace, label_selector=selector).items),
-        ("RoleBinding", rbac_api.list_namespaced_role_binding(namespace, label_selector=selector).items),
-        ("ConfigMap", core.list_namespaced_config_map(namespace, label_selector=selector).items),
+        ("Secret", core.list_namespaced_secret(namespace, label_selector=selector).items),
+        ("Service", core.list_namespaced_service(namespace, label_selector=selector).items),
     ]
-    return sorted(f"{kind}/{item.metadata.name}" for kind, items in listed for item in items)
+    return sorted(f"{kind}/{item.metadata.name}" for kind, items in listed for item in items
+                  if item.metadata.name != "citynerve-broker-auth")
 
 
-def fleet_identity_children(fleet: str) -> list[str]:
-    account = f"{fleet}-ingest"
-    return [f"ConfigMap/{fleet}-ingest-report", f"Role/{account}", f"RoleBinding/{account}",
-            f"ServiceAccount/{account}"]
+def fleet_identity_children(fleet: dict[str, Any]) -> list[str]:
+    name = fleet["metadata"]["name"]
+    made = [f"Secret/{name}-ingest-broker", f"ServiceAccount/{name}-ingest"]
+    if fleet["spec"].get("protocol", "MQTT") == "MQTT":
+        made.append(f"Secret/{name}-mqtt")
+    else:
+        made.append(f"Service/{name}-ingest")
+    return made
 
 
 @pytest.mark.timeout(90)
@@ -904,111 +939,6 @@ def test_bad_references_are_reported_not_retried_in_a_loop(
         )
 
 
-@contextlib.contextmanager
-def ingest_catalogue_access(federation: Any, namespace: str) -> Iterator[str]:
-    """What the city chart grants an ingest namespace: its accounts may read SensorTypes.
-
-    Yields the ClusterRole's name; each fleet's own account and Role come from the operator.
-    """
-    rbac_api = client.RbacAuthorizationV1Api(federation.api_client(CITY))
-    name = f"citynerve-ingest-{namespace}"
-    rbac_api.create_cluster_role({"metadata": {"name": name}, "rules": rbac.ingest_cluster_rules()})
-    rbac_api.create_cluster_role_binding({
-        "metadata": {"name": name}, "subjects": rbac.ingest_cluster_subjects([namespace]),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})
-    try:
-        yield name
-    finally:
-        for delete in (rbac_api.delete_cluster_role_binding, rbac_api.delete_cluster_role):
-            with contextlib.suppress(client.ApiException):
-                delete(name)
-
-
-def ngsi_batch(terminals: int, sensor_type: str) -> bytes:
-    """One reading per terminal, as a gateway posts them: NGSI-LD entities of the fleet's type."""
-    spec = yaml.safe_load((ROOT / "samples" / "sensortypes" / f"{sensor_type}.yaml").read_text())["spec"]
-    entity_type = spec["dataModel"]["entityType"]
-    observed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 5))
-    return json.dumps([
-        {"id": f"urn:ngsi-ld:{entity_type}:gauge-{i}", "type": entity_type, "dateObserved": observed,
-         "pressure": 300.0 + i % 50, "batteryLevel": 80.0}
-        for i in range(terminals)
-    ]).encode()
-
-
-@pytest.mark.timeout(180)
-def test_ingest_deployment_command_runs_and_its_reports_reach_the_fleet_status(
-    federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
-) -> None:
-    """The ingest Deployment's own command and environment, run as the fleet's own account (kwok
-    runs no containers): terminals post NGSI-LD batches, the fleet's status shows them online.
-    That account uses all it holds: a patch of its report, and a read of its SensorType."""
-    kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "local")
-    federation.kubectl(CITY, "apply", "--server-side", "-f",
-                       str(ROOT / "samples" / "sensortypes" / "pipe-pressure-gauge.yaml"))
-    fleet = next(d for d in yaml.safe_load_all(sample("sensorfleets.yaml"))
-                 if d["metadata"]["name"] == "pudong-pressure")
-    worker = None
-    log = (tmp_path / "ingest-worker.log").open("wb")
-    try:
-        with ingest_catalogue_access(federation, namespace), \
-                running_operator(kubeconfig, "hub", (namespace,), "local"):
-            apply(federation, namespace, yaml.safe_dump(fleet))
-            made = wait_for(lambda: deployment(federation, namespace, "pudong-pressure-ingest"), 30,
-                            what="the ingest Deployment")
-            pod = client.ApiClient().sanitize_for_serialization(made.spec.template.spec)
-            container = pod["containers"][0]
-            assert pod["serviceAccountName"] == "pudong-pressure-ingest"  # the fleet's own
-            as_ingest = service_account_target(KubeTarget(federation.kubeconfig, CITY), namespace,
-                                               pod["serviceAccountName"], tmp_path / "ingest")
-            audit = AuditLog(city_cluster.audit_log,
-                             f"system:serviceaccount:{namespace}:{pod['serviceAccountName']}")
-            env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-            env |= {"POD_NAME": "pudong-pressure-ingest-0", "POD_NAMESPACE": namespace}
-            port = free_port()
-            assert container["args"][:3] == ["python", "-m", "citynerve.workloads.ingest"]
-            command = [sys.executable, *container["args"][1:], "--address", "127.0.0.1",
-                       "--port", str(port), "--report-seconds", "1",
-                       "--kubeconfig", str(as_ingest.kubeconfig), "--context", str(as_ingest.context)]
-            worker = subprocess.Popen(command, env={**os.environ, **env}, stdout=log,
-                                      stderr=subprocess.STDOUT)
-            base = f"http://127.0.0.1:{port}"
-            wait_for(lambda: _http_ok(base + "/healthz"), 30, what="the worker's health endpoint")
-
-            upsert = base + "/ngsi-ld/v1/entityOperations/upsert"
-            assert _post(upsert, ngsi_batch(40, "pipe-pressure-gauge")) == 204
-            assert _post(upsert, b'[{"type": 1}]') == 207  # one entity quarantined, the reply says so
-
-            def fleet_status() -> dict[str, Any]:
-                got = get(federation, "sensorfleets", namespace, "pudong-pressure") or {}
-                return dict(got.get("status") or {})
-
-            status = wait_for(lambda: fleet_status() if fleet_status().get("terminalsOnline") == 40 else None,
-                              30, what="40 terminals online in the fleet's status")
-            assert status["quarantinedPayloads"] == 1
-            assert status["qualityScore"] == 99  # 80 readings accepted, one entity quarantined: 80/81
-            assert condition({"status": status}, "DataFresh")["status"] == "True"
-            report = client.CoreV1Api(federation.api_client(CITY)).read_namespaced_config_map(
-                "pudong-pressure-ingest-report", namespace)
-            assert list(report.data) == ["worker.pudong-pressure-ingest-0"]
-            worker.send_signal(signal.SIGTERM)
-            assert worker.wait(15) == 0
-            # Least privilege the other way round: the account used every permission it holds.
-            role = client.RbacAuthorizationV1Api(federation.api_client(CITY)).read_namespaced_role(
-                pod["serviceAccountName"], namespace)
-            holds = {(g, r, v) for rule in client.ApiClient().sanitize_for_serialization(role.rules)
-                     for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-            holds |= {(g, r, v) for rule in rbac.ingest_cluster_rules() for g in rule["apiGroups"]
-                      for r in rule["resources"] for v in rule["verbs"]}
-            assert holds == {("", "configmaps", "patch"), (GROUP, "sensortypes", "get")}
-            assert holds <= audit.requests(), audit.requests()
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-            worker.wait()
-        log.close()
-
-
 def _status_of(call: Callable[[], Any]) -> int:
     """The HTTP status the API server answered ``call`` with (200 for any success)."""
     try:
@@ -1035,10 +965,11 @@ def _secrets_requested(audit_log: Path, username: str) -> set[str]:
 def test_each_identity_is_refused_what_it_does_not_need(
     federation: Any, city_cluster: Any, namespace: str, wait_for: Any, tmp_path: Path
 ) -> None:
-    """The attacks of the security review, tried with the real identities' own tokens: an ingest
-    worker (internet-facing) writing another fleet's report or any other ConfigMap, the operator
-    reading a Secret no alert route may name. The API server answers 403 to each; what the
-    identities are for still works, and a route naming another Secret is refused by name."""
+    """The attacks of the security review, tried with the real identities' own tokens: a fleet's
+    stream worker (internet-facing) touching anything on the API server (it holds no right at all,
+    and its pods get no token), the operator reading a Secret no alert route may name or a fleet's
+    broker credential it made. The API server answers 403 to each; what the identities are for
+    still works, and a route naming another Secret is refused by name."""
     allowed = ("duty-webhook",)
     kubeconfig, operator_user = operator_kubeconfig(federation, namespace, tmp_path, "local", allowed)
     admin = client.CoreV1Api(federation.api_client(CITY))
@@ -1060,14 +991,16 @@ def test_each_identity_is_refused_what_it_does_not_need(
     incident["spec"]["scenarioRef"]["name"] = scenario["metadata"]["name"]
     rbac_admin = client.RbacAuthorizationV1Api(federation.api_client(CITY))
 
-    with running_operator(kubeconfig, "hub", (namespace,), "local", alert_secrets=allowed):
+    with running_operator(kubeconfig, "hub", (namespace,), "local", alert_secrets=allowed,
+                          broker=city_broker(city_cluster, namespace)):
         apply(federation, namespace, "---\n".join(yaml.safe_dump(d) for d in [*fleets, scenario]))
         for fleet in fleets:
             name = fleet["metadata"]["name"]
-            wait_for(lambda n=name: deployment(federation, namespace, f"{n}-ingest"), 30,
-                     what=f"{name}'s ingest Deployment, after its account and Role")
-            assert rbac_admin.read_namespaced_role_binding(f"{name}-ingest", namespace).subjects[0].name == \
-                f"{name}-ingest"
+            made = wait_for(lambda n=name: deployment(federation, namespace, f"{n}-ingest"), 30,
+                            what=f"{name}'s ingest Deployment, after its account and credentials")
+            assert made.spec.template.spec.automount_service_account_token is False
+            assert not [b for b in rbac_admin.list_namespaced_role_binding(namespace).items
+                        if b.metadata.name.startswith(name)], "a fleet's worker is bound to nothing"
         def routes_accepted() -> dict[str, Any]:
             return condition(get(federation, "scenarios", namespace, scenario["metadata"]["name"]),
                              "AlertRoutesAccepted")
@@ -1093,24 +1026,23 @@ def test_each_identity_is_refused_what_it_does_not_need(
         target = service_account_target(admin_target, namespace, name, tmp_path / name)
         return client.ApiClient(target.client_configuration())
 
+    # Even with a token requested for it (its pods get none), the worker's account can do nothing.
     worker = client.CoreV1Api(as_account("pudong-pressure-ingest"))
-    write = {"data": {"worker.probe": json.dumps({"terminalsOnline": 1})}}
-    assert _status_of(lambda: worker.patch_namespaced_config_map(
-        "pudong-pressure-ingest-report", namespace, write)) == 200, "its own report"
     attacks = {
-        "patch another fleet's report": lambda: worker.patch_namespaced_config_map(
-            "pudong-flow-ingest-report", namespace, write),
-        "patch any other ConfigMap": lambda: worker.patch_namespaced_config_map(
+        "patch a ConfigMap": lambda: worker.patch_namespaced_config_map(
             "street-lights", namespace, {"data": {"mode": "off"}}),
         "create a ConfigMap": lambda: worker.create_namespaced_config_map(
             namespace, {"metadata": {"name": "decoy"}}),
-        "replace its own report": lambda: worker.replace_namespaced_config_map(
-            "pudong-pressure-ingest-report", namespace,
-            {"metadata": {"name": "pudong-pressure-ingest-report"}}),
+        "read its own broker credential": lambda: worker.read_namespaced_secret(
+            "pudong-pressure-ingest-broker", namespace),
+        "read another fleet's": lambda: worker.read_namespaced_secret("pudong-flow-ingest-broker", namespace),
         "read a Secret": lambda: worker.read_namespaced_secret("duty-webhook", namespace),
-        "widen its own Role": lambda: client.RbacAuthorizationV1Api(worker.api_client).patch_namespaced_role(
-            "pudong-pressure-ingest", namespace,
-            {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["patch"]}]}),
+        "write its fleet's status": lambda: client.CustomObjectsApi(
+            worker.api_client).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, "sensorfleets", "pudong-pressure", {"status": {"terminalsOnline": 1}}),
+        "make itself a Role": lambda: client.RbacAuthorizationV1Api(worker.api_client).create_namespaced_role(
+            namespace, {"metadata": {"name": "mine"},
+                        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["patch"]}]}),
     }
     answers = {what: _status_of(call) for what, call in attacks.items()}
     assert answers == dict.fromkeys(attacks, 403), answers
@@ -1122,6 +1054,11 @@ def test_each_identity_is_refused_what_it_does_not_need(
     attacks = {
         "read a Secret no route may name": lambda: core.read_namespaced_secret("water-billing-db", namespace),
         "list Secrets": lambda: core.list_namespaced_secret(namespace),
+        # It creates fleets' broker credentials; it never reads one back (they derive from its key).
+        "read a fleet's broker credential": lambda: core.read_namespaced_secret(
+            "pudong-pressure-mqtt", namespace),
+        "overwrite a fleet's broker credential": lambda: core.patch_namespaced_secret(
+            "pudong-pressure-mqtt", namespace, {"stringData": {"password": "chosen"}}),
         # What it may grant is what it holds: no Role that reads Secrets it cannot.
         "grant itself more": lambda: client.RbacAuthorizationV1Api(operator).create_namespaced_role(
             namespace, {"metadata": {"name": "wider"}, "rules": [
@@ -1129,20 +1066,6 @@ def test_each_identity_is_refused_what_it_does_not_need(
     }
     answers = {what: _status_of(call) for what, call in attacks.items()}
     assert answers == dict.fromkeys(attacks, 403), answers
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - the local worker
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _post(url: str, body: bytes) -> int:
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")  # noqa: S310
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the local worker
-        return int(response.status)
 
 
 @pytest.fixture
@@ -1182,6 +1105,7 @@ def test_kuberay_workload_survives_an_operator_restart_without_duplicates(
     federation: Any, city_cluster: Any, namespace: str, wait_for: Any, ray_operator: Any, tmp_path: Path
 ) -> None:
     kubeconfig, _ = operator_kubeconfig(federation, namespace, tmp_path, "kuberay")
+    broker = city_broker(city_cluster, namespace)
     # The account the Ray pods run as comes with the city chart, not from the operator.
     client.CoreV1Api(federation.api_client(CITY)).create_namespaced_service_account(
         namespace, {"metadata": {"name": "citynerve-analytics"}}
@@ -1211,14 +1135,14 @@ def test_kuberay_workload_survives_an_operator_restart_without_duplicates(
         return [j for j in items if not j["metadata"].get("deletionTimestamp")]
 
     # Killed mid-reconcile: stopped as soon as its first child write lands.
-    with running_operator(kubeconfig, "hub", (namespace,), "kuberay"):
+    with running_operator(kubeconfig, "hub", (namespace,), "kuberay", broker=broker):
         apply(federation, namespace, "---\n".join(yaml.safe_dump(d) for d in [*fleets, scenario]))
         wait_for(
             lambda: rayjobs() or deployment(federation, namespace, "rain-gauges-ingest"),
             20,
             what="a first child",
         )
-    with running_operator(kubeconfig, "hub", (namespace,), "kuberay"):
+    with running_operator(kubeconfig, "hub", (namespace,), "kuberay", broker=broker):
         status = wait_for(
             lambda: (
                 (get(federation, "scenarios", namespace, "huangpu-flood") or {})
@@ -1273,7 +1197,9 @@ def test_kuberay_workload_survives_an_operator_restart_without_duplicates(
         assert ready["reason"] in ("WorkloadPending", "WorkloadRunning"), ready
 
 
-def start_city_operator(kubeconfig: Path, namespace: str, log: Path) -> subprocess.Popen[bytes]:
+def start_city_operator(
+    kubeconfig: Path, namespace: str, log: Path, broker: BrokerOptions
+) -> subprocess.Popen[bytes]:
     """``citynerve operator city`` as its own process, the way the city chart runs it."""
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
@@ -1293,6 +1219,12 @@ def start_city_operator(kubeconfig: Path, namespace: str, log: Path) -> subproce
                 "kuberay",
                 "--resync-seconds",
                 "4",
+                "--broker-url",
+                broker.url,
+                "--broker-key-file",
+                str(broker.key_file),
+                "--broker-namespace",
+                namespace,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -1314,6 +1246,8 @@ def kill_at_first_write(proc: subprocess.Popen[bytes], audit: AuditLog) -> threa
                 and entry.get("stage") == "ResponseComplete"
                 and entry.get("verb") in WRITE_VERBS
                 and entry.get("responseStatus", {}).get("code", 500) < 300
+                # the broker's users, written at start before any fleet: not a reconcile's write
+                and (entry.get("objectRef") or {}).get("name") != "citynerve-broker-auth"
             )
         return False
 
@@ -1380,7 +1314,7 @@ def test_kuberay_workload_survives_a_sigkill_mid_reconcile(
 
     log = tmp_path / "operator.log"
     audit.mark()
-    first = start_city_operator(kubeconfig, namespace, log)
+    first = start_city_operator(kubeconfig, namespace, log, city_broker(city_cluster, namespace))
     second: subprocess.Popen[bytes] | None = None
     try:
         killer = kill_at_first_write(first, audit)
@@ -1393,19 +1327,19 @@ def test_kuberay_workload_survives_a_sigkill_mid_reconcile(
         with log.open("a") as out:
             out.write(f"\n--- SIGKILL; children then: {at_kill}; its writes: {first_writes} ---\n")
         # Mid-reconcile: a child landed, but the scenario's reconcile never recorded its workload.
-        # Seen at the kill: some of the fleets' children (account, Role, RoleBinding, report,
-        # Deployment: made in that order), with or without the RayJob, never the scenario's status
-        # (the full burst is 11 creates and 3 status patches).
+        # Seen at the kill: some of the fleets' children (account, credentials, Deployment: made in
+        # that order), with or without the RayJob, never the scenario's status
+        # (the full burst is each fleet's creates, the RayJob's and the status patches).
         assert at_kill, first_writes
         assert "workload" not in scenario_status(), first_writes
 
         audit.mark()
-        second = start_city_operator(kubeconfig, namespace, log)
+        second = start_city_operator(kubeconfig, namespace, log, city_broker(city_cluster, namespace))
         workload = wait_for(lambda: scenario_status().get("workload"), 60, what="the workload in status")
         expected = sorted(
             [
                 *(f"Deployment/{f['metadata']['name']}-ingest" for f in fleets),
-                *(c for f in fleets for c in fleet_identity_children(f["metadata"]["name"])),
+                *(c for f in fleets for c in fleet_identity_children(f)),
                 f"RayJob/{workload['name']}",
             ]
         )

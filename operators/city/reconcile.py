@@ -131,6 +131,7 @@ class CityReconciler:
         self._fleets_listed = False
         self._auth_written: str | None = None
         self._streams: dict[str, tuple[Any, ...]] = {}
+        self._credentials_made: set[tuple[str, str, str]] = set()  # (namespace, Secret, fleet uid)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def forget(self, kind: str, namespace: str, name: str) -> None:
@@ -257,6 +258,10 @@ class CityReconciler:
             lookup = self.sensor_types.lookup(type_name)
             problem = self._ensure_fleet_data_plane(fleet)
             type_spec = self.sensor_types.spec(type_name) if lookup == "found" else None
+            if problem is None and lookup == "unreadable":
+                problem = ("CatalogueUnreadable", f"The fleet's stream worker is configured with SensorType "
+                           f"{type_name}, which the operator may not read; grant it list on "
+                           "sensortypes.citynerve.io (the city chart does).")
             deployment = self._read_deployment(namespace, ingest_name(name))
             if problem is None and type_spec is not None and self.city.broker is not None:
                 desired = desired_ingest_deployment(fleet, self.city, type_spec, self.city.broker.url)
@@ -340,13 +345,20 @@ class CityReconciler:
             secrets.append(desired_fleet_secret(fleet, mqtt_secret_name(identity.name),
                                                 self.credentials.secret_data("mqtt", identity)))
         for secret in secrets:
-            self._create_once(secret)
+            made = (identity.namespace, secret["metadata"]["name"], identity.uid)
+            if made not in self._credentials_made:
+                self._create_once(secret)
+                self._credentials_made.add(made)
         if identity.protocol == "HTTP":
             self._ensure_child(fleet, desired_ingest_service(fleet))
         self._identities[key] = (identity.uid, time.monotonic())
 
     def _create_once(self, desired: Mapping[str, Any]) -> None:
-        """Create a Secret the operator may not read: one that exists is the fleet's already."""
+        """Create a Secret the operator may not read: one that exists is the fleet's already.
+
+        Tried once per fleet (uid) and operator process, so a quiet reconcile writes nothing: a
+        credential Secret deleted by hand is made again, the same, when the operator restarts.
+        """
         api_version, plural = CHILD_PATHS[desired["kind"]]
         try:
             self.kube.create(object_path(api_version, plural, desired["metadata"]["namespace"]), desired)
