@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
 
 log = logging.getLogger(__name__)
+DEFAULT_FLUSH_WINDOWS = 1000  # windows held before a Parquet file is written
+DEFAULT_FLUSH_SECONDS = 60.0  # or this long after the oldest held window arrived
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -328,6 +330,16 @@ def read_history(
 
 
 # -- the writer --------------------------------------------------------------------------------------
+def history_consumer_config(city: str, fleet: str, flush_windows: int = DEFAULT_FLUSH_WINDOWS,
+                            ack_wait_seconds: float = DEFAULT_FLUSH_SECONDS + 60.0) -> ConsumerConfig:
+    """The durable consumer the history reads a fleet's windows with (the city operator makes it
+    with the fleet's streams, so the fleet's worker needs no right to create consumers)."""
+    return ConsumerConfig(
+        durable_name=HISTORY_CONSUMER, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_seconds, max_ack_pending=flush_windows, filter_subject=windows_subject(city, fleet),
+    )
+
+
 class HistoryWriter:
     """The durable consumer of a fleet's windows stream that writes the fleet's Parquet history.
 
@@ -346,8 +358,8 @@ class HistoryWriter:
         fleet: str,
         root: Path,
         *,
-        flush_windows: int = 1000,
-        flush_seconds: float = 60.0,
+        flush_windows: int = DEFAULT_FLUSH_WINDOWS,
+        flush_seconds: float = DEFAULT_FLUSH_SECONDS,
         ack_wait_seconds: float | None = None,
         retention_days: int | None = None,
     ) -> None:
@@ -373,11 +385,7 @@ class HistoryWriter:
 
     async def run(self) -> None:
         """Consume the fleet's windows until ``stop``; what is held when stopped is written."""
-        config = ConsumerConfig(
-            durable_name=HISTORY_CONSUMER, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self.ack_wait_seconds, max_ack_pending=self.flush_windows,
-            filter_subject=windows_subject(self.city, self.fleet),
-        )
+        config = history_consumer_config(self.city, self.fleet, self.flush_windows, self.ack_wait_seconds)
         sub = await self.js.pull_subscribe(windows_subject(self.city, self.fleet), durable=HISTORY_CONSUMER,
                                            stream=self.stream, config=config)
         info = await self.js.consumer_info(self.stream, HISTORY_CONSUMER)
