@@ -34,6 +34,7 @@ from citynerve.operators.localfed.pods import LocalPods
 from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions, service_account_target
 from citynerve.workloads.dataplane import names
 from citynerve.workloads.dataplane.broker import OPERATOR_USER
+from citynerve.workloads.dataplane.history import read_history
 from citynerve.workloads.dataplane.http_gateway import UPSERT_PATH
 from citynerve.workloads.dataplane.windows import Window
 from kubernetes import client
@@ -269,6 +270,21 @@ def test_terminals_over_mqtt_and_http_become_exact_windows_and_fleet_status(
 
                 status = wait_for(online, 60, what=f"{name}: {count} terminals online and Ready")
                 assert status["qualityScore"] == 100
+
+            # Each worker writes its fleet's windows into the history (Parquet on the fleet's claim);
+            # the windows the killed one held come again after the history consumer's ack wait.
+            for name, sent in expected.items():
+
+                def history(n: str = name) -> dict[tuple[str, int], int]:
+                    table = read_history(pods.claim_dir(namespace, f"{n}-history"), n)
+                    starts = table.column("window_start").cast("int64").to_pylist()
+                    rows = zip(table.column("sensor").to_pylist(), starts, table.column("count").to_pylist(),
+                               strict=True)
+                    return {(sensor, start): count for sensor, start, count in rows}
+
+                want_rows = {k: len(v) for k, v in sent.items()}
+                wait_for(lambda h=history, w=want_rows: h() == w, 120,
+                         what=f"{name}'s history = what was sent")
     finally:
         with contextlib.suppress(client.ApiException):
             custom.delete_cluster_custom_object(GROUP, VERSION, "sensortypes", type_name)

@@ -258,6 +258,11 @@ def test_the_operator_writes_the_brokers_users_and_reads_its_key_only(rbac_mode:
     assert city.broker is not None
     assert (city.broker.url, str(city.broker.key_file), city.broker.namespace) == (
         "nats://citynerve-broker.citynerve.svc:4222", "/etc/citynerve/broker-key/key", "citynerve")
+    assert (city.history_storage, city.history_storage_class) == ("1Gi", None)
+    history = {"size": "20Gi", "storageClassName": "fast"}
+    sized = one(render("city", {"rbac": {"mode": rbac_mode}, "ingest": {"history": history}}), "Deployment")
+    _, city = city_main.parse_options(sized["spec"]["template"]["spec"]["containers"][0]["args"][2:])
+    assert (city.history_storage, city.history_storage_class) == ("20Gi", "fast")
     assert {"name": "broker-key", "secret": {"secretName": "citynerve-broker-key"}} in pod["volumes"]
     key = one(docs, "Secret", "citynerve-broker-key")
     assert key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # kept across upgrades

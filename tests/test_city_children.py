@@ -95,12 +95,19 @@ def test_ingest_deployment_is_deterministic_and_owned() -> None:
         "shanghai", "pudong-pressure", 4200, BROKER_URL)
     assert config["sensorTypeSpec"] == TYPE_SPEC  # no API access needed to validate
     assert (config["windowSeconds"], config["allowedLatenessSeconds"]) == (300, 60)
-    volume = pod["volumes"][0]
-    assert volume == {"name": "broker", "secret": {"secretName": "pudong-pressure-ingest-broker"}}
+    assert pod["volumes"] == [
+        {"name": "broker", "secret": {"secretName": "pudong-pressure-ingest-broker"}},
+        {"name": "history", "persistentVolumeClaim": {"claimName": "pudong-pressure-history"}},
+    ]
+    claim = children.desired_history_claim(fleet(), CityOptions(city="shanghai", history_storage="5Gi",
+                                                                history_storage_class="fast"))
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}},
+                             "storageClassName": "fast"}
     mount = pod["containers"][0]["volumeMounts"][0]
     assert (mount["mountPath"], mount["readOnly"]) == (children.BROKER_CREDENTIALS_DIR, True)
     args = pod["containers"][0]["args"]
     assert args[:3] == ["python", "-m", "citynerve.workloads.dataplane.worker"]
+    assert args[args.index("--history-dir") + 1] == children.HISTORY_DIR
     assert args[args.index("--credentials-dir") + 1] == children.BROKER_CREDENTIALS_DIR
     selector = first["spec"]["selector"]["matchLabels"]
     assert selector.items() <= first["spec"]["template"]["metadata"]["labels"].items()

@@ -70,7 +70,7 @@ class Stream:
     js: JetStreamContext
     city: str
     url: str
-    password: str  # the operator's: the broker has no identity of the history writer's own yet
+    password: str  # the operator's (in a city the writer runs in the fleet's worker, as its user)
 
 
 @pytest_asyncio.fixture
@@ -79,6 +79,9 @@ async def stream(broker: Any) -> AsyncIterator[Stream]:
     js = nc.jetstream()
     await ensure_fleet_streams(js, broker.city, FLEET, window_s=300, allowed_lateness_s=60,
                                retention_hours=24)
+    # Each test's writer makes the consumer with the acknowledgement wait it needs (seconds, not
+    # the operator's default), as a writer does where none was made.
+    await js.delete_consumer(windows_stream(FLEET), HISTORY_CONSUMER)
     yield Stream(js, broker.city, broker.broker.url, broker.operator_password)
     await nc.close()
 

@@ -32,6 +32,8 @@ from citynerve.operators.conditions import rfc3339
 INGEST_PORT = 8080  # the NGSI-LD endpoint of citynerve.workloads.dataplane.worker
 # Where a stream worker finds its broker credential (files `username`, `password`).
 BROKER_CREDENTIALS_DIR = "/var/run/citynerve/broker"
+# Where it writes the fleet's window history (Parquet by day), on the fleet's own claim.
+HISTORY_DIR = "/var/lib/citynerve/history"
 _SEVERITY_ORDER = {"warning": 0, "alarm": 1, "critical": 2}
 
 
@@ -116,6 +118,26 @@ def desired_fleet_secret(fleet: Mapping[str, Any], name: str, data: Mapping[str,
         "type": "Opaque",
         "metadata": _fleet_child_metadata(fleet, name),
         "data": dict(data),
+    }
+
+
+def history_claim_name(fleet: str) -> str:
+    return _dns_name(fleet, "history", 253)
+
+
+def desired_history_claim(fleet: Mapping[str, Any], options: CityOptions) -> dict[str, Any]:
+    """The volume of a fleet's window history (docs/history.md): its stream worker's alone."""
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": options.history_storage}},
+    }
+    if options.history_storage_class:
+        spec["storageClassName"] = options.history_storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _fleet_child_metadata(fleet, history_claim_name(fleet["metadata"]["name"])),
+        "spec": spec,
     }
 
 
@@ -205,6 +227,7 @@ def fleet_config(
         "samplingIntervalSeconds": spec.get("samplingIntervalSeconds", 300),
         "windowSeconds": spec.get("windowSeconds", 300),
         "allowedLatenessSeconds": spec.get("allowedLatenessSeconds", 60),
+        "historyRetentionDays": spec.get("historyRetentionDays", 30),
         "brokerUrl": broker_url,
     }
 
@@ -238,7 +261,10 @@ def desired_ingest_deployment(
                     "serviceAccountName": ingest_account_name(name),
                     "automountServiceAccountToken": False,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "volumes": [{"name": "broker", "secret": {"secretName": ingest_secret_name(name)}}],
+                    "volumes": [
+                        {"name": "broker", "secret": {"secretName": ingest_secret_name(name)}},
+                        {"name": "history", "persistentVolumeClaim": {"claimName": history_claim_name(name)}},
+                    ],
                     "containers": [
                         {
                             "name": "ingest",
@@ -247,6 +273,7 @@ def desired_ingest_deployment(
                                 "python", "-m", "citynerve.workloads.dataplane.worker",
                                 "--config-env", "CITYNERVE_FLEET_CONFIG",
                                 "--credentials-dir", BROKER_CREDENTIALS_DIR,
+                                "--history-dir", HISTORY_DIR,
                                 "--http-address", "0.0.0.0",  # noqa: S104 - the pod's own address
                                 "--http-port", str(INGEST_PORT),
                             ],
@@ -257,7 +284,8 @@ def desired_ingest_deployment(
                                 },
                             ],
                             "volumeMounts": [
-                                {"name": "broker", "mountPath": BROKER_CREDENTIALS_DIR, "readOnly": True}
+                                {"name": "broker", "mountPath": BROKER_CREDENTIALS_DIR, "readOnly": True},
+                                {"name": "history", "mountPath": HISTORY_DIR},
                             ],
                             "ports": [{"name": "ngsi-ld", "containerPort": INGEST_PORT, "protocol": "TCP"}],
                             "readinessProbe": {

@@ -76,6 +76,9 @@ class CityOptions:
     # The city broker (NATS with JetStream) the fleets' readings travel on; None: no data plane,
     # and every fleet says so.
     broker: BrokerOptions | None = None
+    # Each fleet's window history volume (a PersistentVolumeClaim per fleet): size and class.
+    history_storage: str = "1Gi"
+    history_storage_class: str | None = None
 
     @property
     def centre(self) -> tuple[str, str] | None:

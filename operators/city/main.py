@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--broker-namespace", default=os.environ.get("POD_NAMESPACE"),
                         help="namespace of Secret citynerve-broker-auth, the broker's users "
                         "(default: $POD_NAMESPACE)")
+    broker.add_argument("--history-storage", default="1Gi",
+                        help="size of each fleet's window history volume (default: %(default)s)")
+    broker.add_argument("--history-storage-class", default=None,
+                        help="StorageClass of those volumes (default: the cluster's default)")
     parser.add_argument("--peering", default=None, help="Kopf peering name (default: standalone)")
     parser.add_argument(
         "--resync-seconds",
@@ -142,6 +146,8 @@ def _parse(argv: list[str]) -> tuple[OperatorOptions, CityOptions, argparse.Name
         broker = BrokerOptions(args.broker_url, args.broker_key_file, args.broker_namespace)
     city = CityOptions(
         broker=broker,
+        history_storage=args.history_storage,
+        history_storage_class=args.history_storage_class,
         city=args.city,
         mlflow_url=args.mlflow_url,
         workload_mode=args.workload_mode,

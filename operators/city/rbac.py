@@ -53,6 +53,9 @@ def role_rules(workload_mode: str = "local", alert_secrets: Sequence[str] = ()) 
         # Each fleet's worker account and (HTTP fleets) Service, made and kept in line by the
         # operator; never deleted by it (owner references take them with the fleet).
         {"apiGroups": [""], "resources": ["serviceaccounts", "services"], "verbs": _CHILD},
+        # Each fleet's history volume: made once, never changed or deleted by the operator (it
+        # goes with the fleet; its size is the chart's ingest.history.size when it is made).
+        {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "create"]},
         # Each fleet's broker credentials: created, never read back (they derive from the broker
         # key, operators/city/broker.py), so the operator holds no `get` on any fleet's Secret.
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},

@@ -29,6 +29,7 @@ from citynerve.operators.city.children import (
     child_patch,
     deployment_drifted,
     desired_fleet_secret,
+    desired_history_claim,
     desired_ingest_deployment,
     desired_ingest_service,
     desired_ingest_service_account,
@@ -351,7 +352,21 @@ class CityReconciler:
                 self._credentials_made.add(made)
         if identity.protocol == "HTTP":
             self._ensure_child(fleet, desired_ingest_service(fleet))
+        self._ensure_claim(fleet, desired_history_claim(fleet, self.city))
         self._identities[key] = (identity.uid, time.monotonic())
+
+    def _ensure_claim(self, fleet: Mapping[str, Any], desired: Mapping[str, Any]) -> None:
+        """The fleet's history volume: made when missing, then left as it is (a claim's spec is the
+        storage's; resizing is the cluster administrator's)."""
+        meta = desired["metadata"]
+        path = object_path("v1", "persistentvolumeclaims", meta["namespace"], meta["name"])
+        if self.kube.get(path) is None:
+            try:
+                self.kube.create(object_path("v1", "persistentvolumeclaims", meta["namespace"]), desired)
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+                log.debug("history claim of %s made meanwhile", fleet["metadata"]["name"])
 
     def _create_once(self, desired: Mapping[str, Any]) -> None:
         """Create a Secret the operator may not read: one that exists is the fleet's already.

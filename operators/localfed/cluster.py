@@ -27,6 +27,9 @@ from citynerve.operators.localfed.pki import CLIENTS, ClusterPki, create_cluster
 from citynerve.operators.localfed.process import ProcessTable
 from citynerve.workloads.dataplane.broker import LocalBroker
 
+# A cluster here has no storage provisioner: a pool of pre-made volumes stands in (ensure_storage).
+LOCAL_STORAGE_CLASS = "citynerve-local"
+LOCAL_VOLUMES = 256
 # Start order; a component only starts once the ones before it answer.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
@@ -337,6 +340,7 @@ class LocalCluster:
             self.start_component(component)
         if "kwok" in components:
             self.ensure_node()
+            self.ensure_storage()
         if components == COMPONENTS:
             self.start_broker()
 
@@ -402,6 +406,41 @@ class LocalCluster:
         except urllib.error.HTTPError as exc:
             if exc.code != 409:  # already registered on an earlier start
                 raise
+
+    def ensure_storage(self, volumes: int = LOCAL_VOLUMES) -> None:
+        """A default StorageClass and a pool of pre-made volumes, as a cluster without a dynamic
+        provisioner has them: claims (the broker's JetStream store, each fleet's history) bind to
+        one each and their pods schedule. kwok runs no containers, so nothing is ever written to
+        the volumes' paths; a released volume is not reused (the pool covers a test session)."""
+        storage_class = {
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": LOCAL_STORAGE_CLASS,
+                         "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate",
+            "reclaimPolicy": "Retain",
+        }
+        try:
+            self.request("POST", "/apis/storage.k8s.io/v1/storageclasses", storage_class)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+        listed = self.request("GET", "/api/v1/persistentvolumes")
+        have = {item["metadata"]["name"] for item in listed.get("items", [])}
+        for i in range(volumes):
+            name = f"local-{i:03d}"
+            if name in have:
+                continue
+            volume = {
+                "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+                "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteOnce"],
+                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": LOCAL_STORAGE_CLASS,
+                         "hostPath": {"path": f"/var/lib/citynerve-local/{name}"}},
+            }
+            try:
+                self.request("POST", "/api/v1/persistentvolumes", volume)
+            except urllib.error.HTTPError as exc:
+                if exc.code != 409:
+                    raise
 
     def status(self) -> dict[str, Any]:
         """Name, API URL, server version, Ready nodes and the broker's ports (cities), for ``dev status``."""

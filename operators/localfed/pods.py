@@ -6,7 +6,8 @@ the harness that hosts a city (the demo, the e2e tests) runs a ``LocalPods`` bes
 
 * each fleet's stream-worker Deployment (the operator's, unchanged) runs as a local process —
   its container's own command and environment, its Secret volumes written to a private folder
-  (0700) and its ``--http-port`` moved to a free local port; a changed pod template restarts it,
+  (0700), its PersistentVolumeClaims a folder each that outlives the process (``claim_dir``),
+  and its ``--http-port`` moved to a free local port; a changed pod template restarts it,
   a dead process is restarted (as ``restartPolicy: Always`` would), a deleted Deployment stops it;
 * Secret ``citynerve-broker-auth`` (the operator's rendering of the broker's users) is copied into
   the local broker's auth file, which its supervisor reloads — what the kubelet's refresh of the
@@ -107,6 +108,10 @@ class LocalPods:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
 
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        """The folder standing for a PersistentVolumeClaim: kept across the worker's restarts."""
+        return self.folder / "claims" / namespace / claim
+
     def log_file(self, namespace: str, fleet: str) -> Path:
         """Where a fleet worker's output goes (kept across its restarts)."""
         return self.folder / f"{namespace}.{fleet}.log"
@@ -187,6 +192,11 @@ class LocalPods:
         mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
         paths: dict[str, str] = {}
         for volume in pod.get("volumes") or []:
+            if "persistentVolumeClaim" in volume and volume["name"] in mounts:
+                claim = self.claim_dir(namespace, volume["persistentVolumeClaim"]["claimName"])
+                claim.mkdir(parents=True, exist_ok=True, mode=0o700)
+                paths[mounts[volume["name"]]] = str(claim)
+                continue
             if "secret" not in volume or volume["name"] not in mounts:
                 continue
             secret = self.core.read_namespaced_secret(volume["secret"]["secretName"], namespace)

@@ -35,6 +35,7 @@ from pathlib import Path
 import bcrypt
 from citynerve.workloads.dataplane.names import (
     FLEETS_BUCKET,
+    HISTORY_CONSUMER,
     QUARANTINE_PREFIX,
     READINGS_PREFIX,
     WINDOWS_PREFIX,
@@ -42,6 +43,7 @@ from citynerve.workloads.dataplane.names import (
     quarantine_subject,
     readings_stream,
     readings_subject,
+    windows_stream,
     windows_subject,
 )
 
@@ -98,7 +100,7 @@ def terminal_user(city: str, fleet: str, password_hash: str) -> BrokerUser:
 
 def ingest_user(city: str, fleet: str, password_hash: str) -> BrokerUser:
     """A fleet's stream worker (and its HTTP gateway): its own readings, windows, quarantine and KV keys."""
-    stream = readings_stream(fleet)
+    stream, windows = readings_stream(fleet), windows_stream(fleet)
     kv_stream = f"KV_{FLEETS_BUCKET}"
     kv_keys = f"$KV.{FLEETS_BUCKET}.{fleet}.>"
     return BrokerUser(
@@ -114,6 +116,11 @@ def ingest_user(city: str, fleet: str, password_hash: str) -> BrokerUser:
             kv_keys,
             f"$JS.API.DIRECT.GET.{kv_stream}.{kv_keys}",
             f"$JS.API.STREAM.INFO.{kv_stream}",
+            # its history: the fleet's windows, through the consumer the operator made
+            f"$JS.API.CONSUMER.MSG.NEXT.{windows}.{HISTORY_CONSUMER}",
+            f"$JS.API.CONSUMER.INFO.{windows}.{HISTORY_CONSUMER}",
+            f"$JS.API.STREAM.INFO.{windows}",
+            f"$JS.ACK.{windows}.>",
         ),
         subscribe=(INBOX,),
     )

@@ -47,7 +47,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_FLUSH_WINDOWS = 1000  # windows held before a Parquet file is written
-DEFAULT_FLUSH_SECONDS = 60.0  # or this long after the oldest held window arrived
+DEFAULT_FLUSH_SECONDS = 10.0  # or this long after the oldest held window arrived
+
+
+def default_ack_wait(flush_seconds: float) -> float:
+    """How long a delivered window waits for its file: a flush's wait and write, with a margin. A
+    writer that died holding windows sees them again this long after (a restart's gap in the history)."""
+    return 2 * flush_seconds + 10.0
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -330,8 +336,10 @@ def read_history(
 
 
 # -- the writer --------------------------------------------------------------------------------------
-def history_consumer_config(city: str, fleet: str, flush_windows: int = DEFAULT_FLUSH_WINDOWS,
-                            ack_wait_seconds: float = DEFAULT_FLUSH_SECONDS + 60.0) -> ConsumerConfig:
+def history_consumer_config(
+    city: str, fleet: str, flush_windows: int = DEFAULT_FLUSH_WINDOWS,
+    ack_wait_seconds: float = default_ack_wait(DEFAULT_FLUSH_SECONDS),
+) -> ConsumerConfig:
     """The durable consumer the history reads a fleet's windows with (the city operator makes it
     with the fleet's streams, so the fleet's worker needs no right to create consumers)."""
     return ConsumerConfig(
@@ -369,7 +377,8 @@ class HistoryWriter:
             raise ValueError(msg)
         self.js, self.city, self.fleet, self.root = js, city, fleet, root
         self.flush_windows, self.flush_seconds = flush_windows, flush_seconds
-        self.ack_wait_seconds = ack_wait_seconds if ack_wait_seconds is not None else flush_seconds + 60.0
+        wait = default_ack_wait(flush_seconds) if ack_wait_seconds is None else ack_wait_seconds
+        self.ack_wait_seconds: float = wait
         self.retention_days = retention_days
         self.stream = windows_stream(fleet)
         self._buffer: dict[int, tuple[Msg, Window]] = {}  # by stream sequence: a redelivery replaces

@@ -21,7 +21,7 @@ import os
 import re
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from citynerve.observability.logs import configure_logging
 from citynerve.workloads.dataplane import http_gateway
+from citynerve.workloads.dataplane.history import HistoryWriter
 from citynerve.workloads.dataplane.names import (
     CONTENT_ARROW,
     CONTENT_JSON,
@@ -67,6 +68,7 @@ ONLINE_INTERVALS = 3  # a terminal is online while its newest reading is this ma
 ARROW_CONTINUATION = b"\xff\xff\xff\xff"  # how every Arrow IPC stream message begins
 _JSON_START = re.compile(rb"\s*([\[{])")
 UNDECODABLE = "undecodable"
+PUBLISH_TIMEOUT_S = 10.0  # a window or quarantine publish not stored by then is retried
 PayloadFormat = Literal["arrow", "json"]
 
 
@@ -91,6 +93,7 @@ class FleetConfig:
     window_s: int
     allowed_lateness_s: int
     broker_url: str
+    history_retention_days: int = 30
 
     @classmethod
     def parse(cls, text: str) -> FleetConfig:
@@ -136,6 +139,8 @@ class FleetConfig:
             window_s=int_field("windowSeconds", 1),
             allowed_lateness_s=int_field("allowedLatenessSeconds", 0),
             broker_url=text_field("brokerUrl"),
+            history_retention_days=int_field("historyRetentionDays", 1) if "historyRetentionDays" in raw
+            else FleetConfig.history_retention_days,
         )
 
 
@@ -155,7 +160,7 @@ class Credentials:
 
 
 # ---- counters ---------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class Tally:
     """What a set of payloads amounted to: the status's counters and the checkpoint's."""
 
@@ -280,7 +285,7 @@ def quarantine_messages(result: BatchResult) -> list[QuarantineMessage]:
 
 
 # ---- the worker -------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class _Held:
     """An unacknowledged payload: where to ack it and the newest window it fed. Never the payload."""
 
@@ -320,7 +325,8 @@ class StreamWorker:
         self._kv: KeyValue | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._held: dict[int, _Held] = {}  # stream sequence → held payload
-        self._outbox: list[Window] = []  # closed, not yet stored by the broker
+        self._outbox: deque[Window] = deque()  # closed, not yet stored by the broker
+        self._quarantine: deque[tuple[QuarantineMessage, str]] = deque()  # with its source, not yet stored
         self._acked = Tally()
         self._windows_published = 0
         self._committed_before = 0
@@ -429,6 +435,7 @@ class StreamWorker:
                     log.warning("fleet %s: broker unavailable (%s); retrying", self.config.fleet,
                                 type(exc).__name__)
                 failing = True
+                self._rebind = True  # payloads may have been delivered and lost on the way
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -437,15 +444,16 @@ class StreamWorker:
         assert self._sub is not None
         if self._rebind:
             await self._bind()
-        if self._outbox:
-            await self._publish_windows()
+        if self._outbox or self._quarantine:
+            await self._publish_held_back()
             await self._commit()
         try:
             messages = await self._sub.fetch(self.fetch_batch, timeout=self.fetch_timeout_s)
         except TimeoutError:  # nats-py's, or asyncio's when the fetch's own wait runs out first
             messages = []
         for msg in messages:
-            await self._ingest(msg)
+            self._ingest(msg)
+        await self._publish_held_back()
         newest = self.pipeline.newest_event_ms
         if messages:
             if newest is not None:
@@ -472,7 +480,8 @@ class StreamWorker:
                             self.config.fleet, len(self._held), oldest)
                 await self._close_windows((oldest + 1) * self.pipeline.window_ms + self.pipeline.lateness_ms)
 
-    async def _ingest(self, msg: Msg) -> None:
+    def _ingest(self, msg: Msg) -> None:
+        """One payload into the pipeline; it is held (never its bytes) and its quarantine queued."""
         meta = msg.metadata
         seq = meta.sequence.stream
         held = self._held.get(seq)
@@ -509,16 +518,13 @@ class StreamWorker:
         else:
             tally.add_result(result)
             quarantine = quarantine_messages(result)
-        subject = quarantine_subject(self.config.city, self.config.fleet)
-        for q in quarantine:
-            await self._publish(subject, q.body, q.headers(source))
         self._held[seq] = _Held(msg.reply, result.newest_window if result else None, tally)
+        self._quarantine.extend((q, source) for q in quarantine)
 
-    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> bool:
-        """Publish and wait for the broker to store it; True if it was new, False if a duplicate."""
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """Publish and wait for the broker to store it (or to say it already has: a duplicate id)."""
         assert self.js is not None
-        ack = await self.js.publish(subject, body, headers=headers, timeout=10.0)
-        return not ack.duplicate
+        await self.js.publish(subject, body, headers=headers, timeout=PUBLISH_TIMEOUT_S)
 
     async def _close_windows(self, watermark_ms: int) -> None:
         if self._awaiting:
@@ -529,26 +535,32 @@ class StreamWorker:
             self._awaiting = 0
         aggregates = self.pipeline.flush(watermark_ms)
         if len(aggregates):
-            self._outbox += windows_of(aggregates, self.config.city, self.config.fleet, self.config.window_s)
-        if self._outbox:
-            await self._publish_windows()
+            self._outbox.extend(windows_of(aggregates, self.config.city, self.config.fleet,
+                                           self.config.window_s))
+        await self._publish_held_back()
         if self.pipeline.closed_before > self._committed_before:
             await self._commit()
 
-    async def _publish_windows(self) -> None:
+    async def _publish_held_back(self) -> None:
+        """Quarantine and closed windows not yet stored, in order; what fails stays for the next try."""
+        subject = quarantine_subject(self.config.city, self.config.fleet)
+        while self._quarantine:
+            message, source = self._quarantine[0]
+            await self._publish(subject, message.body, message.headers(source))
+            self._quarantine.popleft()
         while self._outbox:
             window = self._outbox[0]
             await self._publish(windows_subject(self.config.city, self.config.fleet, window.prop),
                                 window.encode(), window.headers())
             # a duplicate too: it is the republish of one stored before a restart
             self._windows_published += 1
-            self._outbox.pop(0)
+            self._outbox.popleft()
 
     async def _commit(self, always: bool = True) -> None:
         """Checkpoint, then acknowledge every held payload whose windows are all published."""
         assert self._kv is not None
         assert self.nc is not None
-        if self._outbox:  # a window not yet stored: nothing new may be acknowledged
+        if self._outbox or self._quarantine:  # not all stored yet: nothing new may be acknowledged
             return
         closed_before = self.pipeline.closed_before
         done = [seq for seq, held in self._held.items()
@@ -608,10 +620,16 @@ class StreamWorker:
 
 # ---- the process ------------------------------------------------------------------------
 async def serve(config: FleetConfig, credentials: Credentials, http_address: str | None, http_port: int,
-                stop: asyncio.Event) -> None:
-    """The worker and the fleet's HTTP gateway in one event loop, until ``stop``."""
+                stop: asyncio.Event, history_dir: Path | None = None) -> None:
+    """The worker, the fleet's HTTP gateway and its history writer in one event loop, until ``stop``."""
     worker = StreamWorker(config, credentials)
     await worker.connect()
+    history = None
+    if history_dir is not None:
+        assert worker.js is not None
+        writer = HistoryWriter(worker.js, config.city, config.fleet, history_dir,
+                               retention_days=config.history_retention_days)
+        history = (writer, asyncio.create_task(writer.run(), name="history"))
     runner = None
     if http_address is not None:
         assert worker.js is not None
@@ -626,6 +644,9 @@ async def serve(config: FleetConfig, credentials: Credentials, http_address: str
     finally:
         if runner is not None:
             await runner.cleanup()
+        if history is not None:
+            history[0].stop()  # what it holds is written before the connection closes
+            await asyncio.wait({history[1]}, timeout=30)
         await worker.close()
 
 
@@ -641,6 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http-address", default=None,
                         help="serve the fleet's NGSI-LD gateway on this address (default: no gateway)")
     parser.add_argument("--http-port", type=int, default=8080, help="its port (default: %(default)s)")
+    parser.add_argument("--history-dir", type=Path, default=None,
+                        help="write the fleet's window history here, Parquet by day (default: none)")
     args = parser.parse_args(argv)
     configure_logging("INFO")
     try:
@@ -655,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, credentials, args.http_address, args.http_port, stop)
+        await serve(config, credentials, args.http_address, args.http_port, stop, args.history_dir)
 
     asyncio.run(run())
     return 0
