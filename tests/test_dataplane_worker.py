@@ -586,3 +586,27 @@ async def test_the_worker_process_serves_the_fleets_gateway_and_stops_on_sigterm
                 k: v[0] for k, v in expected_windows(batch, fleet.window_s).items()}
             process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(process.wait, 30) == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(180)
+async def test_a_backlog_of_large_payloads_is_windowed_whole(broker: RunningBroker, tmp_path: Path) -> None:
+    """A backlog of about 100 MB, more than one fetch may bring in (64 MB): windowed whole."""
+    terminals, payloads = 500, 96
+    async with provisioned(broker, tmp_path, count=terminals, window_s=10, lateness_s=1) as fleet:
+        names = [f"t{i:04d}-" + "x" * 2000 for i in range(terminals)]  # ≈ 1 MB of names a payload
+        start = now_ms() - 3_600_000
+        sent = []
+        for n in range(payloads):
+            batch = [(name, "pressure", start + n * 1000, float(n % 100)) for name in names]
+            await fleet.js.publish(fleet.subject, arrow(batch), timeout=30)
+            sent += batch
+        async with running(fleet.worker()):
+            await wait_for(lambda: fleet.windowed(len(sent)), 120, f"{len(sent)} readings windowed")
+
+            async def settled() -> bool:
+                status = await fleet.status()
+                return status.get("acceptedReadings") == len(sent) and status.get("pendingMessages") == 0
+            await wait_for(settled, 60, "every reading accepted once, nothing held")
+        assert window_counts(await fleet.windows()) == {
+            k: v[0] for k, v in expected_windows(sent, fleet.window_s).items()}

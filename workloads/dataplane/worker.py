@@ -58,6 +58,7 @@ from citynerve.workloads.ingest.sensor_type import SensorType
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import SlowConsumerError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -68,6 +69,10 @@ ONLINE_INTERVALS = 3  # a terminal is online while its newest reading is this ma
 ARROW_CONTINUATION = b"\xff\xff\xff\xff"  # how every Arrow IPC stream message begins
 _JSON_START = re.compile(rb"\s*([\[{])")
 UNDECODABLE = "undecodable"
+# A fetch's payloads arrive at once: past 64 MB the server cuts the connection as too slow (and
+# the client drops what overflows its buffer). Fetch about this many bytes' worth, judged by the
+# previous fetch; what is lost anyway is delivered again after the reconnect (see ``_bind``).
+FETCH_BYTES = 32 * 1024 * 1024
 PUBLISH_TIMEOUT_S = 10.0  # a window or quarantine publish not stored by then is retried
 PayloadFormat = Literal["arrow", "json"]
 
@@ -339,6 +344,8 @@ class StreamWorker:
         self._max_ack_pending = 0
         self._consumer_pending: int | None = None
         self._next_status = 0.0
+        # the previous fetch's largest payload: large ones are fetched fewer at a time (16 at first)
+        self._largest = FETCH_BYTES // 16
         self.gateway_status: Callable[[], Mapping[str, Any]] | None = None  # the HTTP gateway's counters
 
     # ---- connection ----------------------------------------------------------------
@@ -357,6 +364,8 @@ class StreamWorker:
 
         async def error(exc: Exception) -> None:
             log.warning("fleet %s: broker connection: %s", self.config.fleet, exc)
+            if isinstance(exc, SlowConsumerError):
+                self._rebind = True  # payloads were dropped on the way in: have them delivered again
 
         self.nc = await nats.connect(
             self.config.broker_url, user=self.credentials.username, password=self.credentials.password,
@@ -448,11 +457,13 @@ class StreamWorker:
             await self._publish_held_back()
             await self._commit()
         try:
-            messages = await self._sub.fetch(self.fetch_batch, timeout=self.fetch_timeout_s)
+            messages = await self._sub.fetch(self._batch_size(), timeout=self.fetch_timeout_s)
         except TimeoutError:  # nats-py's, or asyncio's when the fetch's own wait runs out first
             messages = []
         for msg in messages:
             self._ingest(msg)
+        if messages:
+            self._largest = max(len(msg.data) for msg in messages)
         await self._publish_held_back()
         newest = self.pipeline.newest_event_ms
         if messages:
@@ -463,6 +474,10 @@ class StreamWorker:
         if time.monotonic() >= self._next_status:
             await self._commit(always=False)
             await self._report()
+
+    def _batch_size(self) -> int:
+        """Payloads per fetch: ``fetch_batch``, fewer when payloads are large (the client buffers a fetch)."""
+        return max(1, min(self.fetch_batch, FETCH_BYTES // max(1, self._largest)))
 
     async def _idle(self, newest: int | None) -> None:
         """Nothing came: the wall clock closes windows if nothing waits; back-pressure if we hold too much."""
