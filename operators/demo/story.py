@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import yaml
 from citynerve.models.registry import TRAINER_IDENTITY
 from citynerve.models.scenario_runs import read_scenario_run
 from citynerve.operators import helm
+from citynerve.operators.city.broker import BrokerOptions
 from citynerve.operators.city.config import AlertPolicy, CityOptions
 from citynerve.operators.city.handlers import build_registry as build_city_registry
 from citynerve.operators.city.signing import ReplayGuard, verify_alert
@@ -43,6 +45,7 @@ from citynerve.operators.hub.handlers import build_registry as build_hub_registr
 from citynerve.operators.localfed.cluster import free_port
 from citynerve.operators.localfed.federation import LocalFederation
 from citynerve.operators.localfed.mlflow_server import LocalMlflow
+from citynerve.operators.localfed.pods import LocalPods
 from citynerve.operators.models_cli import create_promotion, promotion_manifest, wait_for_outcome
 from citynerve.operators.runtime import (
     InProcessOperator,
@@ -51,15 +54,12 @@ from citynerve.operators.runtime import (
     scratch_dir,
     service_account_target,
 )
-from citynerve.workloads.ingest.worker import (
-    FleetConfig,
-    IngestWorker,
-    ReportWriter,
-    RunningWorker,
-    load_sensor_type,
-)
+from citynerve.workloads.dataplane.http_gateway import UPSERT_PATH
+from citynerve.workloads.dataplane.names import readings_topic
+from citynerve.workloads.ingest.sensor_type import SensorType
 from citynerve.workloads.sim.gateway import gateway_batch
 from kubernetes import client
+from paho.mqtt.enums import CallbackAPIVersion
 
 GROUP, VERSION = "citynerve.io", "v1alpha1"
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -156,6 +156,74 @@ def city_values_file(city: str) -> Path:
     return SAMPLES / "helm" / f"values-{city}.yaml"
 
 
+def _read_secret(core: client.CoreV1Api, name: str) -> dict[str, str] | None:
+    try:
+        body = core.read_namespaced_secret(name, WORK_NS)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (body.data or {}).items()}
+
+
+class FieldGateway:
+    """What sends one fleet's readings: its terminals' network server over MQTT (QoS 1, the
+    fleet's own credential), or a field gateway posting NGSI-LD batch upserts over HTTP."""
+
+    def __init__(self, city: str, fleet: str, sensor_type: SensorType, terminals: int) -> None:
+        self.city, self.fleet, self.sensor_type, self.terminals = city, fleet, sensor_type, terminals
+        self.topic = ""
+        self.url = ""
+        self.client: mqtt.Client | None = None
+
+    @classmethod
+    def mqtt(cls, city: str, fleet: str, sensor_type: SensorType, terminals: int, host: str, port: int,
+             credential: dict[str, str]) -> FieldGateway:
+        gateway = cls(city, fleet, sensor_type, terminals)
+        gateway.topic = readings_topic(city, fleet)
+        gateway.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-{city}-{fleet}",
+                                     protocol=mqtt.MQTTv311)
+        gateway.client.username_pw_set(credential["username"], credential["password"])
+        gateway.client.connect_async(host, port)
+        gateway.client.loop_start()  # reconnects by itself, e.g. while the broker reloads its users
+        return gateway
+
+    @classmethod
+    def http(cls, city: str, fleet: str, sensor_type: SensorType, terminals: int, url: str) -> FieldGateway:
+        gateway = cls(city, fleet, sensor_type, terminals)
+        gateway.url = url + UPSERT_PATH
+        return gateway
+
+    def ready(self) -> bool:
+        """MQTT: logged in to the broker; HTTP: the fleet's gateway says it is healthy."""
+        if self.client is not None:
+            return bool(self.client.is_connected())
+        try:
+            with urllib.request.urlopen(self.url.replace(UPSERT_PATH, "/healthz"), timeout=5) as answer:  # noqa: S310
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def send(self, body: bytes) -> None:
+        if self.client is not None:
+            info = self.client.publish(self.topic, body, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                log.warning("terminals of %s/%s: not connected to the broker yet", self.city, self.fleet)
+            return
+        request = urllib.request.Request(self.url, body, {"Content-Type": "application/ld+json"},  # noqa: S310
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30):  # noqa: S310 - the fleet's local worker
+                pass
+        except OSError as exc:
+            log.warning("gateway of %s/%s: %s", self.city, self.fleet, exc)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.loop_stop()
+            self.client.disconnect()
+
+
 class Story:
     def __init__(self, state_dir: Path | None, quick: bool,
                  after_step: Callable[[], None] | None = None) -> None:
@@ -170,7 +238,8 @@ class Story:
         self.operators: list[InProcessOperator] = []
         self.agents: dict[str, CityAgent] = {}
         self.map_server: Any = None
-        self.ingest: list[tuple[str, RunningWorker, int]] = []  # (city, worker, terminals)
+        self.pods: dict[str, LocalPods] = {}  # each city's fleet workers, as its kubelet would run them
+        self.gateways: list[FieldGateway] = []
         self.gateways_stop = threading.Event()
         self.timeout_s = 8 if quick else 20
         self.cut_s = 15 if quick else 60
@@ -237,8 +306,10 @@ class Story:
         self.operators.append(InProcessOperator(options, registry).start())
         for city in CITIES:
             options = OperatorOptions(name=f"city-{city}", target=self.admin(city))
+            broker = self.federation.broker(city)
             city_options = CityOptions(
                 city=city,
+                broker=BrokerOptions(broker.broker.url, broker.key_file, WORK_NS),
                 mlflow_url=self.mlflow.url,
                 resync_seconds=5.0,
                 model_cache_seconds=30.0,
@@ -348,71 +419,67 @@ class Story:
 
     def start_terminals(self) -> None:
         done = self.step(
-            "Terminals report: each fleet's ingest worker (its Deployment's own command, hosted here "
-            "since kwok runs no containers) takes a gateway batch from every terminal every 15 s",
+            "Terminals report through each city's data plane: MQTT fleets publish to the city broker "
+            "with their fleet's own credential, HTTP fleets' gateways post NGSI-LD; each fleet's "
+            "stream worker (its Deployment's own command, hosted here since kwok runs no containers) "
+            "validates and windows them on JetStream",
             "ingest",
         )
         gateway_seconds = 15.0
         for city in CITIES:
-            apps = client.AppsV1Api(self.api(city))
+            broker = self.federation.broker(city)
+            self.pods[city] = LocalPods(self.api(city), [WORK_NS], broker.broker, WORK_NS,
+                                        self.scratch / f"pods-{city}").start()
+        for city in CITIES:
+            core = client.CoreV1Api(self.api(city))
+            local = self.federation.broker(city).broker
             for fleet in self.fleets(city):
-                name = fleet["metadata"]["name"]
-                deployment = wait(
-                    partial(apps.read_namespaced_deployment, f"{name}-ingest", WORK_NS),
-                    60,
-                    f"{city}'s ingest Deployment of {name}",
-                )
-                # The fleet's own account, which the operator made before the Deployment.
-                account = service_account_target(
-                    self.admin(city), WORK_NS, deployment.spec.template.spec.service_account_name,
-                    self.scratch / f"ingest-{city}",
-                )
-                env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env if e.value}
-                config = FleetConfig.parse(env["CITYNERVE_FLEET_CONFIG"])
-                writer = ReportWriter(
-                    WORK_NS, config.report_config_map, config.fleet, f"{name}-ingest-demo",
-                    str(account.kubeconfig), account.context,
-                )
-                worker = IngestWorker(config, load_sensor_type(config.sensor_type, writer))
-                running = RunningWorker(worker, writer, report_seconds=5.0)
-                self.ingest.append((city, running, int(fleet["spec"]["count"])))
+                name, spec = fleet["metadata"]["name"], fleet["spec"]
+                body = self.custom(city).get_cluster_custom_object(GROUP, VERSION, "sensortypes",
+                                                                   spec["sensorType"])
+                sensor_type = SensorType.from_resource(spec["sensorType"], body["spec"])
+                if spec.get("protocol", "MQTT") == "MQTT":
+                    secret = wait(partial(_read_secret, core, f"{name}-mqtt"), 60,
+                                  f"{city}'s MQTT credential of fleet {name}")
+                    gateway = FieldGateway.mqtt(city, name, sensor_type, int(spec["count"]), local.mqtt_host,
+                                                local.mqtt_port, secret)
+                else:
+                    url = wait(partial(self.pods[city].url, WORK_NS, name), 60, f"{city}'s gateway of {name}")
+                    gateway = FieldGateway.http(city, name, sensor_type, int(spec["count"]), url)
+                self.gateways.append(gateway)
+        # The first round only once every fleet's way in answers (workers started, broker users loaded).
+        for gateway in self.gateways:
+            wait(gateway.ready, 90, f"{gateway.city}'s {gateway.fleet} taking readings")
         rng = np.random.default_rng(2026)
 
-        def gateways() -> None:
+        def report() -> None:
             while True:
                 now = int(time.time() * 1000)
-                for _, running, terminals in self.ingest:
+                for gateway in self.gateways:
                     # One broken payload per thousand terminals: quarantined and counted, not lost.
                     # Terminal ids are the fleet's (`<fleet>-<n>`), as Incidents' evidence names them.
-                    fleet = running.worker.config.fleet
-                    body = gateway_batch(running.worker.pipeline.sensor_type, terminals, now - 2000, rng,
-                                         malformed=max(1, terminals // 1000), prefix=f"{fleet}-")
-                    request = urllib.request.Request(  # noqa: S310 - the local worker
-                        running.url, body, {"Content-Type": "application/json"}, method="POST"
-                    )
-                    try:
-                        with urllib.request.urlopen(request, timeout=30):  # noqa: S310
-                            pass
-                    except OSError as exc:
-                        log.warning("gateway of %s: %s", running.worker.config.fleet, exc)
+                    gateway.send(gateway_batch(gateway.sensor_type, gateway.terminals, now - 2000, rng,
+                                               malformed=max(1, gateway.terminals // 1000),
+                                               prefix=f"{gateway.fleet}-"))
                 if self.gateways_stop.wait(gateway_seconds):
                     return
 
-        threading.Thread(target=gateways, name="field-gateways", daemon=True).start()
-        expected = {city: sum(t for c, _, t in self.ingest if c == city) for city in CITIES}
+        threading.Thread(target=report, name="field-gateways", daemon=True).start()
+        expected = {city: sum(g.terminals for g in self.gateways if g.city == city) for city in CITIES}
         for city in CITIES:
 
             def online(c: str = city) -> bool:
                 body = self.custom("hub").get_cluster_custom_object(GROUP, VERSION, "cities", c)
                 return bool((body.get("status") or {}).get("sensorsOnlineTotal") == expected[c])
 
-            wait(online, 90, f"{city}'s terminals online on the hub")
-            quarantined = sum(
-                r.worker.pipeline.stats.quarantined_total for c, r, _ in self.ingest if c == city
-            )
-            print(f"    {city}: {expected[city]} terminals online across "
-                  f"{sum(1 for c, _, _ in self.ingest if c == city)} fleets (seen on the hub); "
-                  f"{quarantined} malformed entities quarantined so far")
+            wait(online, 120, f"{city}'s terminals online on the hub")
+            listed = self.custom(city).list_namespaced_custom_object(GROUP, VERSION, WORK_NS, "sensorfleets")
+            fleets = listed["items"]
+            quarantined = sum(int((f.get("status") or {}).get("quarantinedPayloads") or 0) for f in fleets)
+            over_mqtt = sum(1 for g in self.gateways if g.city == city and g.topic)
+            print(f"    {city}: {expected[city]} terminals online across {len(fleets)} fleets "
+                  f"({over_mqtt} over MQTT, {len(fleets) - over_mqtt} over NGSI-LD HTTP; seen on the hub); "
+                  f"{quarantined} malformed readings quarantined so far (read from the fleets' status)")
         done()
 
     def train_and_promote(self) -> None:
@@ -718,8 +785,10 @@ class Story:
         if self.map_server is not None:
             self.map_server.stop()  # its poller first: no "cannot read the hub" once the hub is gone
         self.gateways_stop.set()
-        for _, running, _ in self.ingest:
-            running.stop()
+        for gateway in self.gateways:
+            gateway.close()
+        for pods in self.pods.values():
+            pods.stop()
         for agent in self.agents.values():
             agent.stop()
         for operator in reversed(self.operators):
