@@ -46,6 +46,7 @@ from citynerve.workloads.dataplane.names import (
     HEADER_SOURCE,
     WORKER_CONSUMER,
     checkpoint_key,
+    inbox_prefix,
     quarantine_subject,
     readings_stream,
     readings_subject,
@@ -237,16 +238,20 @@ def payload_format(payload: bytes, content_type: str | None) -> PayloadFormat | 
 
 def windows_of(aggregates: WindowAggregates, city: str, fleet: str, window_s: int) -> list[Window]:
     """One window message per (window, property), oldest window first."""
+    if not len(aggregates):
+        return []
+    starts, start_of = np.unique(aggregates.window_start_ms, return_inverse=True)
+    props, prop_of = np.unique(aggregates.prop.astype(str), return_inverse=True)
+    key = start_of * len(props) + prop_of
+    order = np.argsort(key, kind="stable")
     windows = []
-    for start in np.unique(aggregates.window_start_ms):
-        in_window = aggregates.window_start_ms == start
-        for prop in np.unique(aggregates.prop[in_window]):
-            rows = np.flatnonzero(in_window & (aggregates.prop == prop))
-            windows.append(Window(
-                city=city, fleet=fleet, prop=str(prop), start_ms=int(start), seconds=window_s,
-                sensor=aggregates.sensor[rows], count=aggregates.count[rows], mean=aggregates.mean[rows],
-                minimum=aggregates.minimum[rows], maximum=aggregates.maximum[rows],
-            ))
+    for rows in np.split(order, np.flatnonzero(np.diff(key[order])) + 1):
+        first = rows[0]
+        windows.append(Window(
+            city=city, fleet=fleet, prop=str(props[prop_of[first]]), start_ms=int(starts[start_of[first]]),
+            seconds=window_s, sensor=aggregates.sensor[rows], count=aggregates.count[rows],
+            mean=aggregates.mean[rows], minimum=aggregates.minimum[rows], maximum=aggregates.maximum[rows],
+        ))
     return windows
 
 
@@ -370,6 +375,7 @@ class StreamWorker:
         self.nc = await nats.connect(
             self.config.broker_url, user=self.credentials.username, password=self.credentials.password,
             name=f"{self.config.fleet}-worker", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            inbox_prefix=inbox_prefix(self.credentials.username),
             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
         )
         self.js = self.nc.jetstream()
