@@ -43,6 +43,7 @@ from citynerve.workloads.dataplane.names import (
     READINGS_PREFIX,
     WORKER_CONSUMER,
     checkpoint_key,
+    inbox_prefix,
     quarantine_subject,
     readings_stream,
     readings_subject,
@@ -125,8 +126,10 @@ async def connected(broker: LocalBroker, user: str,
     async def on_error(exc: Exception) -> None:
         errors.append(exc)
 
+    # A fleet's worker gets its replies on subjects of its own, as the worker connects.
+    prefix = inbox_prefix(user) if user.endswith("-ingest") else "_INBOX"
     nc = await nats.connect(broker.url, user=user, password=password, error_cb=on_error,
-                            max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.2, inbox_prefix=prefix)
     try:
         yield nc, errors
     finally:
@@ -296,6 +299,30 @@ async def test_an_ingest_worker_reaches_its_own_fleet_only(broker: Any) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.asyncio
+async def test_one_fleets_worker_cannot_listen_to_the_replies_another_gets(broker: Any) -> None:
+    a, b = broker.add_fleet("fleet-a"), broker.add_fleet("fleet-b")
+    await operator_sets_up(broker, ("fleet-a", "fleet-b"))
+    async with connected(broker.broker, "fleet-a-ingest", a.ingest) as (spy, errors):
+        overheard: list[bytes] = []
+
+        async def keep(msg: Any) -> None:
+            overheard.append(msg.data)
+
+        for subject in ("_INBOX.>", f"{inbox_prefix('fleet-b-ingest')}.>", ">"):
+            await spy.subscribe(subject, cb=keep)
+        await spy.flush()
+        await _until(lambda: len(errors) >= 3)
+        assert all("permissions violation for subscription" in str(e).lower() for e in errors), errors
+        async with connected(broker.broker, "fleet-b-ingest", b.ingest) as (nc, _):
+            kv = await nc.jetstream().key_value(FLEETS_BUCKET)
+            await kv.put(status_key("fleet-b"), b"fleet b's own status")
+            assert (await kv.get(status_key("fleet-b"))).value == b"fleet b's own status"
+        await spy.flush()
+        assert overheard == []  # not the reply carrying fleet B's status, nor anything else
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
 async def test_set_users_adds_a_user_without_a_restart(broker: Any) -> None:
     async with connected(broker.broker, OPERATOR_USER, broker.operator_password) as (nc, _):
         pid = broker.broker.pid
@@ -354,7 +381,7 @@ async def test_a_terminal_reconnects_after_a_broker_crash_and_publishes_on(broke
 def test_ingest_permissions_name_the_fleets_own_subjects() -> None:
     user = ingest_user("testcity", "fleet-a", hash_password("x"))
     assert user.name == "fleet-a-ingest"
-    assert user.subscribe == ("_INBOX.>",)
+    assert user.subscribe == ("_INBOX_fleet-a-ingest.>",)  # replies to it alone
     assert all("fleet-b" not in s for s in user.publish)
     assert f"$JS.API.DIRECT.GET.KV_{FLEETS_BUCKET}.$KV.{FLEETS_BUCKET}.fleet-a.>" in user.publish
 

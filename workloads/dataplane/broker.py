@@ -40,6 +40,7 @@ from citynerve.workloads.dataplane.names import (
     READINGS_PREFIX,
     WINDOWS_PREFIX,
     WORKER_CONSUMER,
+    inbox_prefix,
     quarantine_subject,
     readings_stream,
     readings_subject,
@@ -111,6 +112,8 @@ def ingest_user(city: str, fleet: str, password_hash: str) -> BrokerUser:
             quarantine_subject(city, fleet),
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{WORKER_CONSUMER}",
             f"$JS.API.CONSUMER.INFO.{stream}.{WORKER_CONSUMER}",
+            # after a reconnect, what it held unacknowledged is delivered again at once
+            f"$JS.API.CONSUMER.RESET.{stream}.{WORKER_CONSUMER}",
             f"$JS.API.STREAM.INFO.{stream}",
             f"$JS.ACK.{stream}.>",
             kv_keys,
@@ -122,7 +125,7 @@ def ingest_user(city: str, fleet: str, password_hash: str) -> BrokerUser:
             f"$JS.API.STREAM.INFO.{windows}",
             f"$JS.ACK.{windows}.>",
         ),
-        subscribe=(INBOX,),
+        subscribe=(f"{inbox_prefix(f'{fleet}-ingest')}.>",),  # replies to it alone, not every client's
     )
 
 

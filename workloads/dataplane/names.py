@@ -89,6 +89,12 @@ def checkpoint_key(fleet: str) -> str:
     return f"{_token('fleet', fleet)}.checkpoint"
 
 
+def inbox_prefix(user: str) -> str:
+    """The reply subjects of one broker identity (``<prefix>.<id>``): its own, so that no other
+    identity can subscribe to the answers it gets (a KV read of its fleet's status, say)."""
+    return f"_INBOX_{_token('user', user)}"
+
+
 # -- headers ------------------------------------------------------------------------------------
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplicates publishes by it within the stream's window
 HEADER_CONTENT_TYPE = "Content-Type"
