@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+from citynerve.operators.api.catalogue import payload_schema
 from citynerve.workloads.ingest.pipeline import IngestPipeline, IngestStats
 from citynerve.workloads.ingest.sensor_type import CATALOGUE, SensorType
 from citynerve.workloads.ngsi import to_ngsi_entities
@@ -160,20 +161,9 @@ def ngsi_payloads(
 
 
 def catalogue_schema(sensor_type: SensorType) -> dict[str, Any]:
-    """A payloadSchema of the kind the SensorType catalogue publishes (all of it compiled)."""
-    return {
-        "type": "object",
-        "required": ["id", "type", "dateObserved"],
-        "properties": {
-            "id": {"type": "string"},
-            "type": {"type": "string"},
-            "dateObserved": {"type": "string", "format": "date-time"},
-            **{
-                p.name: {"type": "number", "minimum": p.minimum, "maximum": p.maximum}
-                for p in sensor_type.properties
-            },
-        },
-    }
+    """The payloadSchema the SensorType catalogue publishes for these properties (all of it compiled)."""
+    return payload_schema([{"name": p.name, "minimum": repr(p.minimum), "maximum": repr(p.maximum)}
+                           for p in sensor_type.properties])
 
 
 def vectorised_ngsi(sensor_type: SensorType, payloads: list[bytes]) -> float:
