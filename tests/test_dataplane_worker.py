@@ -38,6 +38,7 @@ from citynerve.workloads.dataplane.names import (
     HEADER_REASON,
     HEADER_SOURCE,
     QUARANTINE_STREAM,
+    WORKER_CONSUMER,
     checkpoint_key,
     readings_stream,
     readings_subject,
@@ -483,6 +484,31 @@ async def test_retransmissions_late_readings_extra_terminals_and_garbage_are_cou
         assert late_msg.headers[HEADER_SOURCE] == f"{stream}:{late.seq}"
         assert rows(late_msg).to_pylist() == [
             {"sensor": "t3", "prop": "pressure", "ts_ms": at + 2, "value": 9.0, "reason": "late"}]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_at_the_consumers_limit_the_oldest_window_closes_early_and_later_readings_for_it_are_late(
+    broker: RunningBroker, tmp_path: Path
+) -> None:
+    async with provisioned(broker, tmp_path, window_s=600, lateness_s=60) as fleet:
+        consumer = await fleet.js.consumer_info(readings_stream(fleet.name), WORKER_CONSUMER)
+        await fleet.js.add_consumer(readings_stream(fleet.name), consumer.config, max_ack_pending=20)
+        at = now_ms() // 600_000 * 600_000  # the current window's start: all 50 readings fall in it
+        sent = [("t1", "pressure", at + k, float(k)) for k in range(50)]
+        for reading in sent:  # one reading a message, as an MQTT terminal sends them
+            await fleet.js.publish(fleet.subject, ngsi([reading]))
+        async with running(fleet.worker()):
+            async def accounted() -> bool:
+                status = await fleet.status()
+                return status.get("acceptedReadings", 0) + status.get("lateReadings", 0) == len(sent) \
+                    and status.get("pendingMessages") == 0
+            await wait_for(accounted, 60, "every reading windowed or late, nothing held")
+        status = await fleet.status()
+        windows = await fleet.windows()
+        # the first 20 filled the worker's hands; their window closed early, the other 30 came late
+        assert [w.readings for w in windows] == [20]
+        assert (status["acceptedReadings"], status["lateReadings"]) == (20, 30)
 
 
 # ---- 5. memory stays flat ------------------------------------------------------------------------
