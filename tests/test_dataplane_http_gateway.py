@@ -37,6 +37,7 @@ from citynerve.workloads.dataplane.names import (
     CONTENT_NGSI_LD,
     HEADER_CONTENT_TYPE,
     HEADER_MSG_ID,
+    inbox_prefix,
     readings_stream,
     readings_subject,
 )
@@ -111,7 +112,8 @@ async def make_gateway(broker: RunningBroker) -> AsyncIterator[GatewayFactory]:
         await ensure_fleet_streams(admin.jetstream(), broker.city, FLEET, window_s=60, allowed_lateness_s=30,
                                    retention_hours=1, max_bytes=max_bytes)
         nc = await nats.connect(broker.broker.url, user=f"{FLEET}-ingest", password=passwords.ingest,
-                                reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+                                reconnect_time_wait=0.1, max_reconnect_attempts=-1,
+                                inbox_prefix=inbox_prefix(f"{FLEET}-ingest"))  # as the worker connects
         connections.append(nc)
         publish = jetstream_publisher(nc.jetstream(), readings_subject(broker.city, FLEET), timeout_s=2.0)
         app = make_app(publish, limits, broker_connected=lambda: nc.is_connected)
