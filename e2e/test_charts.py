@@ -281,13 +281,20 @@ def test_chart_service_accounts_hold_exactly_the_operators_rules(installed: Inst
         assert _allowed(api, "get", "", "secrets", installed.namespace, ALERT_SECRETS[0])
         assert not _allowed(api, "get", "", "secrets", installed.namespace, "water-billing-db")
         assert not _allowed(api, "get", "", "secrets", installed.namespace)
-        # An ingest namespace's accounts read the catalogue through the chart, and write nothing.
+        # The broker's users, in the release namespace: that one Secret patched, fleets' credentials
+        # created, none read back.
+        _assert_granted(api, city_rbac.broker_release_rules(), installed.namespace,
+                        f"{city.name}'s broker users")
+        assert not _allowed(api, "get", "", "secrets", installed.namespace, city_rbac.BROKER_AUTH_SECRET)
+        assert not _allowed(api, "patch", "", "secrets", installed.namespace, "pudong-pressure-mqtt")
+        # The accounts of the fleets' namespaces get nothing from the chart (a fleet's worker talks
+        # to the broker only, with a credential of its own).
         default = client.ApiClient(service_account_target(
             installed.target(city.cluster), installed.namespace, "default",
             folder / f"{city.cluster}-default").client_configuration())
-        assert _allowed(default, "get", GROUP, "sensortypes", name="pipe-pressure-gauge")
+        assert not _allowed(default, "get", GROUP, "sensortypes", name="pipe-pressure-gauge")
         assert not _allowed(default, "patch", "", "configmaps", installed.namespace)
-        assert not _allowed(default, "list", GROUP, "sensortypes")
+        assert not _allowed(default, "get", "", "secrets", installed.namespace)
     del fed
 
 
@@ -509,8 +516,11 @@ def _city(custom: client.CustomObjectsApi, name: str) -> dict[str, Any] | None:
 
 
 # -- uninstalling ------------------------------------------------------------------------------
-_NAMESPACED = ("deployments,replicasets,pods,configmaps,secrets,serviceaccounts,roles,rolebindings,"
-               "networkpolicies")
+_NAMESPACED = ("deployments,replicasets,statefulsets,pods,configmaps,secrets,serviceaccounts,services,roles,"
+               "rolebindings,networkpolicies")
+# Kept by `helm uninstall` on purpose (helm.sh/resource-policy: keep, docs/broker.md): the key every
+# broker password derives from, so a reinstall finds its broker's users and data as they were.
+KEPT = "secret/citynerve-broker-key"
 
 
 def _left_behind(installed: Installed, cluster: str, namespace: str, instance: str) -> list[str]:
@@ -553,9 +563,9 @@ def test_uninstalling_leaves_nothing_but_the_crds_and_the_hub_marks_the_city_gon
         ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
         assert (ready["status"], ready["reason"]) == ("False", "Offboarded")
     for city in CITIES:
-        wait_for(lambda c=city: not _left_behind(installed, c.cluster, installed.namespace,
-                                                 helm.CITY_RELEASE),
-                 60, what=f"nothing of the city chart left in {city.cluster}")
+        wait_for(lambda c=city: _left_behind(installed, c.cluster, installed.namespace,
+                                             helm.CITY_RELEASE) == [KEPT],
+                 60, what=f"nothing of the city chart left in {city.cluster} but its broker key")
         core = client.CoreV1Api(installed.federation.api_client(city.cluster))
         objects = client.CustomObjectsApi(installed.federation.api_client(city.cluster))
         # What the agent made in the release namespace went with it (owned by the ServiceAccount).

@@ -34,11 +34,13 @@ def fleet(status: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def deployment(available: int, wanted: int = 1) -> dict[str, Any]:
+def deployment(available: int, wanted: int = 1, rolling: bool = False) -> dict[str, Any]:
+    progressing = {"type": "Progressing", "status": "True",
+                   "reason": "ReplicaSetUpdated" if rolling else "NewReplicaSetAvailable"}
     return {
-        "metadata": {"name": "pudong-pressure-ingest", "generation": 1},
+        "metadata": {"name": "pudong-pressure-ingest", "generation": 2 if rolling else 1},
         "spec": {"replicas": wanted},
-        "status": {"availableReplicas": available},
+        "status": {"availableReplicas": available, "observedGeneration": 1, "conditions": [progressing]},
     }
 
 
@@ -71,6 +73,17 @@ def test_fleet_report_gives_figures_and_freshness() -> None:
     ready = find_condition(stale, "Ready")
     assert ready is not None
     assert (ready["status"], ready["reason"]) == ("False", "ReadingsStale")
+
+
+def test_a_worker_being_replaced_keeps_ingestion_available_and_a_new_one_does_not() -> None:
+    running = compute_fleet_status(fleet(), deployment(1), None, NOW)
+    later = NOW + timedelta(minutes=1)
+    replacing = compute_fleet_status(fleet(running), deployment(0, rolling=True), None, later)
+    assert status_patch(running, replacing) is None  # readings wait on the stream: no flap, no write
+    never_ran = compute_fleet_status(fleet(), deployment(0, rolling=True), None, NOW)
+    assert find_condition(never_ran, "IngestionAvailable")["status"] == "False"  # type: ignore[index]
+    stuck = compute_fleet_status(fleet(running), deployment(0), None, NOW + timedelta(minutes=15))
+    assert find_condition(stuck, "IngestionAvailable")["status"] == "False"  # type: ignore[index]
 
 
 def test_recomputing_an_unchanged_status_is_a_no_op() -> None:

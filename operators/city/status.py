@@ -42,6 +42,17 @@ def _int(data: Mapping[str, Any], key: str) -> int | None:
         return None
 
 
+def _replacing(deployment: Mapping[str, Any]) -> bool:
+    """Whether the Deployment is rolling out a new template and has not given up."""
+    meta, dstatus = deployment.get("metadata") or {}, deployment.get("status") or {}
+    if int(dstatus.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return True
+    progressing: Mapping[str, Any] = next(
+        (c for c in dstatus.get("conditions") or [] if c.get("type") == "Progressing"), {})
+    rolling = ("ReplicaSetUpdated", "NewReplicaSetCreated", "FoundNewReplicaSet")
+    return progressing.get("status") == "True" and progressing.get("reason") in rolling
+
+
 # Whether a fleet's SensorType is in the city's catalogue: found, missing, or not readable by the
 # operator (its account may not list SensorTypes; the city chart grants it).
 SensorTypeLookup = Literal["found", "missing", "unreadable"]
@@ -117,8 +128,14 @@ def compute_fleet_status(
         wanted = int((deployment.get("spec") or {}).get("replicas") or 0)
         dstatus = deployment.get("status") or {}
         ready = int(dstatus.get("availableReplicas") or 0)
-        # A rolling update keeps the old workers available, so a spec change does not flap Ready.
-        if ready >= wanted:
+        # The worker is replaced, not rolled (one consumer per fleet): while its Deployment rolls
+        # out, readings wait on the fleet's durable stream, so ingestion that was available stays
+        # so and a spec change does not flap Ready. A rollout that fails (its progress deadline
+        # passes) or a worker that dies afterwards counts.
+        held = find_condition(fleet.get("status"), "IngestionAvailable")
+        if ready < wanted and _replacing(deployment) and held and held.get("status") == "True":
+            available = dict(held)
+        elif ready >= wanted:
             available = make_condition(
                 "IngestionAvailable",
                 "True",
