@@ -64,9 +64,11 @@ def test_fleet_report_gives_figures_and_freshness() -> None:
         "acceptedReadings": "950",
         "rejectedReadings": "50",
         "quarantinedPayloads": "50",
+        "lateReadings": "3",
     }
     status = compute_fleet_status(fleet(), deployment(1), report, NOW)
     assert (status["terminalsOnline"], status["qualityScore"], status["quarantinedPayloads"]) == (9, 95, 50)
+    assert status["lateReadings"] == 3
     assert status["dataFreshnessSeconds"] == 15
     assert find_condition(status, "DataFresh")["status"] == "True"  # type: ignore[index]
     stale = compute_fleet_status(fleet(), deployment(1), report, NOW + timedelta(minutes=10))

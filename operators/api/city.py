@@ -165,6 +165,12 @@ class SensorFleetStatus(StatusBase):
         description="Payloads refused by validation since the fleet was created; they are kept for "
         "inspection, not scored.",
     )
+    late_readings: int | None = Field(
+        default=None,
+        ge=0,
+        description="Readings that arrived after their window had closed (its end plus "
+        "spec.allowedLatenessSeconds, on the readings' clock); quarantined with reason `late`.",
+    )
     last_reading_time: datetime | None = Field(default=None, description="When the newest reading arrived.")
 
 

@@ -172,6 +172,7 @@ def compute_fleet_status(
         fields = {
             "terminalsOnline": _int(report, "terminalsOnline"),
             "quarantinedPayloads": _int(report, "quarantinedPayloads"),
+            "lateReadings": _int(report, "lateReadings"),
             "qualityScore": round(100 * accepted / (accepted + rejected)) if accepted + rejected else None,
             "lastReadingTime": rfc3339(last) if last else None,
             "dataFreshnessSeconds": max(0, int((reported - last).total_seconds())) if last else None,
