@@ -40,7 +40,8 @@ def deployment(available: int, wanted: int = 1, rolling: bool = False) -> dict[s
     return {
         "metadata": {"name": "pudong-pressure-ingest", "generation": 2 if rolling else 1},
         "spec": {"replicas": wanted},
-        "status": {"availableReplicas": available, "observedGeneration": 1, "conditions": [progressing]},
+        "status": {"availableReplicas": available, "observedGeneration": 1, "conditions": [progressing],
+                   "updatedReplicas": 0 if rolling else wanted},
     }
 
 
@@ -84,6 +85,10 @@ def test_a_worker_being_replaced_keeps_ingestion_available_and_a_new_one_does_no
     assert status_patch(running, replacing) is None  # readings wait on the stream: no flap, no write
     never_ran = compute_fleet_status(fleet(), deployment(0, rolling=True), None, NOW)
     assert find_condition(never_ran, "IngestionAvailable")["status"] == "False"  # type: ignore[index]
+    # the old worker stopped, the controller not yet saying it rolls: the new template has no pod
+    stopped = deployment(0)
+    stopped["status"]["updatedReplicas"] = 0
+    assert status_patch(running, compute_fleet_status(fleet(running), stopped, None, later)) is None
     stuck = compute_fleet_status(fleet(running), deployment(0), None, NOW + timedelta(minutes=15))
     assert find_condition(stuck, "IngestionAvailable")["status"] == "False"  # type: ignore[index]
 

@@ -47,6 +47,9 @@ def _replacing(deployment: Mapping[str, Any]) -> bool:
     meta, dstatus = deployment.get("metadata") or {}, deployment.get("status") or {}
     if int(dstatus.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
         return True
+    # Recreate: the old worker is stopped before the new template has a pod at all
+    if int(dstatus.get("updatedReplicas") or 0) < int((deployment.get("spec") or {}).get("replicas") or 0):
+        return True
     progressing: Mapping[str, Any] = next(
         (c for c in dstatus.get("conditions") or [] if c.get("type") == "Progressing"), {})
     rolling = ("ReplicaSetUpdated", "NewReplicaSetCreated", "FoundNewReplicaSet")
