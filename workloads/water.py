@@ -26,6 +26,10 @@ from citynerve.workloads.sim.water import (
     sensitivity_signatures,
 )
 
+#: The terminal of a water zone's supply fleet that reports the zone's net supply (sources plus tank
+#: outflows, m³/h): what a utility's SCADA sums from its metered inlets.
+ZONE_SUPPLY_TERMINAL = "zone-supply"
+
 
 def window_of(run: WaterRun, model: WaterRun) -> Window:
     """A detector window: field readings and the model's expectation for the same sensors."""

@@ -95,6 +95,13 @@ def inbox_prefix(user: str) -> str:
     return f"_INBOX_{_token('user', user)}"
 
 
+def scoring_identity(scenario_uid: str) -> str:
+    """A Scenario's live workload on the broker: its user name, and the name of its durable consumer
+    on each of its fleets' windows streams (by the Scenario's uid: a Scenario deleted and made
+    again starts afresh)."""
+    return f"scoring-{_token('scenario uid', scenario_uid)}"
+
+
 # -- headers ------------------------------------------------------------------------------------
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplicates publishes by it within the stream's window
 HEADER_CONTENT_TYPE = "Content-Type"
