@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pickle
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd  # type: ignore[import-untyped]  # no stubs in this environment
 from citynerve.models.detectors.base import Detector, SensorWindow, Window
+from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
 
 TIME_COLUMN = "timeSeconds"
 SCORE_COLUMN = "score"
@@ -125,3 +128,45 @@ def load_detector(model_dir: Path) -> Detector:
     if not isinstance(wrapped, DetectorModel) or wrapped.detector is None:
         raise ValueError(f"{model_dir} is not a CityNerve detector model")
     return wrapped.detector
+
+
+@dataclass(frozen=True)
+class VerifiedDetector:
+    """A registered version loaded for scoring: what was resolved, the detector, how long it took."""
+
+    resolved: ResolvedModel
+    detector: Detector
+    load_seconds: float
+
+
+def load_verified_detector(
+    tracking_uri: str, registered_model: str, version: str, expected_digest: str | None, trusted: str
+) -> VerifiedDetector:
+    """Download version ``version`` of ``registered_model``, check its artifact's sha256 against
+    ``expected_digest`` (named ``trusted`` in a refusal), and only then ``mlflow.pyfunc.load_model`` it.
+
+    A version without an expected digest is refused: a workload scores only verified artifacts.
+    """
+    if not expected_digest:
+        raise ModelResolutionError(
+            "ArtifactNotVerified",
+            f"version {version} of {registered_model!r} has no recorded digest ({trusted}) to check its "
+            "artifact against, so it is not loaded",
+        )
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="citynerve-load-") as tmp:
+        resolved = resolve_model_version(
+            tracking_uri, registered_model, version=version, expected_digest=expected_digest,
+            trusted=trusted, destination=Path(tmp),
+        )
+        found = sorted(Path(tmp).rglob("MLmodel"))
+        if not found:
+            raise ModelResolutionError(
+                "NotADetectorModel",
+                f"version {version} of {registered_model!r} holds no MLflow model (no MLmodel file)",
+            )
+        try:
+            detector = load_detector(found[0].parent)
+        except ValueError as exc:
+            raise ModelResolutionError("NotADetectorModel", str(exc)) from exc
+    return VerifiedDetector(resolved, detector, time.monotonic() - started)

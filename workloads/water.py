@@ -63,7 +63,12 @@ def build_detector(base: WaterScenarioSpec, history_days: int = 6, **params: Any
         )
         for name, stream in window_of(days[0], model).items()
     }
-    return detector.fit(history)
+    detector.fit(history)
+    # what the hydraulic model expects at the loggers and of the zone's supply over the day: a live
+    # workload compares the field's windows with it, time of day by time of day
+    one_day = window_of(model, model)
+    detector.expectation = {name: one_day[name] for name in ("pressure_model", "consumption_model")}
+    return detector
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from citynerve.models.detectors.base import FloatArray, SensorWindow, Window, emit, require, slot_of
@@ -38,6 +38,9 @@ class DensityForecast:
 
 
 class CrowdCongestionDetector:
+    #: the metrics its detections measure: what a Scenario's thresholds may name
+    MEASURES: ClassVar[tuple[str, ...]] = ("crowdDensityPer100Sqm", "forecastCrowdDensityPer100Sqm")
+
     def __init__(
         self,
         warning_density: float = 250.0,

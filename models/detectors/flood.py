@@ -15,7 +15,7 @@ its rise (`levelRiseMmPerHour`) and the heaviest rainfall at a gauge (`rainfallI
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,12 @@ from citynerve.models.incidents import IncidentEvent, IncidentLocation, Incident
 
 
 class UrbanFloodWarning:
+    #: the metrics its detections measure: what a Scenario's thresholds may name
+    MEASURES: ClassVar[tuple[str, ...]] = (
+        "waterLevelMm", "forecastWaterLevelMm", "drainFullLevelMm", "levelRiseMmPerHour",
+        "rainfallIntensityMmPerHour",
+    )
+
     def __init__(
         self,
         critical_level: dict[str, float],

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from citynerve.models.detectors.base import FloatArray, Window, emit, require
@@ -81,6 +81,13 @@ def runoff(rain: FloatArray, params: CatchmentParams, step_s: float, unit_factor
 
 class MountainFloodWarning:
     """Streams: `precipitation` (one gauge per catchment, or one for all) and `flow` (stream gauges)."""
+
+    #: the metrics its detections measure: what a Scenario's thresholds may name
+    MEASURES: ClassVar[tuple[str, ...]] = (
+        "forecastDischargeM3PerS", "warningDischargeM3PerS", "evacuationDischargeM3PerS",
+        "rainfallIntensityMmPerHour", "forecastDischargePercent",
+    )
+
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from citynerve.models.detectors.base import FloatArray, Window, cusum, emit, require, slot_of
@@ -61,6 +61,9 @@ class WaterLeakDetector:
     demand differs a little from day to day and shifts every residual alike, and against a
     trailing baseline that level cancels while a leak shows as the step change it is.
     """
+    #: the metrics its detections measure: what a Scenario's thresholds may name
+    MEASURES: ClassVar[tuple[str, ...]] = ("pressureDropKpa", "flowSurgePercent")
+
 
     def __init__(
         self,
@@ -86,6 +89,9 @@ class WaterLeakDetector:
         self._evidence_null: list[tuple[float, FloatArray]] = []
         self._oos = 1.0
         self._explained: dict[float, dict[str, Any]] = {}
+        #: the hydraulic model's expectation over one day (`pressure_model`, `consumption_model`, time
+        #: of day in seconds), which a live workload compares the field's windows with
+        self.expectation: Window | None = None
 
     @staticmethod
     def _residual(window: Window, stream: str) -> FloatArray:

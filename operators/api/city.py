@@ -430,8 +430,25 @@ class RunningModel(CrdModel):
     )
 
 
+class ScoredWindows(CrdModel):
+    """What a live workload has scored of its fleets' windows, as it reports it."""
+
+    windows: int = Field(ge=0, description="Windows of the bound fleets scored since the workload started.")
+    steps: int = Field(ge=0, description="Time steps scored (one step holds a window of every bound fleet).")
+    lag_windows: int | None = Field(
+        default=None, ge=0, description="Windows on the fleets' streams not yet delivered to the workload."
+    )
+    last_window_time: datetime | None = Field(
+        default=None, description="Start of the newest window scored (the readings' own clock)."
+    )
+
+
 class ScenarioStatus(StatusBase):
     """Observed state of the scenario's workload and incidents."""
+
+    scored: ScoredWindows | None = Field(
+        default=None, description="For a live scenario: what its workload has scored, as it reports it."
+    )
 
     workload: WorkloadReference | None = Field(
         default=None, description="The analytics workload running this scenario."
@@ -523,6 +540,21 @@ class StateTransition(CrdModel):
     note: str | None = Field(default=None, description="Free-text note for the record.", max_length=4096)
 
 
+class DecidingModel(CrdModel):
+    """The model that decided: the AnalyticsModel, the registry version the workload loaded and
+    the digest it verified, and the windows it had scored when it raised the incident."""
+
+    name: str = Field(description="Name of the AnalyticsModel.", pattern=DNS_SUBDOMAIN, max_length=253)
+    registered_model: str = Field(description="Registered model in MLflow.", max_length=253)
+    version: str = Field(description="Registry version the workload loaded.", max_length=10)
+    artifact_digest: str = Field(
+        description="sha256 digest of the loaded artifact, checked against the AnalyticsModel's.", max_length=71
+    )
+    first_window: datetime = Field(description="Start of the oldest window in the model's context.")
+    last_window: datetime = Field(description="Start of the window at which the model raised the incident.")
+    windows: int = Field(ge=0, description="Windows in the model's context when it decided.")
+
+
 class IncidentSpec(CrdModel):
     """An incident detected by a scenario, followed from detection to resolution."""
 
@@ -545,6 +577,12 @@ class IncidentSpec(CrdModel):
     detected_at: datetime = Field(
         description="When the workload detected the incident. Immutable.",
         json_schema_extra=immutable("detectedAt"),
+    )
+    decided_by: DecidingModel | None = Field(
+        default=None,
+        description="The model version that raised the incident and the windows it scored (live scoring). "
+        "Immutable.",
+        json_schema_extra=immutable("decidedBy"),
     )
     state: IncidentState = Field(
         default="Detected",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from citynerve.models.detectors.measures import threshold_metrics
 from citynerve.models.registry import REFUSED_ARTIFACT_REASONS, ModelResolutionError, ResolvedModel
 from citynerve.operators.api.city import INCIDENT_STATES
 from citynerve.operators.api.events import MODEL_SWAPPED, WORKLOAD_FAILED, WORKLOAD_STARTED, EventReason
@@ -334,6 +335,10 @@ class WorkloadObservation:
     ready_replicas: int = 0
     message: str = ""
     last_evaluation_time: str | None = None
+    #: a live workload's own report: the model it loaded (name, registeredModel, version, artifactDigest)
+    model: Mapping[str, Any] | None = None
+    #: and what it scored (windows, steps, lagWindows, lastWindowTime)
+    scored: Mapping[str, Any] | None = None
 
 
 def missing_references(
@@ -341,9 +346,19 @@ def missing_references(
     fleets: Mapping[str, Mapping[str, Any]],
     models: Mapping[str, Mapping[str, Any]],
 ) -> tuple[str, str] | None:
-    """The first unmet reference of a scenario as (reason, message), or None when all resolve."""
+    """The first unmet reference of a scenario as (reason, message), or None when all resolve; a
+    threshold naming a metric the kind's detector does not measure is one."""
     spec = scenario["spec"]
     namespace = scenario["metadata"]["namespace"]
+    allowed = threshold_metrics(spec["kind"])
+    unknown = [t["metric"] for t in spec.get("thresholds") or [] if t["metric"] not in allowed]
+    if unknown:
+        return (
+            "UnknownThreshold",
+            f"spec.thresholds names {', '.join(unknown)}, which the {spec['kind']} detector does not "
+            "measure; "
+            f"a threshold may name {', '.join(allowed)}.",
+        )
     absent = [f["name"] for f in spec["fleets"] if f["name"] not in fleets]
     if absent:
         return (
@@ -418,7 +433,13 @@ def compute_scenario_status(
         }
         fields["readyReplicas"] = workload.ready_replicas
         fields["lastEvaluationTime"] = workload.last_evaluation_time
-        if workload.state in ("Running", "Succeeded"):
+        if workload.scored is not None:
+            fields["scored"] = {k: v for k, v in workload.scored.items() if v is not None}
+        if workload.model is not None:  # what the live workload says it loaded, not what it was asked to
+            loaded = {"name": workload.model["name"], "version": str(workload.model["version"]),
+                      "artifactDigest": workload.model["artifactDigest"]}
+            fields["models"] = [loaded, *[dict(m) for m in models if m.get("name") != loaded["name"]]]
+        elif workload.state in ("Running", "Succeeded"):
             fields["models"] = [dict(m) for m in models] or None
     if unmet is not None:
         ready = make_condition("Ready", "False", unmet[0], unmet[1], generation)
