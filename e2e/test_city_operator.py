@@ -40,6 +40,7 @@ from citynerve.operators.api.events import (
 )
 from citynerve.operators.city import rbac
 from citynerve.operators.city.broker import BrokerOptions, derive_password
+from citynerve.operators.city.children import ENV_BROKER_PASSWORD, ENV_BROKER_URL, scoring_secret_name
 from citynerve.operators.city.config import MANAGED_BY, AlertPolicy, CityOptions, WorkloadMode
 from citynerve.operators.city.handlers import build_registry
 from citynerve.operators.city.signing import ReplayGuard, verify_alert
@@ -1157,6 +1158,21 @@ def test_kuberay_workload_survives_an_operator_restart_without_duplicates(
         job = rayjobs()[0]
         assert job["metadata"]["name"] == status["name"]
         assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
+        # Its scoring identity on the broker: a Secret owned by the Scenario, named by reference
+        # in the RayJob's containers; the password itself is nowhere in the RayJob.
+        owner = get(federation, "scenarios", namespace, "huangpu-flood")["metadata"]
+        secret = client.CoreV1Api(federation.api_client(CITY)).read_namespaced_secret(
+            scoring_secret_name("huangpu-flood"), namespace)
+        assert [(r.kind, r.uid) for r in secret.metadata.owner_references] == [("Scenario", owner["uid"])]
+        password = derive_password(city_cluster.broker_key_file.read_bytes().strip(), "scoring", owner["uid"])
+        assert {k: base64.b64decode(v).decode() for k, v in secret.data.items()} == {
+            "username": names.scoring_identity(owner["uid"]), "password": password}
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in head["env"]}
+        assert env[ENV_BROKER_URL]["value"] == broker.url
+        assert env[ENV_BROKER_PASSWORD]["valueFrom"]["secretKeyRef"] == {
+            "name": secret.metadata.name, "key": "password"}
+        assert password not in json.dumps(job)
         # KubeRay makes the Ray cluster (and its pods) for the RayJob.
         clusters = wait_for(
             lambda: objects.list_namespaced_custom_object("ray.io", "v1", namespace, "rayclusters")["items"],
@@ -1341,6 +1357,7 @@ def test_kuberay_workload_survives_a_sigkill_mid_reconcile(
                 *(f"Deployment/{f['metadata']['name']}-ingest" for f in fleets),
                 *(c for f in fleets for c in fleet_identity_children(f)),
                 f"RayJob/{workload['name']}",
+                f"Secret/{scoring_secret_name('huangpu-flood')}",  # its broker identity
             ]
         )
         wait_for(lambda: children() == expected, 30, what=f"exactly {expected}")

@@ -9,7 +9,14 @@ from pathlib import Path
 import bcrypt
 import nats
 import pytest
-from citynerve.operators.city.broker import Credentials, FleetIdentity, derive_password, derived_hash
+from citynerve.operators.city.broker import (
+    Credentials,
+    FleetIdentity,
+    ScenarioIdentity,
+    ScoringAccess,
+    derive_password,
+    derived_hash,
+)
 from citynerve.operators.localfed import toolchain
 from citynerve.workloads.dataplane import names
 from citynerve.workloads.dataplane.broker import LocalBroker
@@ -47,6 +54,44 @@ def test_mqtt_fleets_get_a_terminal_identity_and_http_fleets_do_not() -> None:
     data = Credentials(KEY, "chengdu").secret_data("mqtt", FLEETS["jinjiang-pressure"])
     decoded = {k: base64.b64decode(v).decode() for k, v in data.items()}
     assert decoded == {"username": "jinjiang-pressure", "password": derive_password(KEY, "mqtt", "uid-1")}
+
+
+def scoring(credentials: Credentials, *scenarios: ScenarioIdentity) -> Credentials:
+    credentials.scenarios.update({s.uid: s for s in scenarios})
+    return credentials
+
+
+def test_a_scenarios_scoring_identity_is_rendered_the_same_after_a_restart() -> None:
+    live = ScenarioIdentity("city", "uid-s", ("jinjiang-pressure", "chunxi-crowd"))
+    first = scoring(Credentials(KEY, "chengdu"), live).render(FLEETS)
+    assert first == scoring(Credentials(KEY, "chengdu"), live).render(FLEETS)  # a restart writes nothing
+    assert first != Credentials(KEY, "chengdu").render(FLEETS)
+    user = names.scoring_identity("uid-s")
+    [identity] = [u for u in scoring(Credentials(KEY, "chengdu"), live).users(FLEETS) if u.name == user]
+    assert bcrypt.checkpw(derive_password(KEY, "scoring", "uid-s").encode(), identity.password_hash.encode())
+    assert f"$JS.API.CONSUMER.MSG.NEXT.{names.windows_stream('chunxi-crowd')}.{user}" in identity.publish
+    # a scenario gone: its identity leaves the rendered users, and its cached hash goes too
+    credentials = scoring(Credentials(KEY, "chengdu"), live)
+    credentials.users(FLEETS)
+    del credentials.scenarios["uid-s"]
+    assert credentials.render(FLEETS) == Credentials(KEY, "chengdu").render(FLEETS)
+    assert ("scoring", "uid-s") not in credentials._hashes
+
+
+def test_a_scenario_may_read_only_its_own_namespaces_fleets() -> None:
+    elsewhere = ScenarioIdentity("other", "uid-o", ("jinjiang-pressure", "no-such-fleet"))
+    credentials = scoring(Credentials(KEY, "chengdu"), elsewhere,
+                          ScenarioIdentity("city", "uid-s", ("jinjiang-pressure", "no-such-fleet")))
+    assert credentials.scoring_fleets("uid-o", FLEETS) == ()  # a namesake fleet of namespace city
+    assert credentials.scoring_fleets("uid-s", FLEETS) == ("jinjiang-pressure",)
+    [nothing] = [u for u in credentials.users(FLEETS) if u.name == names.scoring_identity("uid-o")]
+    assert nothing.publish == ()  # rendered as deny-all
+
+
+def test_scoring_access_never_shows_its_password() -> None:
+    access = ScoringAccess(url="nats://broker:4222", user="scoring-uid-s", password="s3cret-pw",
+                           consumer="scoring-uid-s", fleets=("jinjiang-pressure",))
+    assert "s3cret-pw" not in repr(access)
 
 
 def test_a_real_broker_takes_the_derived_passwords_and_refuses_others(tmp_path: Path) -> None:

@@ -10,6 +10,10 @@ new passwords (a new uid); a new key rotates every password.
 The user list travels as Secret ``citynerve-broker-auth`` (key ``auth.conf``) in the operator's
 own namespace; the broker mounts it and reloads when it changes (``docs/broker.md``).
 
+A Scenario whose workload runs gets an identity of its own (``names.scoring_identity(uid)``,
+password ``HMAC(key, "scoring/<scenario uid>")``) that may only read and acknowledge its fleets'
+windows through the durable consumers the operator makes for it on their windows streams.
+
 Streams, the consumer and the status bucket are made here with the operator's own broker user;
 the fleets' stream workers write their status into the bucket, and a watch on it queues the
 fleet, so the SensorFleet status follows the stream (not a ConfigMap every 15 s).
@@ -24,8 +28,9 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,12 +44,15 @@ from citynerve.workloads.dataplane.broker import (
     ingest_user,
     operator_user,
     render_auth,
+    scoring_user,
     terminal_user,
 )
 from citynerve.workloads.dataplane.streams import (
     delete_fleet_streams,
+    delete_scoring_consumer,
     ensure_city_streams,
     ensure_fleet_streams,
+    ensure_scoring_consumer,
 )
 from nats.js.errors import KeyNotFoundError
 
@@ -104,12 +112,37 @@ class FleetIdentity:
     protocol: str
 
 
+@dataclass(frozen=True)
+class ScenarioIdentity:
+    """What the broker must know of one Scenario whose workload scores its fleets' windows."""
+
+    namespace: str
+    uid: str
+    fleets: tuple[str, ...]  # by name, in the Scenario's namespace
+
+
+@dataclass(frozen=True)
+class ScoringAccess:
+    """How a Scenario's workload reaches its fleets' windows: the broker, its identity, its consumer."""
+
+    url: str
+    user: str
+    password: str = field(repr=False)  # never in a log line
+    consumer: str  # the durable consumer on each of ``fleets``' windows streams
+    fleets: tuple[str, ...]
+
+
 class Credentials:
-    """Passwords and hashes of the city's broker identities, derived from the key (hashes cached)."""
+    """Passwords and hashes of the city's broker identities, derived from the key (hashes cached).
+
+    ``scenarios`` (by uid) are the Scenarios whose workloads have a scoring identity; the caller
+    changes it under the same lock as it renders with.
+    """
 
     def __init__(self, key: bytes, city: str) -> None:
         self.key, self.city = key, city
         self._hashes: dict[tuple[str, str], str] = {}
+        self.scenarios: dict[str, ScenarioIdentity] = {}
 
     def password(self, role: str, uid: str) -> str:
         return derive_password(self.key, role, uid)
@@ -128,10 +161,20 @@ class Credentials:
             users.append(ingest_user(self.city, name, self._hash("ingest", fleet.uid)))
             if fleet.protocol == "MQTT":
                 users.append(terminal_user(self.city, name, self._hash("mqtt", fleet.uid)))
+        users.extend(scoring_user(self.city, names.scoring_identity(uid), self.scoring_fleets(uid, fleets),
+                                  self._hash("scoring", uid)) for uid in sorted(self.scenarios))
         live = {("operator", "operator")} | {(r, f.uid) for f in fleets.values() for r in ("ingest", "mqtt")}
+        live |= {("scoring", uid) for uid in self.scenarios}
         for gone in set(self._hashes) - live:
             del self._hashes[gone]
         return users
+
+    def scoring_fleets(self, uid: str, fleets: Mapping[str, FleetIdentity]) -> tuple[str, ...]:
+        """The fleets a Scenario's identity may read: those it names that hold their name in the
+        city's data plane for its own namespace (never a namesake fleet of another namespace)."""
+        scenario = self.scenarios[uid]
+        return tuple(sorted(f for f in set(scenario.fleets)
+                            if f in fleets and fleets[f].namespace == scenario.namespace))
 
     def render(self, fleets: Mapping[str, FleetIdentity]) -> str:
         return render_auth(self.users(fleets))
@@ -197,6 +240,26 @@ class BrokerAdmin:
     def delete_fleet(self, fleet: str) -> None:
         async def delete() -> None:
             await delete_fleet_streams(await self._jetstream(), fleet)
+
+        self._run(delete())
+
+    def ensure_scoring(self, fleets: Sequence[str], consumer: str, start_time: datetime) -> None:
+        """A Scenario's durable consumer on each of ``fleets``' windows streams (made once, then kept)."""
+
+        async def ensure() -> None:
+            js = await self._jetstream()
+            for fleet in fleets:
+                await ensure_scoring_consumer(js, fleet, consumer, start_time)
+
+        self._run(ensure())
+
+    def delete_scoring(self, fleets: Sequence[str], consumer: str) -> None:
+        """Remove a Scenario's consumer from ``fleets``' windows streams (missing ones are fine)."""
+
+        async def delete() -> None:
+            js = await self._jetstream()
+            for fleet in fleets:
+                await delete_scoring_consumer(js, fleet, consumer)
 
         self._run(delete())
 

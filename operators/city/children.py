@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from citynerve.operators.api import API_VERSION
+from citynerve.operators.city.broker import PASSWORD_KEY, USERNAME_KEY
 from citynerve.operators.city.config import (
     LABEL_COMPONENT,
     LABEL_FLEET,
@@ -34,6 +35,11 @@ INGEST_PORT = 8080  # the NGSI-LD endpoint of citynerve.workloads.dataplane.work
 BROKER_CREDENTIALS_DIR = "/var/run/citynerve/broker"
 # Where it writes the fleet's window history (Parquet by day), on the fleet's own claim.
 HISTORY_DIR = "/var/lib/citynerve/history"
+# A Scenario's RayJob reaches the city broker with its scoring identity through these variables:
+# the URL as a value, the user name and password from the Scenario's Secret (scoring_secret_name).
+ENV_BROKER_URL = "CITYNERVE_BROKER_URL"
+ENV_BROKER_USER = "CITYNERVE_BROKER_USER"
+ENV_BROKER_PASSWORD = "CITYNERVE_BROKER_PASSWORD"  # noqa: S105 - the variable's name, not a password
 _SEVERITY_ORDER = {"warning": 0, "alarm": 1, "critical": 2}
 
 
@@ -108,6 +114,12 @@ def mqtt_secret_name(fleet: str) -> str:
 def ingest_secret_name(fleet: str) -> str:
     """The Secret the fleet's stream workers mount: their broker credential."""
     return _dns_name(fleet, "ingest-broker", 253)
+
+
+def scoring_secret_name(scenario: str) -> str:
+    """The Secret holding a Scenario's scoring identity on the city broker (keys ``username``,
+    ``password``), which its RayJob's containers read their broker credential from."""
+    return _dns_name(scenario, "scoring-broker", 253)
 
 
 def desired_fleet_secret(fleet: Mapping[str, Any], name: str, data: Mapping[str, str]) -> dict[str, Any]:
@@ -373,10 +385,18 @@ def desired_rayjob(
     revision = workload_revision(payload)
     replicas = int(payload["spec"]["replicas"])
     drill = payload["spec"]["mode"] == "drill"
-    container = {
+    container: dict[str, Any] = {
         "image": options.image,
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
     }
+    if options.broker is not None:
+        # The scoring identity: the password stays in the Secret, never in the RayJob itself.
+        secret = scoring_secret_name(meta["name"])
+        container["env"] = [
+            {"name": ENV_BROKER_URL, "value": options.broker.url},
+            *({"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+              for env, key in ((ENV_BROKER_USER, USERNAME_KEY), (ENV_BROKER_PASSWORD, PASSWORD_KEY))),
+        ]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",

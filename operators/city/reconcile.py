@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from citynerve.models.registry import ModelResolutionError, ResolvedModel, resolve_model_version
@@ -23,7 +23,17 @@ from citynerve.observability import reconcile_span, record_incident_transitions,
 from citynerve.operators.api import API_VERSION
 from citynerve.operators.api.events import ALERT_DELIVERED, ALERT_FAILED, INCIDENT_DETECTED, EventReason
 from citynerve.operators.city import alerts
-from citynerve.operators.city.broker import AUTH_KEY, AUTH_SECRET, BrokerAdmin, Credentials, FleetIdentity
+from citynerve.operators.city.broker import (
+    AUTH_KEY,
+    AUTH_SECRET,
+    PASSWORD_KEY,
+    USERNAME_KEY,
+    BrokerAdmin,
+    Credentials,
+    FleetIdentity,
+    ScenarioIdentity,
+    ScoringAccess,
+)
 from citynerve.operators.city.children import (
     child_conflict,
     child_patch,
@@ -38,8 +48,10 @@ from citynerve.operators.city.children import (
     ingest_name,
     ingest_secret_name,
     mqtt_secret_name,
+    owner_reference,
     replacement,
     scenario_payload,
+    scoring_secret_name,
     workload_revision,
 )
 from citynerve.operators.city.config import LABEL_MANAGED_BY, LABEL_SCENARIO, MANAGED_BY, CityOptions
@@ -56,9 +68,10 @@ from citynerve.operators.city.status import (
     running_models,
     scenario_events,
 )
-from citynerve.operators.conditions import find_condition, rfc3339, status_patch
+from citynerve.operators.conditions import find_condition, parse_time, rfc3339, status_patch
 from citynerve.operators.kube import KubeRest, object_path
 from citynerve.operators.runtime import OperatorOptions
+from citynerve.workloads.dataplane.names import scoring_identity
 from kubernetes import client
 
 log = logging.getLogger(__name__)
@@ -76,6 +89,8 @@ CHILD_PATHS = {
     "Service": ("v1", "services"),
     "Secret": ("v1", "secrets"),
 }
+# How far back a new Scenario's scoring consumers start: the last day of windows is its context.
+SCORING_CONTEXT = timedelta(days=1)
 
 
 def _now() -> datetime:
@@ -132,7 +147,10 @@ class CityReconciler:
         self._fleets_listed = False
         self._auth_written: str | None = None
         self._streams: dict[str, tuple[Any, ...]] = {}
-        self._credentials_made: set[tuple[str, str, str]] = set()  # (namespace, Secret, fleet uid)
+        self._credentials_made: set[tuple[str, str, str]] = set()  # (namespace, Secret, fleet/scenario uid)
+        # Each running Scenario's scoring identity as last made on the broker, by (namespace, name):
+        # (its uid, the fleets its consumers are on, when they were last made; None: to be made).
+        self._scoring: dict[tuple[str, str], tuple[str, tuple[str, ...], float | None]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
     def forget(self, kind: str, namespace: str, name: str) -> None:
@@ -527,6 +545,7 @@ class CityReconciler:
             scenario = self.get("Scenario", namespace, name)
             if scenario is None:
                 self._stop_workloads(namespace, name, keep=None)
+                self._drop_scoring(namespace, name)
                 return
             fleets = {f["metadata"]["name"]: f for f in self.list_objects("SensorFleet", namespace)}
             models = {m["metadata"]["name"]: m for m in self.list_objects("AnalyticsModel", namespace)}
@@ -536,15 +555,19 @@ class CityReconciler:
             if unmet is None and int(scenario["spec"].get("replicas", 1)) > 0:
                 payload = scenario_payload(scenario, fleets, models, self.city.city, self.city.mlflow_url)
                 revision = workload_revision(payload)
+                access = self._ensure_scoring(scenario, payload)
                 if self.local is not None:
                     workload = self.local.ensure(
-                        namespace, name, revision, payload, int(payload["spec"]["replicas"])
+                        namespace, name, revision, payload, int(payload["spec"]["replicas"]), access=access
                     )
                 else:
+                    if access is not None:
+                        self._ensure_scoring_secret(scenario, access)
                     workload = self._ensure_rayjob(scenario, payload)
                 self._stop_workloads(namespace, name, keep=revision)
             else:
                 self._stop_workloads(namespace, name, keep=None)
+                self._drop_scoring(namespace, name)
             refused = [
                 check.refusal
                 for route in scenario["spec"].get("alertRoutes") or []
@@ -559,6 +582,80 @@ class CityReconciler:
                 scenario, unmet, workload, open_incidents, _now(), refused, running_models(payload)
             )
             self.write_status("Scenario", scenario, desired, scenario_events(scenario, desired))
+
+    def _ensure_scoring(
+        self, scenario: Mapping[str, Any], payload: Mapping[str, Any]
+    ) -> ScoringAccess | None:
+        """The Scenario's scoring identity on the city broker and its consumers on its fleets'
+        windows streams (made again when its fleets change, checked once a resync period); None
+        without a broker. A broker that refuses is logged and tried again at the next reconcile:
+        the workload then retries its connection until its identity is there."""
+        if self.broker is None or self.credentials is None or self.city.broker is None:
+            return None
+        meta = scenario["metadata"]
+        key, uid = (meta["namespace"], meta["name"]), str(payload["scenario"]["uid"])
+        consumer = scoring_identity(uid)
+        known = self._scoring.get(key)
+        if known is not None and known[0] != uid:  # deleted and made again while no event said so
+            self._drop_scoring(*key)
+            known = None
+        with self._fleet_lock:
+            self.credentials.scenarios[uid] = ScenarioIdentity(
+                meta["namespace"], uid, tuple(f["fleet"] for f in payload["fleets"]))
+            fleets = self.credentials.scoring_fleets(uid, self._fleet_ids)
+        self._sync_broker_auth()
+        checked = None if known is None or known[1] != fleets else known[2]
+        if checked is None or time.monotonic() - checked > self.city.resync_seconds:
+            created = parse_time(meta.get("creationTimestamp")) or _now()
+            unbound = sorted(set(known[1]) - set(fleets)) if known is not None else []
+            try:
+                self.broker.ensure_scoring(fleets, consumer, created - SCORING_CONTEXT)
+                if unbound:
+                    self.broker.delete_scoring(unbound, consumer)
+            except Exception as exc:  # noqa: BLE001 - retried at the next reconcile of the Scenario
+                log.warning("Scenario %s/%s: its consumers on the city broker could not be made: %s",
+                            *key, _first_line(exc))
+                self._scoring[key] = (uid, tuple(sorted({*fleets, *unbound})), None)
+            else:
+                self._scoring[key] = (uid, fleets, time.monotonic())
+        return ScoringAccess(url=self.city.broker.url, user=consumer,
+                             password=self.credentials.password("scoring", uid), consumer=consumer,
+                             fleets=fleets)
+
+    def _ensure_scoring_secret(self, scenario: Mapping[str, Any], access: ScoringAccess) -> None:
+        """The Secret the Scenario's RayJob reads its broker credential from: created once per
+        Scenario (uid) and operator process, never read back (the password derives from the key)."""
+        meta = scenario["metadata"]
+        name = scoring_secret_name(meta["name"])
+        made = (meta["namespace"], name, str(meta["uid"]))
+        if made in self._credentials_made:
+            return
+        plain = {USERNAME_KEY: access.user, PASSWORD_KEY: access.password}
+        self._create_once({
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": meta["namespace"],
+                         "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SCENARIO: meta["name"]},
+                         "ownerReferences": [owner_reference(scenario)]},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in plain.items()},
+        })
+        self._credentials_made.add(made)
+
+    def _drop_scoring(self, namespace: str, name: str) -> None:
+        """A Scenario whose workload no longer runs: its identity leaves the broker, then its consumers."""
+        known = self._scoring.pop((namespace, name), None)
+        if known is None or self.credentials is None:
+            return
+        uid, fleets, _ = known
+        with self._fleet_lock:
+            self.credentials.scenarios.pop(uid, None)
+        self._sync_broker_auth()
+        if self.broker is None:
+            return
+        try:
+            self.broker.delete_scoring(fleets, scoring_identity(uid))
+        except Exception as exc:  # noqa: BLE001 - a consumer nobody may read costs the broker little
+            log.warning("Scenario %s/%s: its consumers on the city broker could not be removed: %s",
+                        namespace, name, _first_line(exc))
 
     def _ensure_rayjob(self, scenario: Mapping[str, Any], payload: Mapping[str, Any]) -> WorkloadObservation:
         desired = desired_rayjob(scenario, payload, self.city)

@@ -115,7 +115,7 @@ def ingest_user(city: str, fleet: str, password_hash: str) -> BrokerUser:
             # after a reconnect, what it held unacknowledged is delivered again at once
             f"$JS.API.CONSUMER.RESET.{stream}.{WORKER_CONSUMER}",
             f"$JS.API.STREAM.INFO.{stream}",
-            f"$JS.ACK.{stream}.>",
+            f"$JS.ACK.{stream}.{WORKER_CONSUMER}.>",
             kv_keys,
             f"$JS.API.DIRECT.GET.{kv_stream}.{kv_keys}",
             f"$JS.API.STREAM.INFO.{kv_stream}",
@@ -123,10 +123,33 @@ def ingest_user(city: str, fleet: str, password_hash: str) -> BrokerUser:
             f"$JS.API.CONSUMER.MSG.NEXT.{windows}.{HISTORY_CONSUMER}",
             f"$JS.API.CONSUMER.INFO.{windows}.{HISTORY_CONSUMER}",
             f"$JS.API.STREAM.INFO.{windows}",
-            f"$JS.ACK.{windows}.>",
+            # its history's acks only: another consumer of the windows (a scenario's) is not its to ack
+            f"$JS.ACK.{windows}.{HISTORY_CONSUMER}.>",
         ),
         subscribe=(f"{inbox_prefix(f'{fleet}-ingest')}.>",),  # replies to it alone, not every client's
     )
+
+
+def scoring_user(city: str, user: str, fleets: Sequence[str], password_hash: str) -> BrokerUser:
+    """A Scenario's live scoring workload (``user`` = ``names.scoring_identity(uid)``): reads and
+    acknowledges its fleets' windows through its own durable consumer on each windows stream,
+    which the city operator made. Nothing else: no consumer of its own making, no publish of data.
+
+    The subjects it may use name streams and consumers, not the city's windows subjects; the
+    city and fleets are still checked to be subject tokens (``ValueError`` otherwise).
+    """
+    publish: list[str] = []
+    for fleet in fleets:
+        windows_subject(city, fleet)
+        windows = windows_stream(fleet)
+        publish += [
+            f"$JS.API.CONSUMER.MSG.NEXT.{windows}.{user}",
+            f"$JS.API.CONSUMER.INFO.{windows}.{user}",
+            f"$JS.API.STREAM.INFO.{windows}",
+            f"$JS.ACK.{windows}.{user}.>",
+        ]
+    return BrokerUser(name=user, password_hash=password_hash, publish=tuple(publish),
+                      subscribe=(f"{inbox_prefix(user)}.>",))
 
 
 def _conf_list(subjects: Sequence[str]) -> str:

@@ -7,12 +7,15 @@ same arguments it changes nothing, called with new limits it updates the stream 
 Per city: the quarantine stream (``quarantine.<city>.>``, kept 7 days) and the KV bucket holding
 every fleet's status and window checkpoint. Per fleet: the readings stream (a work queue: a
 payload is gone once its windows are published and it is acknowledged), the windows stream
-(kept ``retention_hours``), and the durable pull consumer its stream worker binds to.
+(kept ``retention_hours``), and the durable pull consumer its stream worker binds to. Per
+Scenario scoring live: a durable consumer on each of its fleets' windows streams, named by its
+broker identity (``names.scoring_identity``), which its workload binds to and cannot make itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime
 
 from citynerve.workloads.dataplane.history import history_consumer_config
 from citynerve.workloads.dataplane.names import (
@@ -53,6 +56,12 @@ READINGS_DUPLICATE_WINDOW_S = 120.0
 # the limit the server stops delivering; the worker then closes its oldest open window early
 # (docs/data-plane.md, "Back-pressure").
 MAX_ACK_PENDING = 50_000
+# A scoring workload acknowledges a window once scored: a minute is ample, and a workload that
+# died has its windows sent again to the next one a minute later.
+SCORING_ACK_WAIT_S = 60.0
+# Windows a scoring workload may hold unacknowledged: a day of 5-minute windows of 300 terminals
+# and a few properties, so the day of context it starts with never stalls delivery.
+SCORING_MAX_ACK_PENDING = 100_000
 _STREAM_EXISTS_ERR = 10058  # "stream name already in use with a different configuration"
 
 
@@ -173,3 +182,36 @@ async def delete_fleet_streams(js: JetStreamContext, fleet: str) -> None:
         return
     for key in (status_key(fleet), checkpoint_key(fleet)):
         await kv.purge(key)
+
+
+async def ensure_scoring_consumer(
+    js: JetStreamContext, fleet: str, consumer: str, start_time: datetime
+) -> None:
+    """A Scenario's durable pull consumer ``consumer`` on the fleet's windows stream, delivering
+    every property's windows stored from ``start_time`` on (timezone-aware; naive is UTC).
+
+    Made once: an existing consumer is kept as it is (never moved back to ``start_time``), so
+    what the workload acknowledged stays acknowledged across operator restarts. The filter is the
+    windows stream's own subject (every property of the fleet), as the history's consumer has.
+    """
+    stream = windows_stream(fleet)
+    with contextlib.suppress(NotFoundError):
+        await js.consumer_info(stream, consumer)
+        return
+    info = await js.stream_info(stream)  # a fleet without its streams yet: NotFoundError, retried
+    [subject] = info.config.subjects or []  # windows.<city>.<fleet>.*, as _windows_config made it
+    await js.add_consumer(stream, ConsumerConfig(
+        durable_name=consumer,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=start_time,
+        ack_wait=SCORING_ACK_WAIT_S,
+        max_ack_pending=SCORING_MAX_ACK_PENDING,
+        filter_subject=subject,
+    ))
+
+
+async def delete_scoring_consumer(js: JetStreamContext, fleet: str, consumer: str) -> None:
+    """Remove a Scenario's consumer from the fleet's windows stream; gone already is fine."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(windows_stream(fleet), consumer)
