@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,14 @@ def operator_target(federation: Any, namespace: str, folder: Path) -> KubeTarget
 
 
 @contextlib.contextmanager
-def data_plane(federation: Any, city: Any, namespace: str, folder: Path) -> Iterator[LocalPods]:
-    """The city operator (with its broker) and the local pod host, for one test."""
+def data_plane(federation: Any, city: Any, namespace: str, folder: Path,
+               mlflow_url: str | None = None) -> Iterator[LocalPods]:
+    """The city operator (with its broker; scenarios on the local Ray) and the local pod host."""
     target = operator_target(federation, namespace, folder / "operator")
     broker = BrokerOptions(city.broker.url, city.broker_key_file, namespace)
     options = OperatorOptions(f"city-{CITY}", target, namespaces=(namespace,))
-    city_options = CityOptions(city=CITY, resync_seconds=4.0, broker=broker)
+    city_options = CityOptions(city=CITY, resync_seconds=4.0, broker=broker, mlflow_url=mlflow_url,
+                               model_cache_seconds=2.0)
     operator = InProcessOperator(options, build_registry(options, city_options)).start()
     api = federation.api_client(CITY)
     pods = LocalPods(api, [namespace], city.broker, namespace, folder / "pods").start()
@@ -309,3 +312,138 @@ def _healthy(url: str) -> bool:
             return bool(answer.status == 200)
     except OSError:
         return False
+
+
+# -- live scoring --------------------------------------------------------------------------------
+STEP_S = 900  # the water model's step and the fleets' window
+
+
+def catalogue_type(name: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / "samples" / "sensortypes" / f"{name}.yaml").read_text()))
+
+
+def water_fleet(name: str, type_name: str, count: int) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SensorFleet", "metadata": {"name": name},
+            "spec": {"sensorType": type_name, "district": "jinjiang", "count": count, "owner": "operator",
+                     "protocol": "MQTT", "samplingIntervalSeconds": STEP_S, "windowSeconds": STEP_S,
+                     "allowedLatenessSeconds": 0}}
+
+
+def scenario_status(federation: Any, namespace: str, name: str) -> dict[str, Any]:
+    body = client.CustomObjectsApi(federation.api_client(CITY)).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "scenarios", name)
+    return dict(body.get("status") or {})
+
+
+def incidents(federation: Any, namespace: str) -> list[dict[str, Any]]:
+    listed = client.CustomObjectsApi(federation.api_client(CITY)).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, "incidents")
+    return list(listed["items"])
+
+
+def test_a_burst_published_over_mqtt_is_raised_once_by_the_verified_model_scoring_live(
+        mlflow_server: Any, local_ray: None, federation: Any, city: Any, namespace: str, tmp_path: Path,
+        wait_for: Any) -> None:
+    """Terminals → broker → stream workers → windows → the Scenario's live actor with the verified
+    model → one Incident whose decidedBy names the version and digest the Scenario reports."""
+    from citynerve.models.training import WaterTrainingConfig, train_water_detector  # noqa: PLC0415
+    from citynerve.workloads.ingest.sensor_type import SensorType  # noqa: PLC0415
+    from citynerve.workloads.sim.field import (  # noqa: PLC0415
+        FleetLogin,
+        water_field_batches,
+        yesterday_midnight_ms,
+    )
+    from citynerve.workloads.sim.water import LeakSpec, simulate_water  # noqa: PLC0415
+
+    custom = client.CustomObjectsApi(federation.api_client(CITY))
+    types = {}
+    for type_name in ("pipe-pressure-gauge", "electromagnetic-flow-meter"):
+        body = catalogue_type(type_name)
+        types[type_name] = SensorType.from_resource(type_name, body["spec"])
+        try:
+            custom.create_cluster_custom_object(GROUP, VERSION, "sensortypes", body)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+    config = WaterTrainingConfig(evaluation_leaks=2)
+    trained = train_water_detector(mlflow_server.url, f"live-burst-{namespace}", config, alias=None)
+    version, digest = trained.model.version, trained.model.artifact_digest
+    loggers = config.base().sensors
+    assert loggers is not None
+    burst = LeakSpec(node="123", area_m2=0.02, start_s=9 * 3600)
+    run = simulate_water(replace(config.base(), leaks=(burst,), seed=7))
+    manifests = [
+        water_fleet("jinjiang-pressure", "pipe-pressure-gauge", len(loggers.pressure_nodes)),
+        water_fleet("jinjiang-supply", "electromagnetic-flow-meter", 1),
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalyticsModel", "metadata": {"name": "burst-detector"},
+         "spec": {"registeredModel": f"live-burst-{namespace}", "version": version,
+                  "expectedDigest": digest}},
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Scenario", "metadata": {"name": "jinjiang-mains"},
+         "spec": {"kind": "water-burst", "mode": "live",
+                  "fleets": [{"name": "jinjiang-pressure"}, {"name": "jinjiang-supply"}],
+                  "models": [{"name": "burst-detector"}],
+                  "thresholds": [{"metric": "pressureDropKpa", "unitCode": "KPA", "warning": 1,
+                                  "alarm": 500}]}},
+    ]
+    plural = {"SensorFleet": "sensorfleets", "AnalyticsModel": "analyticsmodels", "Scenario": "scenarios"}
+    with data_plane(federation, city, namespace, tmp_path, mlflow_url=mlflow_server.url) as pods:
+        for body in manifests:
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural[body["kind"]], body)
+        wait_for(lambda: len(pods.running()) == 2, 90, what="both fleets' stream workers running")
+
+        def scoring() -> dict[str, Any] | None:
+            status = scenario_status(federation, namespace, "jinjiang-mains")
+            ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+            assert ready.get("reason") not in ("WorkloadFailed", "UnknownThreshold"), ready
+            return status if ready.get("status") == "True" else None
+
+        status = wait_for(scoring, 120, what="the live scenario Ready (its actor consuming, model loaded)")
+        assert status["models"] == [{"name": "burst-detector", "version": version, "artifactDigest": digest}]
+        logins = [FleetLogin(f, wait_for(lambda f=f: secret(federation, namespace, f"{f}-mqtt"), 30,
+                                         what=f"{f}'s terminal credential")["password"])
+                  for f in ("jinjiang-pressure", "jinjiang-supply")]
+        origin = yesterday_midnight_ms()
+        steps = water_field_batches(run, types["pipe-pressure-gauge"], types["electromagnetic-flow-meter"],
+                                    origin)
+        source = wait_for(lambda: _field_source(city, logins), 60, what="the terminals' MQTT logins")
+        with source:
+            report = source.publish(steps, speedup=STEP_S / 0.1)  # a simulated quarter-hour every 0.1 s
+        assert report.steps == len(run.times_s)
+
+        raised = wait_for(lambda: incidents(federation, namespace) or None, 120, what="the burst's Incident")
+        last = datetime.fromtimestamp(origin / 1000 + run.times_s[-1], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        def scored_all() -> dict[str, Any] | None:
+            status = scenario_status(federation, namespace, "jinjiang-mains")
+            return status if (status.get("scored") or {}).get("lastWindowTime") == last else None
+
+        status = wait_for(scored_all, 120, what="every window of the drill day scored")
+        time.sleep(2 * 4.0)  # a resync later: still one Incident for the one burst
+        raised = incidents(federation, namespace)
+        assert len(raised) == 1, [i["metadata"]["name"] for i in raised]
+        spec = raised[0]["spec"]
+        assert spec["drill"] is False
+        decided = spec["decidedBy"]
+        assert (decided["name"], decided["version"], decided["artifactDigest"]) == (
+            "burst-detector", version, digest)
+        onset = next(e for e in spec["evidence"] if e["metric"] == "detectionDelayMinutes")
+        assert float(onset["value"]) >= 0
+        assert datetime.fromisoformat(decided["lastWindow"]).timestamp() >= origin / 1000 + burst.start_s
+        terminals = {e.get("terminal") for e in spec["evidence"] if e["metric"] == "pressureDropKpa"}
+        assert terminals <= set(loggers.pressure_nodes)
+        assert terminals
+        # every message the terminals sent is one window, and every window was scored
+        assert status["scored"]["windows"] == report.messages
+        assert status["scored"]["steps"] == len(run.times_s)
+
+
+def _field_source(city: Any, logins: list[Any]) -> Any:
+    from citynerve.workloads.sim.field import FieldSourceError, MqttFieldSource  # noqa: PLC0415
+
+    try:
+        source = MqttFieldSource(city.broker.mqtt_host, city.broker.mqtt_port, CITY, *logins)
+        source.pressure.wait_connected()
+        source.supply.wait_connected()
+    except (FieldSourceError, ConnectionError, OSError):
+        return None
+    return source

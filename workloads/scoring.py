@@ -164,7 +164,7 @@ class WaterScorer:
         if not expectation or "pressure_model" not in expectation:
             raise LiveScoringError(
                 "the model carries no hydraulic expectation for its loggers, so it cannot score live "
-                "windows; train it again with `citynerve models train --kind water-burst`"
+                "windows; train it again with `citynerve models train`"
             )
         self.detector = detector
         self.step_s = float(detector.step_s)

@@ -548,7 +548,8 @@ class DecidingModel(CrdModel):
     registered_model: str = Field(description="Registered model in MLflow.", max_length=253)
     version: str = Field(description="Registry version the workload loaded.", max_length=10)
     artifact_digest: str = Field(
-        description="sha256 digest of the loaded artifact, checked against the AnalyticsModel's.", max_length=71
+        description="sha256 digest of the loaded artifact, checked against the AnalyticsModel's.",
+        max_length=71,
     )
     first_window: datetime = Field(description="Start of the oldest window in the model's context.")
     last_window: datetime = Field(description="Start of the window at which the model raised the incident.")

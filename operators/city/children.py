@@ -633,11 +633,13 @@ def fleet_measuring(quantity: str | None, fleets: list[Mapping[str, Any]]) -> Ma
 
 
 def incident_evidence(
-    event: Mapping[str, Any], fleets: list[Mapping[str, Any]], default_fleet: str, observed_at: str
+    event: Mapping[str, Any], fleets: list[Mapping[str, Any]], default_fleet: str, observed_at: str,
+    *, live: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Evidence entries (at most 64) from a detector's measurements, each under the fleet that
-    measures its quantity and, where it came from one sensor of the drill's layout, that
-    fleet's terminal; and, for the crew, each such terminal with the network asset it reads."""
+    measures its quantity and, where it came from one sensor, that fleet's terminal (``live``: the
+    terminal is the sensor itself, as the windows name it; a drill's layout numbers them); and,
+    for the crew, each such terminal with the network asset it reads."""
     entries: list[dict[str, Any]] = []
     terminals: list[str] = []
     nouns = {"pressure": "junction", "waterLevel": "node", "rainfallIntensity": "rain gauge",
@@ -651,7 +653,11 @@ def incident_evidence(
         entry = {"fleet": name, "metric": m["metric"], "value": _decimal(value),
                  "unitCode": m.get("unit_code") or "C62", "observedAt": observed_at}
         index = m.get("sensor_index")
-        if isinstance(index, int):
+        if live and m.get("sensor") is not None:
+            entry["terminal"] = str(m["sensor"])
+            if entry["terminal"] not in terminals:
+                terminals.append(entry["terminal"])
+        elif isinstance(index, int):
             count = int(fleet.get("count") or 0) if fleet else 0
             terminal = terminal_id(name, index % count if count else index)
             entry["terminal"] = terminal
@@ -763,11 +769,14 @@ def incident_manifest(
     detected_at: datetime,
     centre: tuple[str, str] | None,
     decision: SeverityDecision | None = None,
+    decided_by: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An Incident resource for one detection (``event`` is ``IncidentEvent.to_dict()``).
 
     ``decision`` is ``incident_severity``'s (computed here when not given); a detection it does
-    not raise has no Incident, and asking for one is an error.
+    not raise has no Incident, and asking for one is an error. ``decided_by`` (live scoring: the
+    model version that decided and its windows) makes the name the excursion's onset's, so a
+    replay of the same windows, by any model, names the same Incident.
     """
     scenario = payload["scenario"]
     spec = payload["spec"]
@@ -778,9 +787,12 @@ def incident_manifest(
     fleets = list(payload.get("fleets") or [])
     fleet = fleets[0]["fleet"] if fleets else scenario["name"]
     observed = rfc3339(detected_at)
-    measured, terminals = incident_evidence(event, fleets, fleet, observed)
+    measured, terminals = incident_evidence(event, fleets, fleet, observed, live=decided_by is not None)
     truth, truth_said = drill_truth(event, fleet, observed)
-    evidence = [*simulated_timing(event, fleet, observed), *truth, *measured][:64]
+    timing = simulated_timing(event, fleet, observed)
+    if decided_by is not None:  # on the readings' own clock: the delay, not a simulated minute
+        timing = [t for t in timing if t["metric"] != "simulatedMinute"]
+    evidence = [*timing, *truth, *measured][:64]
     latitude, longitude, placed = incident_coordinates(event, payload, centre)
     where = [placed] if placed.startswith("Drill placement") else [f"Asset {asset}.", placed]
     if terminals:
@@ -790,7 +802,11 @@ def incident_manifest(
         "apiVersion": API_VERSION,
         "kind": "Incident",
         "metadata": {
-            "name": incident_name(scenario["name"], asset, float(event.get("detected_at_s") or 0.0)),
+            "name": incident_name(
+                scenario["name"], asset,
+                float((event.get("onset_s") if decided_by is not None else None)
+                      or event.get("detected_at_s") or 0.0),
+            ),
             "namespace": scenario["namespace"],
             "labels": {LABEL_SCENARIO: scenario["name"], LABEL_MANAGED_BY: MANAGED_BY},
         },
@@ -806,6 +822,7 @@ def incident_manifest(
                 "description": " ".join(where)[:1024],
             },
             "evidence": evidence,
+            **({"decidedBy": dict(decided_by)} if decided_by is not None else {}),
             "detectedAt": observed,
             "state": "Detected",
             "transitions": [

@@ -46,18 +46,18 @@ class IncidentWriter:
         self.last_evaluation: datetime | None = None
         self.annotations: dict[str, str] = {}  # for every Incident: the run that recorded it
 
-    def __call__(self, event: IncidentEvent) -> None:
+    def __call__(self, event: IncidentEvent, decided_by: Mapping[str, Any] | None = None) -> None:
+        """Create the detection's Incident; ``decided_by`` names the live model version and windows."""
         now = datetime.now(UTC).replace(microsecond=0)
         detection = event.to_dict()
         decision = incident_severity(detection, self.payload["spec"]["thresholds"])
         if decision.severity is None:
             self.not_raised += 1
-            log.info("scenario %s: the detection at %s (simulated minute %.0f) is not an Incident. %s",
-                     self.payload["scenario"]["name"], event.location.asset_id, event.detected_at_s / 60,
-                     decision.reason)
+            log.info("scenario %s: the detection at %s is not an Incident. %s",
+                     self.payload["scenario"]["name"], event.location.asset_id, decision.reason)
             self.last_evaluation = now
             return
-        manifest = incident_manifest(detection, self.payload, now, self.centre, decision)
+        manifest = incident_manifest(detection, self.payload, now, self.centre, decision, decided_by)
         namespace = manifest["metadata"]["namespace"]
         with incident_span(event, city=str(self.payload.get("city") or ""),
                            name=manifest["metadata"]["name"], namespace=namespace) as annotations:

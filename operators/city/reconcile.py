@@ -55,7 +55,7 @@ from citynerve.operators.city.children import (
     workload_revision,
 )
 from citynerve.operators.city.config import LABEL_MANAGED_BY, LABEL_SCENARIO, MANAGED_BY, CityOptions
-from citynerve.operators.city.local import LocalRayWorkloads
+from citynerve.operators.city.local import LIVE, LocalRayWorkloads
 from citynerve.operators.city.status import (
     SensorTypeLookup,
     WorkloadObservation,
@@ -555,7 +555,10 @@ class CityReconciler:
             if unmet is None and int(scenario["spec"].get("replicas", 1)) > 0:
                 payload = scenario_payload(scenario, fleets, models, self.city.city, self.city.mlflow_url)
                 revision = workload_revision(payload)
-                access = self._ensure_scoring(scenario, payload)
+                live = payload["spec"]["mode"] == "live"  # a drill reads no windows
+                access = self._ensure_scoring(scenario, payload) if live else None
+                if not live:
+                    self._drop_scoring(namespace, name)
                 if self.local is not None:
                     workload = self.local.ensure(
                         namespace, name, revision, payload, int(payload["spec"]["replicas"]), access=access
@@ -564,7 +567,9 @@ class CityReconciler:
                     if access is not None:
                         self._ensure_scoring_secret(scenario, access)
                     workload = self._ensure_rayjob(scenario, payload)
-                self._stop_workloads(namespace, name, keep=revision)
+                # a live scenario's one local actor is reconfigured in place, not replaced
+                keep = LIVE if live and self.local is not None else revision
+                self._stop_workloads(namespace, name, keep=keep)
             else:
                 self._stop_workloads(namespace, name, keep=None)
                 self._drop_scoring(namespace, name)

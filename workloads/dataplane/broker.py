@@ -145,6 +145,8 @@ def scoring_user(city: str, user: str, fleets: Sequence[str], password_hash: str
         publish += [
             f"$JS.API.CONSUMER.MSG.NEXT.{windows}.{user}",
             f"$JS.API.CONSUMER.INFO.{windows}.{user}",
+            # at start: what the workload before it held unacknowledged (its context) comes back at once
+            f"$JS.API.CONSUMER.RESET.{windows}.{user}",
             f"$JS.API.STREAM.INFO.{windows}",
             f"$JS.ACK.{windows}.{user}.>",
         ]

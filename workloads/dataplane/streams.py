@@ -56,11 +56,13 @@ READINGS_DUPLICATE_WINDOW_S = 120.0
 # the limit the server stops delivering; the worker then closes its oldest open window early
 # (docs/data-plane.md, "Back-pressure").
 MAX_ACK_PENDING = 50_000
-# A scoring workload acknowledges a window once scored: a minute is ample, and a workload that
-# died has its windows sent again to the next one a minute later.
-SCORING_ACK_WAIT_S = 60.0
-# Windows a scoring workload may hold unacknowledged: a day of 5-minute windows of 300 terminals
-# and a few properties, so the day of context it starts with never stalls delivery.
+# A scoring workload acknowledges a window only once it has left its context (two days of 15-min
+# steps): what it holds unacknowledged is its memory, given back at once to the workload that
+# replaces it (it resets its consumer at start). So the ack wait outlasts the context, or a running
+# workload would be sent its own context again.
+SCORING_ACK_WAIT_S = 7 * 86400.0
+# Window messages (one per property and window, every terminal in it) a scoring workload may hold
+# unacknowledged: its context of every property of its fleets, many times over.
 SCORING_MAX_ACK_PENDING = 100_000
 _STREAM_EXISTS_ERR = 10058  # "stream name already in use with a different configuration"
 
