@@ -411,27 +411,48 @@ def test_a_burst_published_over_mqtt_is_raised_once_by_the_verified_model_scorin
         steps = water_field_batches(run, types["pipe-pressure-gauge"], types["electromagnetic-flow-meter"],
                                     origin)
         source = wait_for(lambda: _field_source(city, logins), 60, what="the terminals' MQTT logins")
-        published: list[Any] = []
-        with source:  # a simulated quarter-hour every 0.25 s, in the background
-            publisher = threading.Thread(
-                target=lambda: published.append(source.publish(steps, STEP_S / 0.25)))
-            publisher.start()
+        steps = list(steps)
+        first = 12  # steps before the kill, the promotion and the new threshold: the burst is at step 36
 
-            def scored(at_least: int) -> dict[str, Any] | None:
-                status = scenario_status(federation, namespace, "jinjiang-mains")
-                return status if (status.get("scored") or {}).get("steps", 0) >= at_least else None
+        def scored(at_least: int) -> dict[str, Any] | None:
+            status = scenario_status(federation, namespace, "jinjiang-mains")
+            return status if (status.get("scored") or {}).get("steps", 0) >= at_least else None
 
-            wait_for(lambda: scored(16), 60, what="16 steps scored")
+        with source:  # a simulated quarter-hour every 0.1 s
+            reports = [source.publish(steps[:first], STEP_S / 0.1)]
+            wait_for(lambda: scored(first - 1), 60, what=f"{first - 1} steps scored")
             actor = f"{CITY}/{namespace}/jinjiang-mains/live"
-            ray.kill(ray.get_actor(actor, namespace="citynerve"))  # mid-stream, before the burst
-            wait_for(lambda: scored(30), 60, what="the actor back and 30 steps scored")
+            killed = ray.get_actor(actor, namespace="citynerve")
+            ray.kill(killed)  # mid-stream
+
+            def back() -> Any:
+                try:
+                    again = ray.get_actor(actor, namespace="citynerve")
+                    report = ray.get(again.report.remote(), timeout=5)
+                except (ValueError, ray.exceptions.RayError):
+                    return None
+                fresh = again._actor_id != killed._actor_id
+                return again if fresh and (report["scored"] or {}).get("steps", 0) >= first - 1 else None
+
+            restarted = wait_for(back, 60, what="the actor back, the steps before it scored again")
+            restarted = restarted._actor_id.hex()
+            # before the burst: the alarm level lowered to 2 kPa, then a new version promoted (its
+            # revision carries the new threshold too)
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, "scenarios", "jinjiang-mains",
+                {"spec": {"thresholds": [{"metric": "pressureDropKpa", "unitCode": "KPA", "warning": 1,
+                                          "alarm": 2}]}})
             custom.patch_namespaced_custom_object(
                 GROUP, VERSION, namespace, "analyticsmodels", "burst-detector",
                 {"spec": {"version": retrained.model.version,
                           "expectedDigest": retrained.model.artifact_digest}})
-            publisher.join(120)
-        [report] = published
-        assert report.steps == len(run.times_s)
+            promoted = [{"name": "burst-detector", "version": retrained.model.version,
+                         "artifactDigest": retrained.model.artifact_digest}]
+            wait_for(lambda: scenario_status(federation, namespace, "jinjiang-mains").get("models")
+                     == promoted, 60, what="the promoted version loaded beside the running one")
+            reports.append(source.publish(steps[first:], STEP_S / 0.1))
+        assert sum(r.steps for r in reports) == len(run.times_s)
+        report = replace(reports[0], messages=sum(r.messages for r in reports))
 
         raised = wait_for(lambda: incidents(federation, namespace) or None, 120, what="the burst's Incident")
         last = datetime.fromtimestamp(origin / 1000 + run.times_s[-1], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -441,13 +462,15 @@ def test_a_burst_published_over_mqtt_is_raised_once_by_the_verified_model_scorin
             return status if (status.get("scored") or {}).get("lastWindowTime") == last else None
 
         status = wait_for(scored_all, 120, what="every window of the drill day scored")
-        assert status["models"] == [{"name": "burst-detector", "version": retrained.model.version,
-                                     "artifactDigest": retrained.model.artifact_digest}]
+        assert status["models"] == promoted
         time.sleep(2 * 4.0)  # a resync later: still one Incident for the one burst
         raised = incidents(federation, namespace)
         assert len(raised) == 1, [i["metadata"]["name"] for i in raised]
         spec = raised[0]["spec"]
         assert spec["drill"] is False
+        assert spec["severity"] == "alarm", spec["transitions"][0]["note"]  # the threshold set mid-stream
+        # ... applied by the same actor: thresholds and versions change in place, not by a restart
+        assert ray.get_actor(actor, namespace="citynerve")._actor_id.hex() == restarted
         decided = spec["decidedBy"]
         assert (decided["name"], decided["version"], decided["artifactDigest"]) in {
             ("burst-detector", version, digest),
@@ -460,6 +483,21 @@ def test_a_burst_published_over_mqtt_is_raised_once_by_the_verified_model_scorin
         assert terminals
         # every message the terminals sent is one window, and every window was scored
         assert status["scored"]["windows"] == report.messages
+
+        # a threshold on something the detector does not measure: refused, naming what it may name
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, "scenarios", "jinjiang-mains",
+            {"spec": {"thresholds": [{"metric": "chlorineMgPerL", "unitCode": "M1", "warning": 1,
+                                      "alarm": 2}]}})
+
+        def refused() -> dict[str, Any] | None:
+            status = scenario_status(federation, namespace, "jinjiang-mains")
+            ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+            return ready if ready.get("reason") == "UnknownThreshold" else None
+
+        ready = wait_for(refused, 60, what="the unknown threshold refused")
+        assert "chlorineMgPerL" in ready["message"]
+        assert "a threshold may name flowSurgePercent, pressureDropKpa." in ready["message"]
         assert status["scored"]["steps"] == len(run.times_s)
 
 

@@ -24,8 +24,14 @@ from citynerve.workloads.scoring import (
     WaterScorer,
     scorer_for,
 )
-from citynerve.workloads.sim.water import LeakSpec, WaterScenarioSpec, choose_sensors, simulate_water
-from citynerve.workloads.water import ZONE_SUPPLY_TERMINAL, build_detector
+from citynerve.workloads.sim.water import (
+    LeakSpec,
+    WaterScenarioSpec,
+    choose_sensors,
+    model_baseline,
+    simulate_water,
+)
+from citynerve.workloads.water import ZONE_SUPPLY_TERMINAL, HydraulicExpectation, build_detector
 
 DAY0_MS = 1_764_979_200_000  # a UTC midnight: the simulated time of day is the readings' own
 FLEETS = [
@@ -172,3 +178,20 @@ def test_a_threshold_the_detector_does_not_measure_is_refused_with_the_allowed_n
     ok = {**scenario, "spec": {**scenario["spec"], "thresholds": [
         {"metric": "crowdDensityPer100Sqm", "unitCode": "C62", "warning": 1, "alarm": 2}]}}
     assert missing_references(ok, {}, {}) is None
+
+
+@pytest.mark.timeout(120)
+def test_the_hydraulic_expectation_runs_the_model_on_day_after_day_with_its_tanks() -> None:
+    """Two days of expectation, tanks carried over, are the model run for two days at once; the second
+    day is not the first day again (the tanks did not go back to the model file's levels)."""
+    spec = WaterScenarioSpec(network="Net3", sensors=choose_sensors("Net3", 10))
+    expectation = HydraulicExpectation(spec)
+    times = DAY0_MS / 1000 + np.arange(0, 2 * 86400, 900, dtype=np.float64)
+    pressure, supply = expectation.at(times)
+    both = model_baseline(replace(spec, duration_s=2 * 86400))
+    np.testing.assert_allclose(pressure, both.pressure[:-1], atol=1e-3)  # metres
+    np.testing.assert_allclose(supply, both.consumption()[:-1], atol=1e-6)  # m³/s
+    first, second = pressure[:96], pressure[96:]
+    assert float(np.max(np.abs(first - second))) > 0.05
+    later = expectation.at(times[-4:])  # asked again: the same days, not run again
+    np.testing.assert_array_equal(later[0], pressure[-4:])

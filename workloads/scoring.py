@@ -31,7 +31,7 @@ from citynerve.models.detectors.base import SensorWindow, Window, slot_of
 from citynerve.models.detectors.water import KPA_PER_METRE_OF_WATER, WaterLeakDetector
 from citynerve.models.incidents import IncidentEvent
 from citynerve.workloads.dataplane.windows import Window as FleetWindow
-from citynerve.workloads.water import ZONE_SUPPLY_TERMINAL
+from citynerve.workloads.water import ZONE_SUPPLY_TERMINAL, HydraulicExpectation
 
 #: SensorTypes a water-burst scenario reads: pressure loggers at junctions, the zone's supply meter
 PRESSURE_SENSOR_TYPE = "pipe-pressure-gauge"
@@ -173,6 +173,11 @@ class WaterScorer:
         self.metered = "consumption_model" in expectation
         self._profile_p = self._by_slot(expectation["pressure_model"])
         self._profile_c = self._by_slot(expectation["consumption_model"]) if self.metered else None
+        spec = getattr(detector, "hydraulic_model", None)
+        # the model run over the period scored; a model saved before it carried one: the day's profile
+        self.hydraulic = HydraulicExpectation(spec) if spec is not None else None
+        if self.hydraulic is not None and tuple(self.hydraulic.layout.pressure_nodes) != self.loggers:
+            raise LiveScoringError("the model's hydraulic model and its loggers disagree; train it again")
         self._times: list[float] = []
         self._pressure: list[np.ndarray] = []
         self._supply: list[float] = []
@@ -233,14 +238,21 @@ class WaterScorer:
     def window(self) -> Window:
         """The detector's window over the context: field readings and the model's expectation."""
         times = np.asarray(self._times, dtype=np.float64)
-        slots = slot_of(times, self.step_s) % self._profile_p.shape[0]
+        expected_c: np.ndarray | None
+        if self.hydraulic is not None:
+            expected_p, supply = self.hydraulic.at(times)
+            expected_c = supply[:, None]
+        else:
+            slots = slot_of(times, self.step_s) % self._profile_p.shape[0]
+            expected_p = self._profile_p[slots]
+            expected_c = self._profile_c[slots] if self._profile_c is not None else None
         window: dict[str, SensorWindow] = {
             "pressure": SensorWindow(times, self.loggers, np.vstack(self._pressure)),
-            "pressure_model": SensorWindow(times, self.loggers, self._profile_p[slots]),
+            "pressure_model": SensorWindow(times, self.loggers, expected_p),
         }
-        if self.metered and self._profile_c is not None:
+        if self.metered and expected_c is not None:
             window["consumption"] = SensorWindow(times, ("zone",), np.asarray(self._supply)[:, None])
-            window["consumption_model"] = SensorWindow(times, ("zone",), self._profile_c[slots])
+            window["consumption_model"] = SensorWindow(times, ("zone",), expected_c)
         return window
 
     def score(self, step: Step) -> list[IncidentEvent]:
@@ -267,6 +279,9 @@ class WaterScorer:
         self._times, self._pressure = list(other._times[-n:]), list(other._pressure[-n:])
         self._supply, self._windows = list(other._supply[-n:]), list(other._windows[-n:])
         self.raised = list(other.raised)
+        mine, theirs = self.hydraulic, other.hydraulic
+        if mine is not None and theirs is not None and mine.spec == theirs.spec:
+            self.hydraulic = theirs  # the same model run: its days (and tanks) go on
 
 
 def scorer_for(kind: str, detector: Any, context_steps: int = 192) -> WaterScorer:

@@ -42,6 +42,74 @@ def window_of(run: WaterRun, model: WaterRun) -> Window:
     }
 
 
+class HydraulicExpectation:
+    """The utility's hydraulic model run forward day by day over the period being scored: what it
+    expects at the loggers and of the zone's supply at each step, tanks carried over from one day
+    to the next as they are in the city (a one-day profile repeated would start every day from the
+    model file's tank levels, and the field's drifting tanks would read as leaks).
+
+    Days are counted from the UTC midnight of the first time asked for; each day is simulated once
+    (EPANET, the model network without leaks, mismatch or noise) and kept.
+    """
+
+    def __init__(self, spec: WaterScenarioSpec, keep_days: int = 8) -> None:
+        self.spec = replace(spec, leaks=(), duration_s=86400)
+        self.layout = spec.sensors or choose_sensors(spec.network)
+        self.keep_days = keep_days
+        self.anchor_s: float | None = None
+        self._days: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._levels: tuple[int, dict[str, float]] | None = None  # tank levels at the end of a day
+
+    def _simulate_day(self, day: int) -> tuple[np.ndarray, np.ndarray]:
+        import tempfile  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+
+        from citynerve.workloads.sim.water import load_network  # noqa: PLC0415
+
+        wn = load_network(self.spec)
+        if self._levels is not None:
+            for tank, level in self._levels[1].items():
+                wn.get_node(tank).init_level = level
+        with tempfile.TemporaryDirectory(prefix="citynerve-expectation-") as workdir:
+            results = wntr.sim.EpanetSimulator(wn).run_sim(file_prefix=str(Path(workdir) / self.spec.network))
+        pressure_df = results.node["pressure"]
+        self._levels = (day, {t: float(pressure_df[t].iloc[-1]) for t in wn.tank_name_list})
+        flows = results.link["flowrate"][list(self.layout.flow_links)].to_numpy(dtype=np.float64)
+        signs = np.asarray(self.layout.flow_into_network, dtype=np.float64)
+        pressure = pressure_df[list(self.layout.pressure_nodes)].to_numpy(dtype=np.float64)
+        return pressure[:-1], (flows @ signs)[:-1]  # the day's last instant is the next day's first
+
+    def _day(self, day: int) -> tuple[np.ndarray, np.ndarray]:
+        if day not in self._days:
+            start = 0 if self._levels is None else self._levels[0] + 1
+            if day < start:
+                msg = f"day {day} of the expectation is before the days already run ({start})"
+                raise ValueError(msg)
+            for d in range(start, day + 1):
+                self._days[d] = self._simulate_day(d)
+            for old in [d for d in self._days if d <= day - self.keep_days]:
+                del self._days[old]
+        return self._days[day]
+
+    def at(self, times_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Expected pressure (time x logger, metres) and zone supply (time, m³/s) at ``times_s``."""
+        if self.anchor_s is None:
+            self.anchor_s = float(np.floor(np.min(times_s) / 86400.0) * 86400.0)
+        offset = np.asarray(times_s, dtype=np.float64) - self.anchor_s
+        days = (offset // 86400.0).astype(np.int64)
+        slots = ((offset % 86400.0) // self.spec.hydraulic_step_s).astype(np.int64)
+        pressure = np.full((len(offset), len(self.layout.pressure_nodes)), np.nan)
+        supply = np.full(len(offset), np.nan)
+        for day in np.unique(days):
+            if day < 0:
+                continue  # before the anchor: not expected (the context began after it)
+            p, c = self._day(int(day))
+            rows = days == day
+            pressure[rows] = p[slots[rows]]
+            supply[rows] = c[slots[rows]]
+        return pressure, supply
+
+
 def build_detector(base: WaterScenarioSpec, history_days: int = 6, **params: Any) -> WaterLeakDetector:
     """Fit a detector on leak-free field history and give it the network's leak signatures."""
     wn = wntr.network.WaterNetworkModel(str(network_path(base.network)))
@@ -68,6 +136,8 @@ def build_detector(base: WaterScenarioSpec, history_days: int = 6, **params: Any
     # workload compares the field's windows with it, time of day by time of day
     one_day = window_of(model, model)
     detector.expectation = {name: one_day[name] for name in ("pressure_model", "consumption_model")}
+    # and the model itself, which a live workload runs forward over the period it scores
+    detector.hydraulic_model = replace(base, leaks=())
     return detector
 
 

@@ -92,6 +92,9 @@ class WaterLeakDetector:
         #: the hydraulic model's expectation over one day (`pressure_model`, `consumption_model`, time
         #: of day in seconds), which a live workload compares the field's windows with
         self.expectation: Window | None = None
+        #: the utility's hydraulic model (a `WaterScenarioSpec`: network, loggers, step) that a live
+        #: workload runs forward over the days it scores, tanks carried over
+        self.hydraulic_model: Any = None
 
     @staticmethod
     def _residual(window: Window, stream: str) -> FloatArray:
