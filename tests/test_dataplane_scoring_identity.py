@@ -302,3 +302,18 @@ async def test_a_scoring_identity_removed_from_the_users_is_disconnected(broker:
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # nor is it let back in
         await nats.connect(broker.broker.url, user=user, password=password, allow_reconnect=False,
                            max_reconnect_attempts=0, connect_timeout=2)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_windows_kept_less_long_than_two_ack_waits_still_get_their_stream(broker: Any) -> None:
+    """15-min windows kept an hour: the windows stream's duplicate window is capped at its age (the
+    server refuses a longer one), not the two ack waits (over an hour) it would otherwise be."""
+    async with connected(broker.broker, OPERATOR_USER, broker.operator_password) as (nc, _):
+        js = nc.jetstream()
+        await ensure_city_streams(js, broker.city)
+        await ensure_fleet_streams(js, broker.city, "fleet-long", window_s=900, allowed_lateness_s=60,
+                                   retention_hours=1)
+        config = (await js.stream_info(windows_stream("fleet-long"))).config
+        assert config.max_age == 3600
+        assert config.duplicate_window == 3600

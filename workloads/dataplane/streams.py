@@ -103,8 +103,10 @@ def _windows_config(
         max_age=retention_hours * 3600.0,
         max_bytes=max_bytes if max_bytes is not None else -1,
         discard=DiscardPolicy.OLD,
-        # a window published again by a worker restarted before its checkpoint is stored once
-        duplicate_window=2.0 * worker_ack_wait_s(window_s, allowed_lateness_s),
+        # a window published again by a worker restarted before its checkpoint is stored once; the
+        # server refuses a duplicate window longer than the stream keeps messages (long windows,
+        # short retention), and past that age a second publish has nothing to be a duplicate of
+        duplicate_window=min(2.0 * worker_ack_wait_s(window_s, allowed_lateness_s), retention_hours * 3600.0),
     )
 
 
