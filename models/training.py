@@ -45,7 +45,7 @@ from citynerve.models.registry import (
     resolve_model_version,
 )
 from citynerve.workloads.sim.water import WaterScenarioSpec, choose_sensors, model_baseline, simulate_water
-from citynerve.workloads.water import build_detector, window_of
+from citynerve.workloads.water import WaterHistory, build_detector, build_detector_from_history, window_of
 
 EXPERIMENT = "citynerve-training"
 TRAINING_DATA_TAG = "citynerve.io/training-data"
@@ -68,6 +68,9 @@ class WaterTrainingConfig:
     evaluation_clean_days: int = 1
     evaluation_seed: int = 100
     params: Mapping[str, float] = field(default_factory=dict)
+    #: fit on the zone's stored window history (its fleets' history volumes) instead of simulated
+    #: leak-free days; the loggers are then the pressure fleet's terminals
+    history: WaterHistory | None = None
 
     def base(self) -> WaterScenarioSpec:
         return WaterScenarioSpec(
@@ -93,6 +96,16 @@ class WaterTrainingConfig:
         }
 
     def logged_params(self) -> dict[str, str]:
+        if self.history is not None:
+            return {
+                "network": self.network,
+                "trainingData": "window-history",
+                "pressureFleet": self.history.pressure_fleet,
+                "supplyFleet": self.history.supply_fleet,
+                "evaluationLeaks": str(self.evaluation_leaks),
+                "evaluationCleanDays": str(self.evaluation_clean_days),
+                **{f"detector.{k}": str(v) for k, v in sorted(self.params.items())},
+            }
         return {
             "network": self.network,
             "pressureSensors": str(self.pressure_sensors),
@@ -189,14 +202,19 @@ def train_water_detector(
     *,
     batch_logging: bool = True,
 ) -> TrainingResult:
-    """Fit a water-burst detector on simulated history, evaluate it, log and register it."""
+    """Fit a water-burst detector on simulated history (or on the zone's stored window history),
+    evaluate it, log and register it."""
     started = time.monotonic()
     config = config or WaterTrainingConfig()
     base = config.base()
-    detector = build_detector(base, history_days=config.history_days, **dict(config.params))
+    if config.history is not None:
+        detector, base, identity = build_detector_from_history(config.history, base, **dict(config.params))
+    else:
+        detector = build_detector(base, history_days=config.history_days, **dict(config.params))
+        identity = config.training_identity()
     evaluation_set = config.evaluation_set()
     evaluation = evaluate_water_detector(detector, base, evaluation_set)
-    training_digest = _digest_of(config.training_identity())
+    training_digest = _digest_of(identity)
     tags = {
         SCENARIO_KIND_TAG: "water-burst",
         TRAINING_DATA_TAG: training_digest,
@@ -227,7 +245,7 @@ def train_water_detector(
                         "metrics": evaluation.metrics,
                         "scenarios": evaluation.per_scenario,
                         "dataset": evaluation_set.identity(),
-                        "training": config.training_identity(),
+                        "training": identity,
                     },
                     indent=2,
                     default=str,

@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,6 +277,14 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     return str(uri)
 
 
+_HISTORY_OPTIONS = ("pressure_fleet", "supply_fleet", "supply_history", "since", "until")
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time from the command line: UTC when it names no zone."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
 def _config(args: argparse.Namespace) -> Any:
     from citynerve.models.training import WaterTrainingConfig  # noqa: PLC0415 - loads the simulators
 
@@ -283,8 +292,22 @@ def _config(args: argparse.Namespace) -> Any:
     for item in args.param or []:
         key, _, value = item.partition("=")
         params[key] = float(value)
+    history = None
+    if getattr(args, "from_history", None) is not None:
+        from citynerve.workloads.water import WaterHistory  # noqa: PLC0415
+
+        if not (args.pressure_fleet and args.supply_fleet):
+            raise ValueError("--from-history needs --pressure-fleet and --supply-fleet")
+        if not args.from_history.is_dir():
+            raise ValueError(f"--from-history {args.from_history}: no such folder")
+        history = WaterHistory(args.from_history, args.pressure_fleet, args.supply_fleet,
+                               _utc(args.since), _utc(args.until), args.supply_history)
+    elif any(getattr(args, a, None) for a in _HISTORY_OPTIONS):
+        raise ValueError("--pressure-fleet, --supply-fleet, --supply-history, --since and --until only go "
+                         "with --from-history")
     return WaterTrainingConfig(
         network=args.network,
+        history=history,
         history_days=args.history_days,
         evaluation_leaks=args.leaks,
         evaluation_clean_days=args.clean_days,
@@ -377,7 +400,20 @@ def add_models_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
             )
         cmd.add_argument("--tracking-uri", default=None, help="MLflow server (default: $MLFLOW_TRACKING_URI)")
         cmd.add_argument("--network", default="Net3", help="WNTR network (default: %(default)s)")
-        cmd.add_argument("--history-days", type=int, default=3, help="leak-free days to fit on")
+        cmd.add_argument("--history-days", type=int, default=3,
+                         help="simulated leak-free days to fit on (without --from-history)")
+        if command == "train":
+            cmd.add_argument("--from-history", type=Path, default=None, metavar="DIR",
+                             help="fit on the zone's stored window history under DIR (the fleets' history "
+                                  "volumes, docs/history.md) instead of simulated days")
+            cmd.add_argument("--pressure-fleet", help="with --from-history: the pressure loggers' fleet")
+            cmd.add_argument("--supply-fleet", help="with --from-history: the zone supply meter's fleet")
+            cmd.add_argument("--supply-history", type=Path, default=None, metavar="DIR",
+                             help="with --from-history: the supply fleet's history, when not under DIR")
+            cmd.add_argument("--since", type=datetime.fromisoformat, default=None,
+                             help="with --from-history: first window start (ISO 8601, UTC if no zone)")
+            cmd.add_argument("--until", type=datetime.fromisoformat, default=None,
+                             help="with --from-history: end of the period, exclusive")
         cmd.add_argument("--leaks", type=int, default=4, help="simulated leaks to evaluate on")
         cmd.add_argument("--clean-days", type=int, default=1, help="leak-free days to count false alarms on")
         cmd.add_argument("--evaluation-seed", type=int, default=100, help="seed of the evaluation runs")

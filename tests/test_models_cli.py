@@ -3,6 +3,8 @@ ModelPromotion it creates (pure)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from citynerve.models.registry import ModelVersionRecord
 from citynerve.operators.cli import build_parser
@@ -159,3 +161,24 @@ def test_a_promotion_the_hub_would_refuse_for_its_input_is_refused_before_it_is_
     assert "its gates name f1Permille, which the version's run does not record" in unknown
     assert "(it records: detectionRate, falseAlarmsPerDay)" in unknown
     assert promotion_refusal(_manifest(gates=["f1Permille>=800"]), None, RECORD) == unknown
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--pressure-fleet", "p"], "only go with --from-history"),
+        (["--from-history", "{tmp}"], "needs --pressure-fleet and --supply-fleet"),
+        (["--from-history", "{tmp}/absent", "--pressure-fleet", "p", "--supply-fleet", "s"],
+         "no such folder"),
+    ],
+)
+def test_training_from_history_refuses_options_it_cannot_honour(
+    args: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from citynerve.operators.cli import main  # noqa: PLC0415
+
+    options = [a.format(tmp=tmp_path) for a in args]
+    argv = ["models", "train", "--tracking-uri", "http://127.0.0.1:9", *options]
+    assert main(argv) == 1
+    assert said in capsys.readouterr().err

@@ -112,3 +112,89 @@ def test_evaluation_of_a_registered_version_and_refusal_of_a_tampered_one(
     assert not unverified.verified
     assert unverified.artifact_digest != trained.model.artifact_digest
     assert DIGEST_TAG in read_model_version(url, MODEL, version=trained.model.version).tags
+
+
+def _stored_history(root: Path, days: int, seed: int) -> tuple[object, list[str]]:
+    """``days`` continuous leak-free days of a Net3 zone as its fleets' workers store them: a
+    pressure window per logger (terminal id = junction, kPa) and the zone's supply (m³/h) per 15 min."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from citynerve.models.detectors.water import KPA_PER_METRE_OF_WATER  # noqa: PLC0415
+    from citynerve.workloads.dataplane.history import compact, day_of, window_rows, write_part  # noqa: PLC0415
+    from citynerve.workloads.dataplane.windows import Window  # noqa: PLC0415
+    from citynerve.workloads.sim.water import WaterScenarioSpec, choose_sensors, simulate_water  # noqa: PLC0415
+    from citynerve.workloads.water import ZONE_SUPPLY_TERMINAL  # noqa: PLC0415
+
+    base = WaterScenarioSpec(network="Net3", sensors=choose_sensors("Net3", 8), seed=seed)
+    run = simulate_water(replace(base, duration_s=days * 86400))
+    day0_ms = 1_764_979_200_000  # a UTC midnight
+    seq = 0
+    for i, t in enumerate(run.times_s[:-1]):
+        start = day0_ms + int(t * 1000)
+        present = ~np.isnan(run.pressure[i])
+        sensors = np.asarray(run.layout.pressure_nodes, dtype=object)[present]
+        kpa = run.pressure[i][present] * KPA_PER_METRE_OF_WATER
+        ones = np.ones(len(kpa), dtype=np.int64)
+        supply = np.array([float(run.consumption()[i]) * 3600.0])
+        for window in (
+            Window("c", "zone-pressure", "pressure", start, 900, sensors, ones, kpa, kpa, kpa),
+            Window("c", "zone-supply", "flow", start, 900, np.array([ZONE_SUPPLY_TERMINAL], dtype=object),
+                   np.ones(1, dtype=np.int64), supply, supply, supply),
+        ):
+            seq += 1
+            write_part(root, window.fleet, day_of(start), [seq], window_rows(window))
+    for fleet in ("zone-pressure", "zone-supply"):
+        for d in range(days):
+            compact(root, fleet, day_of(day0_ms + d * 86_400_000))
+    return run, list(run.layout.pressure_nodes)
+
+
+@pytest.mark.timeout(300)
+def test_a_detector_trained_on_the_stored_window_history_is_registered_and_scores_live(
+    mlflow_url: tuple[str, Path], ray_local: None, tmp_path: Path
+) -> None:
+    """The zone's fleets' history (Parquet by fleet and day) → the detector's window against the
+    hydraulic model of the same days → a registered version whose loggers are the fleet's terminals
+    and that carries the model it runs forward live."""
+    from citynerve.models.pyfunc import load_verified_detector  # noqa: PLC0415
+    from citynerve.models.training import WaterTrainingConfig  # noqa: PLC0415
+    from citynerve.workloads.scoring import scorer_for  # noqa: PLC0415
+    from citynerve.workloads.sim.water import WaterScenarioSpec  # noqa: PLC0415
+    from citynerve.workloads.water import WaterHistory, history_window  # noqa: PLC0415
+
+    _, loggers = _stored_history(tmp_path, days=3, seed=21)
+    source = WaterHistory(tmp_path, "zone-pressure", "zone-supply")
+    window, spec, identity = history_window(source, WaterScenarioSpec(network="Net3"))
+    assert spec.sensors is not None
+    assert spec.sensors.pressure_nodes == tuple(sorted(loggers))
+    assert window["pressure"].sensors == tuple(sorted(loggers))
+    assert len(window["pressure"].times_s) == 3 * 96
+    assert identity["steps"] == 3 * 96
+    assert identity["loggers"] == sorted(loggers)
+    # kPa back to metres of head, against the model's expectation of the same days
+    assert abs(float(window["pressure"].values[0, 0]) - float(window["pressure_model"].values[0, 0])) < 5.0
+
+    config = WaterTrainingConfig(history=source, evaluation_leaks=2)
+    result = train_water_detector(mlflow_url[0], "history-detector", config, alias=None)
+    client = registry_client(mlflow_url[0])
+    run = client.get_run(result.run_id)
+    assert run.data.params["trainingData"] == "window-history"
+    assert run.data.params["pressureFleet"] == "zone-pressure"
+    assert "historyDays" not in run.data.params  # simulated days were not what it was fitted on
+    assert run.data.tags[TRAINING_DATA_TAG].startswith("sha256:")
+    loaded = load_verified_detector(mlflow_url[0], "history-detector", result.model.version,
+                                    result.model.artifact_digest, "the registered digest")
+    detector = loaded.detector
+    assert detector.hydraulic_model.sensors.pressure_nodes == tuple(sorted(loggers))  # type: ignore[attr-defined]
+    scorer = scorer_for("water-burst", detector)
+    assert scorer.loggers == tuple(sorted(loggers))
+
+
+@pytest.mark.timeout(30)
+def test_training_from_history_names_what_is_missing(tmp_path: Path) -> None:
+    from citynerve.workloads.sim.water import WaterScenarioSpec  # noqa: PLC0415
+    from citynerve.workloads.water import WaterHistory, history_window  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="no pressure windows of fleet zone-pressure"):
+        history_window(WaterHistory(tmp_path, "zone-pressure", "zone-supply"), WaterScenarioSpec())

@@ -7,12 +7,14 @@ detection rate, detection delay from onset, localisation error and false alarms 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import wntr
 from citynerve.models.detectors.base import SensorWindow, Window
-from citynerve.models.detectors.water import LeakLocaliser, WaterLeakDetector
+from citynerve.models.detectors.water import KPA_PER_METRE_OF_WATER, LeakLocaliser, WaterLeakDetector
 from citynerve.models.incidents import IncidentEvent
 from citynerve.workloads.sim.water import (
     LeakSpec,
@@ -225,3 +227,96 @@ def leak_set(network: str, count: int, seed: int = 0, duration_s: int = 24 * 360
         LeakSpec(node=str(n), area_m2=float(a), start_s=int(s))
         for n, a, s in zip(nodes, areas, starts, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class WaterHistory:
+    """Where a water zone's stored window history is (the fleets' history volumes, see
+    docs/history.md): its pressure loggers' fleet and its supply meter's fleet (each fleet's history
+    has its own volume: ``supply_root`` when it is not under ``root`` too), and the period."""
+
+    root: Path
+    pressure_fleet: str
+    supply_fleet: str
+    start: datetime | None = None
+    end: datetime | None = None
+    supply_root: Path | None = None
+
+
+def history_window(
+    source: WaterHistory, spec: WaterScenarioSpec
+) -> tuple[Window, WaterScenarioSpec, dict[str, Any]]:
+    """The fleets' stored windows as a detector window over their period, with the hydraulic model's
+    expectation for the same period (run forward day by day, as the live workload runs it).
+
+    The loggers are the pressure fleet's terminals that are junctions of the network (terminal id =
+    junction); readings are converted to the detector's units (kPa to metres of head, m³/h to m³/s).
+    Returns the window, the spec with those loggers, and the history's identity (what it holds).
+    """
+    from citynerve.workloads.dataplane.history import read_history  # noqa: PLC0415
+
+    pressure = read_history(source.root, source.pressure_fleet, source.start, source.end, ["pressure"])
+    supply = read_history(source.supply_root or source.root, source.supply_fleet, source.start, source.end,
+                          ["flow"], [ZONE_SUPPLY_TERMINAL])
+    if pressure.num_rows == 0:
+        msg = f"no pressure windows of fleet {source.pressure_fleet} in the history under {source.root}"
+        raise ValueError(msg)
+    junctions = set(wntr.network.WaterNetworkModel(str(network_path(spec.network))).junction_name_list)
+    terminals = sorted({str(s) for s in pressure.column("sensor").to_pylist()} & junctions)
+    if not terminals:
+        msg = f"no terminal of fleet {source.pressure_fleet} is a junction of network {spec.network}"
+        raise ValueError(msg)
+    starts_ms = pressure.column("window_start").cast("int64").to_numpy()
+    step_ms = int(spec.hydraulic_step_s * 1000)
+    first, last = int(starts_ms.min()), int(starts_ms.max())
+    times_ms = np.arange(first, last + step_ms, step_ms, dtype=np.int64)
+    index = {int(t): i for i, t in enumerate(times_ms)}
+    column = {t: j for j, t in enumerate(terminals)}
+    field = np.full((len(times_ms), len(terminals)), np.nan)
+    for start, sensor, mean in zip(starts_ms, pressure.column("sensor").to_pylist(),
+                                   pressure.column("mean").to_numpy(), strict=True):
+        if int(start) in index and sensor in column:
+            field[index[int(start)], column[sensor]] = float(mean) / KPA_PER_METRE_OF_WATER
+    consumption = np.full(len(times_ms), np.nan)
+    for start, mean in zip(supply.column("window_start").cast("int64").to_numpy(),
+                           supply.column("mean").to_numpy(), strict=True):
+        if int(start) in index:
+            consumption[index[int(start)]] = float(mean) / 3600.0
+    layout = choose_sensors(spec.network)
+    spec = replace(spec, sensors=replace(layout, pressure_nodes=tuple(terminals)), leaks=())
+    times = times_ms / 1000.0
+    expected_p, expected_c = HydraulicExpectation(spec).at(times)
+    window: Window = {
+        "pressure": SensorWindow(times, tuple(terminals), field),
+        "pressure_model": SensorWindow(times, tuple(terminals), expected_p),
+        "consumption": SensorWindow(times, ("zone",), consumption[:, None]),
+        "consumption_model": SensorWindow(times, ("zone",), expected_c[:, None]),
+    }
+    identity = {
+        "source": "window-history",
+        "pressureFleet": source.pressure_fleet,
+        "supplyFleet": source.supply_fleet,
+        "from": datetime.fromtimestamp(first / 1000, UTC).isoformat(),
+        "to": datetime.fromtimestamp(last / 1000, UTC).isoformat(),
+        "steps": len(times_ms), "loggers": terminals,
+        "pressureRows": pressure.num_rows, "supplyRows": supply.num_rows,
+    }
+    return window, spec, identity
+
+
+def build_detector_from_history(
+    source: WaterHistory, spec: WaterScenarioSpec, **params: Any
+) -> tuple[WaterLeakDetector, WaterScenarioSpec, dict[str, Any]]:
+    """Fit a detector on the zone's stored windows against the hydraulic model of the same period."""
+    window, spec, identity = history_window(source, spec)
+    wn = wntr.network.WaterNetworkModel(str(network_path(spec.network)))
+    candidates = list(wn.junction_name_list)
+    signatures = sensitivity_signatures(spec, candidates)
+    localiser = LeakLocaliser(candidates=tuple(candidates), signatures=signatures)
+    detector = WaterLeakDetector(step_s=spec.hydraulic_step_s, localiser=localiser, **params)
+    detector.fit(window)
+    model = model_baseline(spec)
+    one_day = window_of(model, model)
+    detector.expectation = {name: one_day[name] for name in ("pressure_model", "consumption_model")}
+    detector.hydraulic_model = spec
+    return detector, spec, identity

@@ -350,12 +350,12 @@ def missing_references(
     threshold naming a metric the kind's detector does not measure is one."""
     spec = scenario["spec"]
     namespace = scenario["metadata"]["namespace"]
-    allowed = threshold_metrics(spec["kind"])
+    allowed = threshold_metrics(str(spec.get("kind")))
     unknown = [t["metric"] for t in spec.get("thresholds") or [] if t["metric"] not in allowed]
     if unknown:
         return (
             "UnknownThreshold",
-            f"spec.thresholds names {', '.join(unknown)}, which the {spec['kind']} detector does not "
+            f"spec.thresholds names {', '.join(unknown)}, which the {spec.get('kind')} detector does not "
             "measure; "
             f"a threshold may name {', '.join(allowed)}.",
         )
