@@ -72,6 +72,11 @@ CITY = "bench"
 STEP_S = 900
 DAY0_MS = 1_764_979_200_000  # a UTC midnight
 CORES = os.cpu_count() or 1
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION = "citynerve.io", "v1alpha1"
+API = f"{GROUP}/{VERSION}"
+SCENARIOS = 5  # live scenarios made at once in the end-to-end phase
+PACE_S = 0.2  # the end-to-end drill's pace: a simulated quarter-hour every 0.2 s
 QUIET_DAYS = 6  # a week of windows, the burst on its last day
 FLEETS = [
     {"fleet": "pressure", "sensorType": PRESSURE_SENSOR_TYPE, "windowSeconds": STEP_S},
@@ -210,38 +215,221 @@ def phase_broker(detector: WaterLeakDetector, steps: list[list[Window]], folder:
         broker.stop()
 
 
-def phase_load(folder: Path) -> dict[str, Any]:
+def phase_load(folder: Path, server: Any) -> dict[str, Any]:
     from citynerve.models.pyfunc import load_detector, load_verified_detector  # noqa: PLC0415
-    from citynerve.models.registry import TRAINER_IDENTITY, resolve_model_version  # noqa: PLC0415
+    from citynerve.models.registry import resolve_model_version  # noqa: PLC0415
     from citynerve.models.training import WaterTrainingConfig, train_water_detector  # noqa: PLC0415
-    from citynerve.operators.localfed.mlflow_server import LocalMlflow  # noqa: PLC0415
 
-    server = LocalMlflow(folder / "mlflow")
-    server.start()
-    server.use_identity(TRAINER_IDENTITY)
+    trained = train_water_detector(server.url, "bench-burst", WaterTrainingConfig(evaluation_leaks=2),
+                                   alias=None)
+    version, digest = trained.model.version, trained.model.artifact_digest
+    loads = []
+    for _ in range(3):
+        verified = load_verified_detector(server.url, "bench-burst", version, digest, "the bench's")
+        loads.append(verified.load_seconds)
+    local = folder / "local"
+    resolve_model_version(server.url, "bench-burst", version=version, destination=local)
+    model_dir = next(local.rglob("MLmodel")).parent
+    plain = []
+    for _ in range(3):
+        started = time.perf_counter()
+        load_detector(model_dir)
+        plain.append(time.perf_counter() - started)
+    say(f"load: verified {min(loads):.2f} s, local pyfunc load {min(plain):.2f} s")
+    figures: dict[str, Any] = {"model_load_s": min(loads), "local_load_s": min(plain)}
+    figures.update(phase_end_to_end(folder, server.url, "bench-burst", version, digest))
+    return figures
+
+
+def _manifests(loggers: int) -> list[dict[str, Any]]:
+    def fleet(name: str, type_name: str, count: int) -> dict[str, Any]:
+        return {"apiVersion": API, "kind": "SensorFleet", "metadata": {"name": name},
+                "spec": {"sensorType": type_name, "district": "jinjiang", "count": count, "owner": "operator",
+                         "protocol": "MQTT", "samplingIntervalSeconds": STEP_S, "windowSeconds": STEP_S,
+                         "allowedLatenessSeconds": 0}}
+
+    return [fleet("zone-pressure", PRESSURE_SENSOR_TYPE, loggers),
+            fleet("zone-supply", SUPPLY_SENSOR_TYPE, 1)]
+
+
+def phase_end_to_end(
+    folder: Path, mlflow_url: str, registered: str, version: str, digest: str
+) -> dict[str, Any]:
+    """A city's control plane, broker, operator (local Ray), fleet workers and MLflow; SCENARIOS live
+    Scenarios on the same two fleets (at most four hold their 0.5 CPU on the 2-CPU Ray); a drill
+    day with a burst published over MQTT step by step; each Incident's latency from the publish
+    of the reading that closed the window it was raised at (the window's own length excluded) to
+    the Incident seen in the city's API."""
+    import threading  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+    from citynerve.operators.city.broker import BrokerOptions  # noqa: PLC0415
+    from citynerve.operators.city.config import CityOptions  # noqa: PLC0415
+    from citynerve.operators.city.handlers import build_registry  # noqa: PLC0415
+    from citynerve.operators.federation.embedded import install_crds  # noqa: PLC0415
+    from citynerve.operators.localfed.cluster import LocalCluster  # noqa: PLC0415
+    from citynerve.operators.localfed.pods import LocalPods  # noqa: PLC0415
+    from citynerve.operators.runtime import InProcessOperator, KubeTarget, OperatorOptions  # noqa: PLC0415
+    from citynerve.workloads.ingest.sensor_type import SensorType  # noqa: PLC0415
+    from citynerve.workloads.sim.field import (  # noqa: PLC0415
+        FleetLogin,
+        MqttFieldSource,
+        water_field_batches,
+        yesterday_midnight_ms,
+    )
+    from kubernetes import client, config  # noqa: PLC0415
+
+    city, namespace = "chengdu", "live"
+    cluster = LocalCluster(city, folder / "cluster", with_broker=True)
+    cluster.start()
+    operator = pods = None
     try:
-        trained = train_water_detector(server.url, "bench-burst", WaterTrainingConfig(evaluation_leaks=2),
-                                       alias=None)
-        version, digest = trained.model.version, trained.model.artifact_digest
-        loads = []
-        for _ in range(3):
-            verified = load_verified_detector(server.url, "bench-burst", version, digest, "the bench's")
-            loads.append(verified.load_seconds)
-        local = folder / "local"
-        resolve_model_version(server.url, "bench-burst", version=version, destination=local)
-        model_dir = next(local.rglob("MLmodel")).parent
-        plain = []
-        for _ in range(3):
-            started = time.perf_counter()
-            load_detector(model_dir)
-            plain.append(time.perf_counter() - started)
-        say(f"load: verified {min(loads):.2f} s, local pyfunc load {min(plain):.2f} s")
-        return {"model_load_s": min(loads), "local_load_s": min(plain)}
+        install_crds(KubeTarget(cluster.kubeconfig, city))
+        api = config.new_client_from_config(str(cluster.kubeconfig), context=city)
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        core.create_namespace({"metadata": {"name": namespace}})
+        types = {}
+        for name in (PRESSURE_SENSOR_TYPE, SUPPLY_SENSOR_TYPE):
+            body = yaml.safe_load((ROOT / "samples" / "sensortypes" / f"{name}.yaml").read_text())
+            types[name] = SensorType.from_resource(name, body["spec"])
+            custom.create_cluster_custom_object(GROUP, VERSION, "sensortypes", body)
+        target = KubeTarget(cluster.kubeconfig, city)
+        options = OperatorOptions(f"city-{city}", target, namespaces=(namespace,))
+        broker = BrokerOptions(cluster.broker.url, cluster.broker_key_file, namespace)
+        city_options = CityOptions(city=city, mlflow_url=mlflow_url, resync_seconds=4.0,
+                                   model_cache_seconds=2.0, broker=broker)
+        operator = InProcessOperator(options, build_registry(options, city_options)).start()
+        pods = LocalPods(api, [namespace], cluster.broker, namespace, folder / "pods").start()
+        base = WaterScenarioSpec(network="Net3", sensors=choose_sensors("Net3", 10))
+        assert base.sensors is not None
+        manifests = _manifests(len(base.sensors.pressure_nodes))
+        manifests.append({"apiVersion": API, "kind": "AnalyticsModel", "metadata": {"name": "burst-detector"},
+                          "spec": {"registeredModel": registered, "version": version,
+                                   "expectedDigest": digest}})
+        for i in range(SCENARIOS):
+            manifests.append({"apiVersion": API, "kind": "Scenario", "metadata": {"name": f"mains-{i}"},
+                              "spec": {"kind": "water-burst", "mode": "live",
+                                       "fleets": [{"name": "zone-pressure"}, {"name": "zone-supply"}],
+                                       "models": [{"name": "burst-detector"}],
+                                       "thresholds": [{"metric": "pressureDropKpa", "unitCode": "KPA",
+                                                       "warning": 1, "alarm": 500}]}})
+        plural = {"SensorFleet": "sensorfleets", "AnalyticsModel": "analyticsmodels", "Scenario": "scenarios"}
+        for body in manifests:
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural[body["kind"]], body)
+
+        def ready() -> dict[str, str]:
+            out = {}
+            for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "scenarios")["items"]:
+                cond = next((c for c in (item.get("status") or {}).get("conditions") or []
+                             if c["type"] == "Ready"), {})
+                said = f"{cond.get('status')} {cond.get('reason')}: {cond.get('message')}"
+                out[item["metadata"]["name"]] = said
+            return out
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            states = ready()
+            running = sum(1 for s in states.values() if s.startswith("True"))
+            if running >= min(SCENARIOS, 4) and len(pods.running()) == 2:
+                break
+            time.sleep(1)
+        time.sleep(8)  # two resyncs more: whatever else could start has
+        states = ready()
+        at_once = sum(1 for s in states.values() if s.startswith("True"))
+        waiting = [s for s in states.values() if not s.startswith("True")]
+        say(f"end to end: {at_once} of {SCENARIOS} live scenarios running; others: {waiting}")
+
+        def secret(name: str) -> str:
+            import base64  # noqa: PLC0415
+
+            data = core.read_namespaced_secret(name, namespace).data or {}
+            return base64.b64decode(data["password"]).decode()
+
+        leak = LeakSpec(node="123", area_m2=0.02, start_s=9 * 3600)
+        run = simulate_water(replace(base, leaks=(leak,), seed=7))
+        origin = yesterday_midnight_ms()
+        steps = list(water_field_batches(run, types[PRESSURE_SENSOR_TYPE], types[SUPPLY_SENSOR_TYPE], origin))
+        seen: dict[str, tuple[float, dict[str, Any]]] = {}
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                listed = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "incidents")
+                for item in listed["items"]:
+                    seen.setdefault(item["metadata"]["name"], (time.perf_counter(), item))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        published: list[float] = []
+        logins = [FleetLogin("zone-pressure", secret("zone-pressure-mqtt")),
+                  FleetLogin("zone-supply", secret("zone-supply-mqtt"))]
+        with MqttFieldSource(cluster.broker.mqtt_host, cluster.broker.mqtt_port, city, *logins) as source:
+            for step in steps:
+                source.publish([step])
+                published.append(time.perf_counter())
+                time.sleep(PACE_S)
+        deadline = time.monotonic() + 60
+        while len({i["spec"]["scenarioRef"]["name"] for _, i in seen.values()}) < at_once and (
+                time.monotonic() < deadline):
+            time.sleep(0.1)
+        stop.set()
+        watcher.join(5)
+        latencies, delays = [], []
+        for at, item in seen.values():
+            last = datetime.fromisoformat(item["spec"]["decidedBy"]["lastWindow"]).timestamp()
+            k = round((last * 1000 - origin) / (STEP_S * 1000))
+            closed_by = published[min(k + 1, len(published) - 1)]
+            latencies.append(at - closed_by)
+            delays.append(k - leak.start_s // STEP_S)
+        say(f"end to end: {len(seen)} Incidents, latency {[round(x, 3) for x in latencies]} s, "
+            f"detected {delays} windows after the burst's")
+        return {"live_scenarios_at_once": at_once, "live_scenarios_created": SCENARIOS,
+                "incidents": len(seen),
+                "reading_to_incident_p50_s": statistics.median(latencies) if latencies else float("nan"),
+                "reading_to_incident_max_s": max(latencies) if latencies else float("nan"),
+                "reading_to_incident_samples": len(latencies),
+                "detection_delay_windows": statistics.median(delays) if delays else float("nan")}
     finally:
-        server.stop()
+        if pods is not None:
+            pods.stop()
+        if operator is not None:
+            operator.stop()
+        _stop_ray()
+        cluster.stop()
+
+
+def _stop_ray() -> None:
+    """The scenarios' detached actors, then the local Ray the operator started (before the
+    interpreter exits: Ray's worker must not be shut down under a thread still using it)."""
+    import ray  # noqa: PLC0415
+
+    if not ray.is_initialized():
+        return
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        try:
+            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+        except ValueError:
+            continue
+    ray.shutdown()
 
 
 def main() -> int:
+    from citynerve.models.registry import TRAINER_IDENTITY  # noqa: PLC0415
+    from citynerve.operators.localfed.mlflow_server import LocalMlflow  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="citynerve-bench-live-") as tmp:
+        # first: its identity is in the environment before Ray starts, so Ray's workers have it
+        server = LocalMlflow(Path(tmp) / "mlflow")
+        server.start()
+        server.use_identity(TRAINER_IDENTITY)
+        try:
+            return _main(Path(tmp), server)
+        finally:
+            server.stop()
+
+
+def _main(folder: Path, server: Any) -> int:
     base = WaterScenarioSpec(network="Net3", sensors=choose_sensors("Net3", 10), seed=3)
     say("fitting the detector (Net3, 3 days of history)…")
     detector = build_detector(base, history_days=3)
@@ -252,12 +440,11 @@ def main() -> int:
     figures: dict[str, Any] = {"cores": CORES, "window_s": STEP_S}
     scorer = phase_scorer(detector, steps)
     figures.update({f"scorer_{k}": v for k, v in scorer.items()})
-    with tempfile.TemporaryDirectory(prefix="citynerve-bench-live-") as tmp:
-        broker = phase_broker(detector, steps, Path(tmp))
-        figures.update(broker)
-        figures["ratio_broker_vs_scorer"] = broker["windows_per_s_through_broker"] / (
-            scorer["windows_per_s_per_core"] * CORES)
-        figures.update(phase_load(Path(tmp)))
+    broker = phase_broker(detector, steps, folder)
+    figures.update(broker)
+    figures["ratio_broker_vs_scorer"] = broker["windows_per_s_through_broker"] / (
+        scorer["windows_per_s_per_core"] * CORES)
+    figures.update(phase_load(folder, server))
     figures["ratio_vs_naive"] = scorer["steps_per_s_per_core"] / scorer["naive_steps_per_s_per_core"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
     return 0
