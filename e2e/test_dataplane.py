@@ -322,11 +322,11 @@ def catalogue_type(name: str) -> dict[str, Any]:
     return dict(yaml.safe_load((ROOT / "samples" / "sensortypes" / f"{name}.yaml").read_text()))
 
 
-def water_fleet(name: str, type_name: str, count: int) -> dict[str, Any]:
+def water_fleet(name: str, type_name: str, count: int, **extra: Any) -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SensorFleet", "metadata": {"name": name},
             "spec": {"sensorType": type_name, "district": "jinjiang", "count": count, "owner": "operator",
                      "protocol": "MQTT", "samplingIntervalSeconds": STEP_S, "windowSeconds": STEP_S,
-                     "allowedLatenessSeconds": 0}}
+                     "allowedLatenessSeconds": 0, **extra}}
 
 
 def scenario_status(federation: Any, namespace: str, name: str) -> dict[str, Any]:
@@ -378,7 +378,9 @@ def test_a_burst_published_over_mqtt_is_raised_once_by_the_verified_model_scorin
     burst = LeakSpec(node="123", area_m2=0.02, start_s=9 * 3600)
     run = simulate_water(replace(config.base(), leaks=(burst,), seed=7))
     manifests = [
-        water_fleet("jinjiang-pressure", "pipe-pressure-gauge", len(loggers.pressure_nodes)),
+        water_fleet("jinjiang-pressure", "pipe-pressure-gauge", len(loggers.pressure_nodes),
+                    georeference={"latitude": "30.6000", "longitude": "104.0200",
+                                  "description": "Jinjiang's booster station"}),
         water_fleet("jinjiang-supply", "electromagnetic-flow-meter", 1),
         {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AnalyticsModel", "metadata": {"name": "burst-detector"},
          "spec": {"registeredModel": f"live-burst-{namespace}", "version": version,
@@ -478,6 +480,12 @@ def test_a_burst_published_over_mqtt_is_raised_once_by_the_verified_model_scorin
         onset = next(e for e in spec["evidence"] if e["metric"] == "detectionDelayMinutes")
         assert float(onset["value"]) >= 0
         assert datetime.fromisoformat(decided["lastWindow"]).timestamp() >= origin / 1000 + burst.start_s
+        # at the junction, placed by the pressure fleet's georeference (Net3 spans a few km)
+        where = spec["location"]
+        assert abs(float(where["latitude"]) - 30.6) < 0.05
+        assert abs(float(where["longitude"]) - 104.02) < 0.05
+        assert "jinjiang-pressure's georeference" in where["description"]
+        assert where["assetId"] in where["description"]
         terminals = {e.get("terminal") for e in spec["evidence"] if e["metric"] == "pressureDropKpa"}
         assert terminals <= set(loggers.pressure_nodes)
         assert terminals

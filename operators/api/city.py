@@ -53,7 +53,49 @@ def engine_fits_kind(engine: str, kind: str) -> bool:
     return kind in ENGINE_SCENARIO_KINDS.get(engine, ())
 
 
+# WGS 84 coordinates as decimal-degree strings: the same rules wherever a resource carries them.
+COORDINATE_RULES: tuple[Rule, ...] = (
+    Rule(
+        cel="double(self.latitude) >= -90.0 && double(self.latitude) <= 90.0",
+        message="latitude must be between -90 and 90 decimal degrees",
+        field_path=".latitude",
+        check=lambda loc: -90 <= float(loc.latitude) <= 90,
+    ),
+    Rule(
+        cel="double(self.longitude) >= -180.0 && double(self.longitude) <= 180.0",
+        message="longitude must be between -180 and 180 decimal degrees",
+        field_path=".longitude",
+        check=lambda loc: -180 <= float(loc.longitude) <= 180,
+    ),
+)
+
+
 # --- SensorFleet -------------------------------------------------------------------------------
+
+
+class Georeference(CrdModel):
+    """Where the network model a fleet's terminals belong to lies in the city: its centre at this
+    point, its own drawing scaled by its pipe (or conduit) lengths."""
+
+    latitude: str = Field(
+        description="Latitude of the model's centre in decimal degrees, as a string (for example "
+        '`"30.6570"`).',
+        pattern=DECIMAL,
+        max_length=16,
+    )
+    longitude: str = Field(
+        description="Longitude of the model's centre in decimal degrees, as a string (for example "
+        '`"104.0660"`).',
+        pattern=DECIMAL,
+        max_length=16,
+    )
+    description: str | None = Field(
+        default=None,
+        description="What the point is, for the crew (for example `Jinjiang district's pumping station`).",
+        max_length=256,
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = COORDINATE_RULES
 
 
 class SensorFleetSpec(CrdModel):
@@ -102,6 +144,12 @@ class SensorFleetSpec(CrdModel):
         default="internal",
         description="Sensitivity of the readings; `confidential` and `restricted` data never leave the city "
         "and are encrypted at rest.",
+    )
+    georeference: Georeference | None = Field(
+        default=None,
+        description="For terminals that are assets of a network model (a water fleet's loggers at "
+        "junctions, terminal id = junction): where the model lies in the city. An Incident a live scenario "
+        "raises at one of its assets gets that asset's coordinates; without it, the city's centre.",
     )
     window_seconds: int = Field(
         default=300,
@@ -497,20 +545,7 @@ class IncidentLocation(CrdModel):
         max_length=1024,
     )
 
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            cel="double(self.latitude) >= -90.0 && double(self.latitude) <= 90.0",
-            message="latitude must be between -90 and 90 decimal degrees",
-            field_path=".latitude",
-            check=lambda loc: -90 <= float(loc.latitude) <= 90,
-        ),
-        Rule(
-            cel="double(self.longitude) >= -180.0 && double(self.longitude) <= 180.0",
-            message="longitude must be between -180 and 180 decimal degrees",
-            field_path=".longitude",
-            check=lambda loc: -180 <= float(loc.longitude) <= 180,
-        ),
-    )
+    rules: ClassVar[tuple[Rule, ...]] = COORDINATE_RULES
 
 
 class Evidence(CrdModel):

@@ -218,6 +218,7 @@ def scenario_fleet(spec: Mapping[str, Any], fleet: str) -> dict[str, Any]:
         "windowSeconds": spec.get("windowSeconds", 300),
         "owner": spec["owner"],
         "dataClassification": spec.get("dataClassification", "internal"),
+        **({"georeference": dict(spec["georeference"])} if spec.get("georeference") else {}),
     }
 
 

@@ -97,6 +97,7 @@ class LiveScenarioActor:
         self.writer: Any = None
         self._key: tuple[Any, ...] | None = None
         self._applied = 0.0
+        self._placement: tuple[tuple[str, str, str], Any] | None = None
         self._lock = threading.Lock()
 
     def configure(self, revision: str, payload: Mapping[str, Any], access: Mapping[str, str]) -> None:
@@ -180,7 +181,33 @@ class LiveScenarioActor:
         wanted["loadSeconds"] = round(verified.load_seconds, 3)
         return wanted, scorer_for(payload["spec"]["kind"], verified.detector)
 
+    def _placed(self, event: Any, scorer: Any) -> Any:
+        """The event at its asset's coordinates, where a bound fleet declares where its network lies."""
+        from dataclasses import replace  # noqa: PLC0415
+
+        from citynerve.workloads.sim.water import water_placement  # noqa: PLC0415
+
+        spec = getattr(scorer.detector, "hydraulic_model", None)
+        fleets = [f for f in (self.writer.payload.get("fleets") or []) if f.get("georeference")]
+        if spec is None or not fleets:
+            return event
+        fleet, where = fleets[0]["fleet"], fleets[0]["georeference"]
+        key = (spec.network, where["latitude"], where["longitude"])
+        if self._placement is None or self._placement[0] != key:
+            anchor = (float(where["latitude"]), float(where["longitude"]))
+            self._placement = (key, water_placement(spec.network, anchor, where.get("description") or fleet))
+        placement = self._placement[1]
+        point = placement.locate(event.location.asset_id)
+        if point is None:
+            return event
+        said = (f"Junction {event.location.asset_id} of network {spec.network}, placed by SensorFleet "
+                f"{fleet}'s georeference: the model's centre at {placement.anchor_name} "
+                f"({placement.anchor_lat:.4f}, {placement.anchor_lon:.4f}), its drawing scaled by its pipe "
+                "lengths.")
+        return replace(event, location=replace(event.location, lat=point[0], lon=point[1], placement=said))
+
     def _sink(self, event: Any, scorer: Any, model: Mapping[str, Any]) -> None:
+        event = self._placed(event, scorer)
         first, last, windows = scorer.context
         decided = {"name": model["name"], "registeredModel": model["registeredModel"],
                    "version": str(model["version"]), "artifactDigest": model["artifactDigest"],
