@@ -317,3 +317,27 @@ async def test_windows_kept_less_long_than_two_ack_waits_still_get_their_stream(
         config = (await js.stream_info(windows_stream("fleet-long"))).config
         assert config.max_age == 3600
         assert config.duplicate_window == 3600
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_the_scenarios_consumers_are_listed_for_the_sweep_and_orphans_found(broker: Any) -> None:
+    """What the operator's resync sweeps: consumers of Scenarios no longer there (deleted while it
+    was down), never the history consumer nor a live Scenario's."""
+    from citynerve.operators.city.reconcile import orphan_consumers  # noqa: PLC0415
+    from citynerve.workloads.dataplane.streams import scoring_consumers  # noqa: PLC0415
+
+    live, gone = scoring_identity("uid-live"), scoring_identity("uid-gone")
+    async with connected(broker.broker, OPERATOR_USER, broker.operator_password) as (nc, _):
+        js = nc.jetstream()
+        await ensure_city_streams(js, broker.city)
+        await ensure_fleet_streams(js, broker.city, "fleet-s", window_s=60, allowed_lateness_s=10,
+                                   retention_hours=24)
+        start = datetime(2026, 12, 1, tzinfo=UTC)
+        for consumer in (live, gone):
+            await ensure_scoring_consumer(js, "fleet-s", consumer, start)
+        listed = {"fleet-s": await scoring_consumers(js, "fleet-s"),
+                  "fleet-none": await scoring_consumers(js, "fleet-none")}
+    assert listed == {"fleet-s": sorted([live, gone]), "fleet-none": []}
+    assert orphan_consumers(listed, {live}) == {"fleet-s": [gone]}
+    assert orphan_consumers(listed, {live, gone}) == {}

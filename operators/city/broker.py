@@ -53,6 +53,7 @@ from citynerve.workloads.dataplane.streams import (
     ensure_city_streams,
     ensure_fleet_streams,
     ensure_scoring_consumer,
+    scoring_consumers,
 )
 from nats.js.errors import KeyNotFoundError
 
@@ -252,6 +253,15 @@ class BrokerAdmin:
                 await ensure_scoring_consumer(js, fleet, consumer, start_time)
 
         self._run(ensure())
+
+    def scoring_consumers(self, fleets: Sequence[str]) -> dict[str, list[str]]:
+        """The Scenarios' consumers on each of ``fleets``' windows streams."""
+
+        async def listed() -> dict[str, list[str]]:
+            js = await self._jetstream()
+            return {fleet: await scoring_consumers(js, fleet) for fleet in fleets}
+
+        return self._run(listed())
 
     def delete_scoring(self, fleets: Sequence[str], consumer: str) -> None:
         """Remove a Scenario's consumer from ``fleets``' windows streams (missing ones are fine)."""

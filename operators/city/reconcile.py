@@ -803,6 +803,7 @@ class CityReconciler:
         self.sensor_types.refresh()  # before the fleets are queued: a type that came or went is seen
         self.load_fleets()  # a fleet deleted while no event came leaves the broker's users here
         existing: set[tuple[str, str]] = set()
+        scoring: set[str] = set()  # the consumers of the live Scenarios that exist
         for namespace in namespaces:
             routes: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for kind in ("SensorFleet", "AnalyticsModel", "Scenario"):
@@ -810,6 +811,8 @@ class CityReconciler:
                     meta = item["metadata"]
                     if kind == "Scenario":
                         existing.add((meta["namespace"], meta["name"]))
+                        if item["spec"].get("mode", "live") == "live" and meta.get("uid"):
+                            scoring.add(scoring_identity(str(meta["uid"])))
                         routes[(meta["namespace"], meta["name"])] = item["spec"].get("alertRoutes") or []
                     if not meta.get("deletionTimestamp"):
                         enqueue((kind, meta["namespace"], meta["name"]))
@@ -826,6 +829,31 @@ class CityReconciler:
         if self.local is not None and self.local.started:
             watched = set(self.options.namespaces)
             self.local.sweep(existing, lambda ns: not watched or ns in watched)
+        self._sweep_scoring(scoring)
+
+    def _sweep_scoring(self, live: set[str]) -> None:
+        """Remove consumers of Scenarios that are gone (deleted while the operator was down, or whose
+        removal failed): a consumer of a live Scenario that exists, or that this operator has just
+        registered, is kept."""
+        if self.broker is None or self.credentials is None:
+            return
+        try:
+            listed = self.broker.scoring_consumers(sorted(self._fleet_ids))
+            with self._fleet_lock:
+                live = live | {scoring_identity(uid) for uid in self.credentials.scenarios}
+            for fleet, consumers in orphan_consumers(listed, live).items():
+                for consumer in consumers:
+                    log.info("fleet %s: removing consumer %s, whose Scenario is gone", fleet, consumer)
+                    self.broker.delete_scoring([fleet], consumer)
+        except Exception as exc:  # noqa: BLE001 - tried again at the next resync
+            log.warning("the Scenarios' consumers on the city broker could not be swept: %s",
+                        _first_line(exc))
+
+
+def orphan_consumers(listed: Mapping[str, Sequence[str]], live: set[str]) -> dict[str, list[str]]:
+    """Per fleet, the scoring consumers listed on its windows stream that no live Scenario owns (pure)."""
+    return {fleet: [c for c in consumers if c not in live]
+            for fleet, consumers in listed.items() if any(c not in live for c in consumers)}
 
 
 class SensorTypeCatalogue:

@@ -95,11 +95,14 @@ def inbox_prefix(user: str) -> str:
     return f"_INBOX_{_token('user', user)}"
 
 
+SCORING_PREFIX = "scoring-"
+
+
 def scoring_identity(scenario_uid: str) -> str:
     """A Scenario's live workload on the broker: its user name, and the name of its durable consumer
     on each of its fleets' windows streams (by the Scenario's uid: a Scenario deleted and made
     again starts afresh)."""
-    return f"scoring-{_token('scenario uid', scenario_uid)}"
+    return f"{SCORING_PREFIX}{_token('scenario uid', scenario_uid)}"
 
 
 # -- headers ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from citynerve.workloads.dataplane.history import history_consumer_config
 from citynerve.workloads.dataplane.names import (
     FLEETS_BUCKET,
     QUARANTINE_STREAM,
+    SCORING_PREFIX,
     WORKER_CONSUMER,
     checkpoint_key,
     quarantine_subjects,
@@ -213,6 +214,15 @@ async def ensure_scoring_consumer(
         max_ack_pending=SCORING_MAX_ACK_PENDING,
         filter_subject=subject,
     ))
+
+
+async def scoring_consumers(js: JetStreamContext, fleet: str) -> list[str]:
+    """The Scenarios' consumers on a fleet's windows stream (none when the stream is not there)."""
+    try:
+        infos = await js.consumers_info(windows_stream(fleet))
+    except NotFoundError:
+        return []
+    return sorted(c.name for c in infos if c.name.startswith(SCORING_PREFIX))
 
 
 async def delete_scoring_consumer(js: JetStreamContext, fleet: str, consumer: str) -> None:
