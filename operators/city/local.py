@@ -10,6 +10,7 @@ replaced or their Scenario is gone, and end with the local Ray cluster.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -72,6 +73,8 @@ LIVE_ACTOR_CPUS = 0.5
 #: the revision part of a live scenario's actor name: one actor per scenario, reconfigured in place
 LIVE = "live"
 LIVE_RETRY_SECONDS = 10.0
+#: how MLflow's client is told its identity (basic auth, or a token)
+MLFLOW_IDENTITY_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 class _RefusedError(Exception):
@@ -100,7 +103,10 @@ class LiveScenarioActor:
         self._placement: tuple[tuple[str, str, str], Any] | None = None
         self._lock = threading.Lock()
 
-    def configure(self, revision: str, payload: Mapping[str, Any], access: Mapping[str, str]) -> None:
+    def configure(
+        self, revision: str, payload: Mapping[str, Any], access: Mapping[str, str],
+        registry: Mapping[str, str] | None = None,
+    ) -> None:
         """Apply a revision (in the background: a model may take seconds to load); a revision that
         failed, or whose consumer loop stopped (the broker did not know its identity yet), is applied
         again at most every ``LIVE_RETRY_SECONDS``."""
@@ -109,6 +115,7 @@ class LiveScenarioActor:
         if revision == self.revision and not due:
             return
         self.revision, self._applied = revision, time.monotonic()
+        os.environ.update(registry or {})  # this actor's own process: MLflow reads its identity here
         threading.Thread(target=self._apply, args=(dict(payload), dict(access)), daemon=True).start()
 
     def _apply(self, payload: dict[str, Any], access: dict[str, str]) -> None:
@@ -322,8 +329,11 @@ class LocalRayWorkloads:
         ).remote(kubeconfig, self.target.context)
         credentials = {"url": access.url, "user": access.user, "password": access.password,
                        "consumer": access.consumer}
+        # The operator's MLflow identity (MLflow's own variables), handed over in memory: Ray's
+        # workers do not see variables the operator's process set after the local Ray started.
+        registry = {k: v for k in MLFLOW_IDENTITY_VARIABLES if (v := os.environ.get(k))}
         try:
-            ray.get(actor.configure.remote(revision, dict(payload), credentials), timeout=5)
+            ray.get(actor.configure.remote(revision, dict(payload), credentials, registry), timeout=5)
             report: dict[str, Any] = ray.get(actor.report.remote(), timeout=5)
         except ray.exceptions.GetTimeoutError:
             return WorkloadObservation(
